@@ -1,0 +1,206 @@
+"""Reading checkpoint files safely.
+
+* safetensors is the default format. Its JSON header is read and validated here
+  first, so a truncated download or a file that is not safetensors gives a
+  message naming the file and the problem instead of a low-level parse error.
+* The header's ``__metadata__`` holds the 4M model configuration as strings of
+  Python ``str()`` values. They are parsed with a YAML *safe* loader, as the
+  official reader does (``None`` -> ``null``, strings over 10,000 characters
+  left as they are). Nothing read from a file is ever evaluated.
+* Pickled checkpoints (``.pth``/``.pt``/``.bin``) are first tried with
+  ``torch.load(weights_only=True)``, which runs no code. Only when that fails
+  and the caller opted in with ``allow_pickle=True`` is full unpickling used.
+* Hub ids (``EPFL-VILAB/4M-7_B_CC12M``) are resolved from the local Hugging
+  Face cache only; there is never a download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = {".safetensors"}
+PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Read and validate a safetensors header without loading any tensor."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: {size} bytes, too short to be a safetensors file "
+                                  "(expected an 8-byte header length, then a JSON header)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > _MAX_HEADER or 8 + n > size:
+            hint = "truncated (an incomplete download?)" if 0 < n <= _MAX_HEADER else "not a safetensors file"
+            raise CheckpointError(f"{path}: the first 8 bytes declare a {n}-byte header but the file has "
+                                  f"{size} bytes; the file is {hint}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); "
+                              "the file is corrupt or not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    data_end = 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: header entry {name!r} lacks dtype/shape/data_offsets") from None
+        t = TensorInfo(dtype, shape)
+        if dtype in _DTYPE_BYTES and end - start != t.numel * _DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{path}: tensor {name!r} declares {end - start} bytes for shape "
+                                  f"{list(shape)} {dtype}; the header is corrupt")
+        tensors[name] = t
+        data_end = max(data_end, end)
+    if 8 + n + data_end > size:
+        raise CheckpointError(f"{path}: the header declares {8 + n + data_end} bytes of data but the file "
+                              f"has {size} bytes; the file is truncated (an incomplete download or copy?)")
+    return SafetensorsHeader(path=path, tensors=tensors, metadata=dict(meta))
+
+
+def parse_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    """Parse 4M header metadata: each value is Python ``str()`` of a config value.
+
+    Follows the official reader: YAML safe-load after ``None`` -> ``null``;
+    values longer than 10,000 characters stay strings. Never evaluates text.
+    """
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        if not isinstance(value, str) or len(value) > 10_000:
+            out[key] = value
+            continue
+        try:
+            out[key] = yaml.safe_load(value.replace("None", "null"))
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def resolve_checkpoint(spec: str | os.PathLike, filename: str = "model.safetensors") -> Path:
+    """Turn a path, a model folder or a hub id into a local file path.
+
+    Hub ids are looked up in the local Hugging Face cache only (``HF_HOME`` /
+    ``HF_HUB_CACHE`` are honoured); a missing entry is an error, never a download.
+    """
+    p = Path(os.path.expanduser(str(spec)))
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for cand in (filename, "model.safetensors", "pytorch_model.bin", "checkpoint-final.pth"):
+            if (p / cand).is_file():
+                return p / cand
+        raise CheckpointError(f"{p} is a folder without {filename}; pass the checkpoint file itself")
+    s = str(spec)
+    if HUB_ID_RE.match(s) and not s.endswith(tuple(SAFETENSORS_SUFFIXES | PICKLE_SUFFIXES)):
+        try:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.constants import HF_HUB_CACHE
+        except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+            raise CheckpointError(f"{s} looks like a hub id but huggingface_hub is not installed") from None
+        try:
+            return Path(hf_hub_download(s, filename, local_files_only=True))
+        except Exception as e:  # LocalEntryNotFoundError, EntryNotFoundError, ...
+            raise CheckpointError(
+                f"{s}/{filename} is not in the local Hugging Face cache ({HF_HUB_CACHE}). fourm-eval never "
+                f"downloads at run time: on a machine with network run `huggingface-cli download {s}` and "
+                f"copy the cache, or pass the path of the file. ({type(e).__name__})") from None
+    raise CheckpointError(f"checkpoint {s!r} not found: no such file, and not a hub id (OWNER/NAME) "
+                          "in the local Hugging Face cache")
+
+
+def load_pickled_state_dict(path: Path, allow_pickle: bool, key: str | None = None) -> dict[str, Any]:
+    """Load a ``.pth``-style checkpoint; full unpickling only with ``allow_pickle``."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as safe_err:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} is a pickled checkpoint with non-tensor content; loading it runs code from the "
+                f"file. Convert it to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust "
+                f"its source. ({type(safe_err).__name__}: {str(safe_err).splitlines()[0][:200]})") from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"{path}: could not be unpickled ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict):
+        for k in ([key] if key else ["model", "state_dict", "model_ema", "module"]):
+            if k in obj and isinstance(obj[k], dict):
+                obj = obj[k]
+                break
+        else:
+            if key:
+                raise CheckpointError(f"{path}: no entry {key!r} in the checkpoint (entries: {sorted(obj)[:20]})")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    return obj
+
+
+def is_pickle_path(path: Path) -> bool:
+    return path.suffix.lower() in PICKLE_SUFFIXES
+
+
+def detect_format(path: Path) -> str:
+    """'safetensors' or 'pickle', from the content (not trusting the suffix alone)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch.save) or raw pickle
+        return "pickle"
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES or len(head) == 8:
+        return "safetensors"
+    return "unknown"

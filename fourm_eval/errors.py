@@ -1,0 +1,19 @@
+"""User-facing errors.
+
+Every error a user can cause by what they pass (a wrong file, a missing key, a
+broken dataset) is raised as a subclass of :class:`FourmEvalError`. The CLI
+prints these as one readable message (no traceback) and exits with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class FourmEvalError(Exception):
+    """Base class for errors caused by the user's input or environment."""
+
+
+class CheckpointError(FourmEvalError):
+    """A checkpoint file is missing, unreadable, unsafe or does not fit the model."""
+
+
+class ConfigError(FourmEvalError):
+    """A configuration value or option is invalid."""

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Installs the tested stack of fourm-eval into a virtual environment.
+#
+#   scripts/setup.sh            # creates/updates ./.venv
+#
+# Environment knobs:
+#   VENV                   where the environment goes (default .venv)
+#   PYTHON                 interpreter to build it from (default python3.11)
+#   FOURM_EVAL_WHEELHOUSE  folder with a prebuilt mmcv-2.1.0 wheel for this
+#                          torch (an air-gapped cluster's cache); optional
+#   FOURM_EVAL_CACHE       where a locally built mmcv wheel is kept so the
+#                          15-minute build happens once per machine
+#                          (default ~/.cache/fourm-eval)
+#   MAX_JOBS               parallel compile jobs for mmcv (default: nproc)
+#
+# Idempotent: every step checks whether it is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3.11}
+CACHE_ROOT=${FOURM_EVAL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fourm-eval}
+WHEELHOUSE=${FOURM_EVAL_WHEELHOUSE:-}
+TORCH_VERSION=$(sed -n 's/^torch==//p' requirements/stack.txt)
+TORCHVISION_VERSION=$(sed -n 's/^torchvision==//p' requirements/stack.txt)
+MMCV_VERSION=$(sed -n 's/^mmcv==//p' requirements/stack.txt)
+MMDET_VERSION=$(sed -n 's/^mmdet==//p' requirements/stack.txt)
+MMSEG_VERSION=$(sed -n 's/^mmsegmentation==//p' requirements/stack.txt)
+MMCV_CACHE="$CACHE_ROOT/wheels/torch-$TORCH_VERSION"
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf '\nsetup failed: %s\n' "$*" >&2; exit 1; }
+
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found; fourm-eval needs Python 3.11 (set PYTHON=...)"
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+has() { "$PY" - "$@" >/dev/null 2>&1; }
+
+if ! has <<PYEOF
+import torch, torchvision
+assert torch.__version__.split("+")[0] == "$TORCH_VERSION", torch.__version__
+assert torchvision.__version__.split("+")[0] == "$TORCHVISION_VERSION"
+PYEOF
+then
+  step "installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION"
+  "${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+fi
+
+# mmcv's setup.py imports pkg_resources (gone in setuptools>=70); ninja makes
+# the C++ build use all cores.
+if ! has <<PYEOF
+import pkg_resources, wheel, ninja
+PYEOF
+then
+  step "installing build tools"
+  "${PIP[@]}" install -q "setuptools<70" wheel ninja
+fi
+
+mmcv_ok() {
+  has <<PYEOF
+import mmcv
+assert mmcv.__version__ == "$MMCV_VERSION", mmcv.__version__
+from mmcv.utils import ext_loader
+ext_loader.load_ext("_ext", ["nms", "roi_align_forward"])
+PYEOF
+}
+
+install_mmcv_wheel() {
+  "${PIP[@]}" install -q --no-deps --force-reinstall "$1"
+  # mmcv's runtime dependencies, minus opencv-python (the headless build avoids GUI libs)
+  "${PIP[@]}" install -q addict packaging Pillow pyyaml yapf opencv-python-headless "mmengine==$(sed -n 's/^mmengine==//p' requirements/stack.txt)"
+}
+
+if ! mmcv_ok; then
+  wheel=""
+  for dir in "$WHEELHOUSE" "$MMCV_CACHE"; do
+    [ -n "$dir" ] && [ -d "$dir" ] || continue
+    cand=$(ls "$dir"/mmcv-"$MMCV_VERSION"-cp311-cp311-linux_x86_64.whl 2>/dev/null | head -n1 || true)
+    if [ -n "$cand" ]; then wheel=$cand; break; fi
+  done
+  if [ -n "$wheel" ]; then
+    step "installing mmcv $MMCV_VERSION from $wheel"
+    install_mmcv_wheel "$wheel"
+    mmcv_ok || die "the mmcv wheel $wheel does not load its compiled ops with torch $TORCH_VERSION; remove it (or unset FOURM_EVAL_WHEELHOUSE) to build from source"
+  else
+    step "building mmcv $MMCV_VERSION with compiled ops from source (11-16 min on 2 cores; done once, cached in $MMCV_CACHE)"
+    build=$(mktemp -d)
+    trap 'rm -rf "$build"' EXIT
+    "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build"
+    tar -xzf "$build"/mmcv-"$MMCV_VERSION".tar.gz -C "$build"
+    src="$build/mmcv-$MMCV_VERSION"
+    # torch >= 2.14 headers need C++20; mmcv 2.1.0 hard-codes C++17.
+    sed -i 's/-std=c++17/-std=c++20/g' "$src/setup.py"
+    mkdir -p "$MMCV_CACHE"
+    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+      "${PIP[@]}" wheel --no-deps --no-build-isolation -w "$build/dist" "$src"
+    built=$(ls "$build"/dist/mmcv-"$MMCV_VERSION"-*.whl)
+    # write the cache atomically so an interrupted build never leaves a broken wheel
+    cp "$built" "$MMCV_CACHE/.partial.whl" && mv "$MMCV_CACHE/.partial.whl" "$MMCV_CACHE/$(basename "$built")"
+    install_mmcv_wheel "$MMCV_CACHE/$(basename "$built")"
+    mmcv_ok || die "mmcv $MMCV_VERSION was built but its ops do not load; see the build log above"
+  fi
+fi
+
+if ! has <<PYEOF
+import importlib.metadata as m
+assert m.version("mmdet") == "$MMDET_VERSION"
+assert m.version("mmsegmentation") == "$MMSEG_VERSION"
+PYEOF
+then
+  step "installing mmdet $MMDET_VERSION and mmsegmentation $MMSEG_VERSION (no-deps, see docs/stack)"
+  "${PIP[@]}" install -q --no-deps "mmdet==$MMDET_VERSION" "mmsegmentation==$MMSEG_VERSION"
+fi
+
+step "installing fourm-eval and its Python dependencies"
+"${PIP[@]}" install -q -e ".[test]"
+
+step "checking the stack"
+"$VENV/bin/fourm-eval" doctor --brief || die "the stack is installed but 'fourm-eval doctor' reports a problem (above)"
