@@ -278,7 +278,7 @@ class FourMBackbone(nn.Module):
         self.mod_emb = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.register_tokens = (nn.Parameter(torch.zeros(1, cfg.num_register_tokens, cfg.dim))
                                 if cfg.num_register_tokens else None)
-        dpr = torch.linspace(0, drop_path_rate, cfg.depth).tolist() if cfg.depth > 1 else [drop_path_rate]
+        dpr = [drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear, as timm/4M
         global_set = set(range(cfg.depth)) if global_blocks is None else set(global_blocks)
         self.window_size = window_size
         self.encoder = nn.ModuleList([
@@ -287,6 +287,7 @@ class FourMBackbone(nn.Module):
         ])
         self.encoder_norm = nn.LayerNorm(cfg.dim, eps=LN_EPS, bias=cfg.norm_bias)
         self.source: str | None = None
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
         self._init_weights()
 
     # ---------------------------------------------------------------- init
@@ -320,7 +321,15 @@ class FourMBackbone(nn.Module):
         return H // p, W // p
 
     def pos_embed(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return sincos_2d(rows, cols, self.embed_dim).to(device=device, dtype=dtype)
+        # Fixed (not learned): built once per grid/device/dtype and kept out of the state dict.
+        key = (rows, cols, str(device), dtype)
+        cached = self._pos_cache.get(key)
+        if cached is None:
+            cached = sincos_2d(rows, cols, self.embed_dim).to(device=device, dtype=dtype)
+            if len(self._pos_cache) > 8:
+                self._pos_cache.clear()
+            self._pos_cache[key] = cached
+        return cached
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if x.ndim != 4 or x.shape[1] != 3:

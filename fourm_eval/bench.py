@@ -1,0 +1,167 @@
+"""Backbone speed benchmark: the 4M encoder against timm's ViT-B at the same shape.
+
+Measures forward and forward+backward images/s and peak memory for the 4M
+backbone in its GELU-with-biases form at ViT-B shape (dim 768, 12 blocks,
+12 heads, MLP 3072) and for timm's ``vit_base_patch16_224`` on the same
+input, at each requested resolution. Both run in the same dtype with
+PyTorch's SDPA attention. Peak memory is CUDA's max allocated bytes on a
+GPU, and the peak rise of the process RSS (sampled) on CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class BenchResult:
+    model: str
+    size: int
+    batch: int
+    fwd_ips: float
+    fwdbwd_ips: float
+    peak_mem_mb: float
+
+
+class _RssPeak:
+    """Peak resident-set growth of this process, sampled every few ms (CPU runs)."""
+
+    def __init__(self) -> None:
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __enter__(self) -> "_RssPeak":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _time(fn: Callable[[], None], iters: int, device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    fn()  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
+def bench_model(name: str, model: nn.Module, size: int, batch: int, iters: int, device: torch.device,
+                dtype: torch.dtype) -> BenchResult:
+    model = model.to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def fwd() -> None:
+        with torch.no_grad(), amp:
+            model(x)
+
+    def fwdbwd() -> None:
+        with amp:
+            out = model(x)
+        out.float().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    model.eval()
+    t_f = _time(fwd, iters, device)
+    model.train()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        t_fb = _time(fwdbwd, iters, device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        with _RssPeak() as m:
+            t_fb = _time(fwdbwd, iters, device)
+        peak = m.mb
+    model.to("cpu")
+    return BenchResult(name, size, batch, batch / t_f, batch / t_fb, peak)
+
+
+def build_pair(size: int) -> dict[str, nn.Module]:
+    import timm
+
+    from .backbones import build_backbone
+
+    fourm = build_backbone("4m-b", gated_mlp=False, act_layer="GELU", qkv_bias=True, proj_bias=True,
+                           mlp_bias=True, norm_bias=True)
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=size, num_classes=0)
+    return {"4m-b (GELU, biases)": fourm, "timm vit_base_patch16_224": vit}
+
+
+def run_backbone_bench(sizes: list[int], batch: int, iters: int, device: str | None = None,
+                       dtype: str = "auto", log: Callable[[str], None] = print) -> list[BenchResult]:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    results = []
+    for size in sizes:
+        pair = build_pair(size)
+        for name, model in pair.items():
+            # batch shrinks with the token count so large inputs fit (same for both models)
+            b = max(1, batch * 224 * 224 // (size * size)) if size > 224 else batch
+            r = bench_model(name, model, size, b, iters, dev, dt)
+            log(f"{name:28s} {size:5d}px batch {b:3d}: fwd {r.fwd_ips:8.2f} img/s, "
+                f"fwd+bwd {r.fwdbwd_ips:8.2f} img/s, peak {r.peak_mem_mb:8.1f} MB")
+            results.append(r)
+        del pair
+        gc.collect()
+    log(f"device {dev}, dtype {str(dt).removeprefix('torch.')}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}")
+    return results
+
+
+def ratios(results: list[BenchResult]) -> dict[int, dict[str, float]]:
+    """Per size: 4M / timm for fwd and fwd+bwd throughput and timm / 4M for memory (>1 = 4M better)."""
+    out: dict[int, dict[str, float]] = {}
+    for size in sorted({r.size for r in results}):
+        f = next(r for r in results if r.size == size and r.model.startswith("4m"))
+        t = next(r for r in results if r.size == size and r.model.startswith("timm"))
+        out[size] = {"fwd": f.fwd_ips / t.fwd_ips, "fwdbwd": f.fwdbwd_ips / t.fwdbwd_ips,
+                     "mem": (t.peak_mem_mb / f.peak_mem_mb) if f.peak_mem_mb > 0 else float("nan")}
+    return out
+
+
+def growth(results: list[BenchResult], lo: int, hi: int) -> dict[str, float]:
+    """Per model: time per image at `hi` / time per image at `lo` (forward+backward)."""
+    out = {}
+    for name in sorted({r.model for r in results}):
+        a = next((r for r in results if r.model == name and r.size == lo), None)
+        b = next((r for r in results if r.model == name and r.size == hi), None)
+        if a and b:
+            out[name] = a.fwdbwd_ips / b.fwdbwd_ips
+    return out

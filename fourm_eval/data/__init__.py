@@ -1,0 +1,1 @@
+"""Dataset readers, validators and mini-dataset generators."""
