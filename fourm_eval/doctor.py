@@ -46,7 +46,8 @@ def _pkg_check(dist: str, module: str | None = None) -> Check:
     if v is None:
         return Check(dist, False, "not installed", SETUP_FIX)
     try:
-        importlib.import_module(module or dist)
+        mod = importlib.import_module(module or dist)
+        v = str(getattr(mod, "__version__", v))  # e.g. torch's '+cu130' build tag
     except Exception as e:  # noqa: BLE001 - report any import failure
         return Check(dist, False, f"{v} installed but import fails: {type(e).__name__}: {e}", SETUP_FIX)
     tested = TESTED.get(dist)
