@@ -19,6 +19,10 @@ app = typer.Typer(help="fourm-eval: transfer evaluation of 4M encoders and ViT b
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 bench_app = typer.Typer(help="Benchmarks (speed, memory).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+data_app = typer.Typer(help="Datasets: generate the built-in mini datasets, validate a layout.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+TASKS = ("coco-det",)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -214,6 +218,72 @@ def bench_backbone(sizes: str = typer.Option("224,1024", help="Input sizes to me
             console.print(f"cost growth {min(sz)}->{max(sz)} px (time/img, fwd+bwd): {name}: {g:.1f}x")
     if json_out:
         json_out.write_text(json.dumps({"results": [r.__dict__ for r in res], "ratios": rat}, indent=2))
+
+
+@app.command("run")
+@friendly
+def run_task(task: str = typer.Argument(..., help=f"Task: {', '.join(TASKS)}."),
+             backbone: str = typer.Option("4m", help="4m, deit3, mae, or a registered name (4m-b, deit3-l, ...)."),
+             checkpoint: Optional[str] = typer.Option(
+                 None, help="Weights: file, folder or cached hub id. Default for 4m: a generated tiny 4M."),
+             data_root: Optional[Path] = typer.Option(
+                 None, help="Dataset root in the task's standard layout. Default: the built-in mini dataset."),
+             profile: str = typer.Option("smoke", help="paper, short, smoke, or a YAML file."),
+             work_dir: Optional[Path] = typer.Option(
+                 None, help="Run directory (default runs/TASK/BACKBONE-PROFILE-seedN). Re-running resumes."),
+             seed: int = typer.Option(0, help="Random seed."),
+             set_: list[str] = typer.Option([], "--set", help="Override a profile value: key=value (repeatable)."),
+             size: Optional[str] = typer.Option(None, help="Model size for deit3/mae and per-size values: b, l, xl."),
+             skip_bad_images: bool = typer.Option(False, "--skip-bad-images",
+                                                  help="Drop missing/undecodable images (counted) instead of failing."),
+             allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .pth checkpoints."),
+             random_init: bool = typer.Option(False, "--random-init", help="Train a baseline from random init."),
+             launcher: str = typer.Option("none", help="none, pytorch (torchrun) or slurm (srun).")) -> None:
+    """Fine-tune a backbone on a task and evaluate it; writes WORK_DIR/result.json."""
+    if task not in TASKS:
+        raise typer.BadParameter(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    from .tasks import coco_det
+
+    coco_det.run(backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
+                 work_dir=work_dir, seed=seed, sets=list(set_), skip_bad_images=skip_bad_images,
+                 allow_pickle=allow_pickle, launcher=launcher, size=size, random_init=random_init,
+                 log=lambda m: console.print(m, highlight=False, markup=False))
+
+
+@data_app.command("make-mini")
+@friendly
+def data_make_mini(kind: str = typer.Argument(..., help="coco"),
+                   out: Path = typer.Argument(..., help="Output folder."),
+                   seed: int = typer.Option(0, help="Generator seed (same seed, same bytes)."),
+                   n_train: int = typer.Option(240, help="Training images."),
+                   n_val: int = typer.Option(60, help="Validation images.")) -> None:
+    """Write a small synthetic dataset in the real on-disk layout."""
+    if kind != "coco":
+        raise typer.BadParameter("available: coco")
+    from .data.coco_mini import make_mini_coco
+
+    make_mini_coco(out, n_train=n_train, n_val=n_val, seed=seed)
+    console.print(f"mini COCO written to {out} ({n_train} train / {n_val} val images)")
+
+
+@data_app.command("check")
+@friendly
+def data_check(kind: str = typer.Argument(..., help="coco"), root: Path = typer.Argument(..., help="Dataset root."),
+               splits: str = typer.Option("train,val", help="Splits to check.")) -> None:
+    """Validate a dataset layout: files, annotations, every image decodes."""
+    if kind != "coco":
+        raise typer.BadParameter("available: coco")
+    from rich.progress import Progress
+
+    from .data.coco_check import check_split
+
+    for split in splits.split(","):
+        with Progress(console=console, transient=True) as prog:
+            t = prog.add_task(f"{split}2017", total=None)
+            c = check_split(root, split, skip_bad_images=False, out_dir=None,
+                            progress=lambda i, n: prog.update(t, completed=i, total=n))
+        console.print(f"{split}: {c.n_images} images, {c.n_annotations} annotations, "
+                      f"{len(c.categories)} categories, sha256 {c.ann_sha256[:16]}… [green]ok[/]")
 
 
 def run() -> None:  # pragma: no cover

@@ -70,3 +70,26 @@ def build_backbone(name: str, checkpoint: str | Path | None = None, **kwargs: An
 
 __all__ = ["BackboneSpec", "FourMBackbone", "FourMConfig", "NAMED_SIZES", "build_backbone", "list_backbones",
            "register_backbone", "sincos_2d"]
+
+
+def backbone_info(name: str, checkpoint: str | Path | None = None, allow_pickle: bool = False) -> dict[str, Any]:
+    """Architecture facts of a backbone without loading its weights (built on the meta device)."""
+    import torch
+
+    from ..checkpoints import resolve_checkpoint
+    from .fourm import config_for_file, read_fourm_file
+
+    if name.lower() == "4m":
+        if checkpoint is None:
+            raise ConfigError("backbone '4m' needs a checkpoint")
+        path = resolve_checkpoint(checkpoint)
+        shapes, meta, _ = read_fourm_file(path, allow_pickle=allow_pickle)
+        cfg = config_for_file(shapes, meta, str(path))
+        with torch.device("meta"):
+            bb = FourMBackbone(cfg)
+    else:
+        with torch.device("meta"):
+            bb = build_backbone(name)
+    return {"embed_dim": bb.embed_dim, "num_layers": bb.num_layers, "patch_size": bb.patch_size,
+            "params": sum(p.numel() for p in bb.parameters()), "family": bb.family,
+            "config": bb.describe().get("config")}

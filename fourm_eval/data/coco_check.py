@@ -1,0 +1,164 @@
+"""Validate a COCO 2017 layout before training; optionally drop bad images.
+
+Checks, each failing with a message that names the file and what was expected:
+
+* ``annotations/instances_{split}2017.json`` exists and is a COCO instances
+  file (``images``, ``annotations``, ``categories`` lists with their fields);
+* every annotation references an existing image and category, has a
+  4-number bbox with non-negative size, and a polygon or RLE segmentation;
+* every image file of ``{split}2017/`` exists and decodes (JPEG is decoded in
+  draft mode, at reduced scale, which reads the whole entropy-coded stream
+  and so catches truncated files at a fraction of the cost).
+
+With ``skip_bad_images`` a missing or undecodable image is not an error: it
+is dropped with its annotations, counted, and a cleaned annotation file is
+written into the run directory and used instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import FourmEvalError
+
+
+class DatasetError(FourmEvalError):
+    """The dataset on disk does not have the expected layout or content."""
+
+
+@dataclass
+class SplitCheck:
+    split: str
+    ann_file: Path
+    img_dir: Path
+    n_images: int
+    n_annotations: int
+    categories: list[dict[str, Any]]
+    ann_sha256: str
+    bad_images: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    used_ann_file: Path | None = None  # the cleaned copy, when images were skipped
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_image(path: Path) -> str | None:
+    """None if the image decodes, else the reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        return "file not found"
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"does not decode ({type(e).__name__}: {e})"
+    return None
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DatasetError(f"{path}: annotation file not found (expected the COCO 2017 layout "
+                           "annotations/instances_{{train,val}}2017.json under the data root)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object with images/annotations/categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{path}: missing the '{key}' list of a COCO instances file")
+    return data
+
+
+def _validate_structure(path: Path, data: dict[str, Any]) -> None:
+    cats = set()
+    for c in data["categories"]:
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise DatasetError(f"{path}: category entry {c!r} lacks 'id' or 'name'")
+        cats.add(c["id"])
+    if not cats:
+        raise DatasetError(f"{path}: no categories")
+    images = set()
+    for im in data["images"]:
+        missing = [k for k in ("id", "file_name", "width", "height") if not isinstance(im, dict) or k not in im]
+        if missing:
+            raise DatasetError(f"{path}: image entry {str(im)[:120]} lacks {missing}")
+        images.add(im["id"])
+    for a in data["annotations"]:
+        if not isinstance(a, dict) or "image_id" not in a or "category_id" not in a or "bbox" not in a:
+            raise DatasetError(f"{path}: annotation {str(a)[:120]} lacks image_id, category_id or bbox")
+        aid = a.get("id", "?")
+        if a["image_id"] not in images:
+            raise DatasetError(f"{path}: annotation {aid} references image_id {a['image_id']}, "
+                               "which is not in 'images'")
+        if a["category_id"] not in cats:
+            raise DatasetError(f"{path}: annotation {aid} has category_id {a['category_id']}, "
+                               f"not one of the {len(cats)} categories")
+        b = a["bbox"]
+        if (not isinstance(b, list) or len(b) != 4 or not all(isinstance(v, (int, float)) for v in b)
+                or b[2] < 0 or b[3] < 0):
+            raise DatasetError(f"{path}: annotation {aid} has bbox {b!r}; expected [x, y, w, h] with w, h >= 0")
+        seg = a.get("segmentation")
+        if seg is not None and not (
+                (isinstance(seg, list) and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg))
+                or (isinstance(seg, dict) and "counts" in seg and "size" in seg)):
+            raise DatasetError(f"{path}: annotation {aid} has a malformed segmentation; expected polygons "
+                               "[[x1, y1, x2, y2, x3, y3, ...]] or an RLE {counts, size}")
+
+
+def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | None,
+                progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> SplitCheck:
+    ann = root / "annotations" / f"instances_{split}2017.json"
+    img_dir = root / f"{split}2017"
+    data = _load_json(ann)
+    _validate_structure(ann, data)
+    if not img_dir.is_dir():
+        raise DatasetError(f"{img_dir}: image folder not found (expected {split}2017/ next to annotations/)")
+    files = [img_dir / im["file_name"] for im in data["images"]]
+    workers = workers or min(8, (os.cpu_count() or 2))
+    bad: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(workers) as pool:
+        for i, (f, reason) in enumerate(zip(files, pool.map(check_image, files))):
+            if reason:
+                bad.append((str(f), reason))
+            if progress:
+                progress(i + 1, len(files))
+    result = SplitCheck(split, ann, img_dir, len(data["images"]), len(data["annotations"]), data["categories"],
+                        _sha256(ann), bad)
+    if bad and not skip_bad_images:
+        listing = "\n  ".join(f"{f}: {r}" for f, r in bad[:10])
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DatasetError(f"{len(bad)} image(s) of {split}2017 cannot be used:\n  {listing}{more}\n"
+                           "Fix or remove them, or pass --skip-bad-images to drop them (they are counted "
+                           "in result.json).")
+    if bad:
+        bad_names = {Path(f).name for f, _ in bad}
+        keep_ids = {im["id"] for im in data["images"] if im["file_name"] not in bad_names}
+        data["images"] = [im for im in data["images"] if im["id"] in keep_ids]
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep_ids]
+        if not data["images"]:
+            raise DatasetError(f"{split}2017: every image is unusable")
+        assert out_dir is not None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cleaned = out_dir / f"instances_{split}2017.cleaned.json"
+        tmp = cleaned.with_suffix(".partial")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(cleaned)
+        result.used_ann_file = cleaned
+        result.n_images, result.n_annotations = len(data["images"]), len(data["annotations"])
+    return result
