@@ -123,7 +123,8 @@ def write_fourm_checkpoint(path: str | Path, **kwargs: Any) -> Path:
     sd, meta = make_fourm_state_dict(**kwargs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
+    import os
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
     save_file(sd, str(tmp), metadata=meta)
     tmp.replace(path)
     return path

@@ -159,7 +159,14 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: 
     ch = p["neck_channels"]
     head = p["head"]
     strides = [4, 8, 16, 32, 64]
-    bbox_head = dict(type="Shared4Conv1FCBBoxHead", conv_out_channels=ch, norm_cfg=_norm(), in_channels=ch,
+    # ViTDet's box head: 4 convs (LayerNorm) + 1 fc; "2fc" is the lighter classic head (smoke runs)
+    if head.get("bbox_head", "4conv1fc") == "4conv1fc":
+        box_type = dict(type="Shared4Conv1FCBBoxHead", conv_out_channels=ch, norm_cfg=_norm())
+    elif head["bbox_head"] == "2fc":
+        box_type = dict(type="Shared2FCBBoxHead")
+    else:
+        raise ConfigError(f"head.bbox_head must be 4conv1fc or 2fc, not {head['bbox_head']!r}")
+    bbox_head = dict(**box_type, in_channels=ch,
                      fc_out_channels=head["fc_channels"], roi_feat_size=7, num_classes=num_classes,
                      bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4,
                                      target_stds=[0.1, 0.1, 0.2, 0.2]),
@@ -436,6 +443,9 @@ def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str |
                            train_ann=train_ann, val_ann=val_ann, classes=classes, cat_ids=cat_ids,
                            work_dir=wd.path, seed=seed, n_train=n_train, world=world, launcher=launcher)
     sched = cfg.pop("_schedule")
+    wrapper = common.init_distributed_cpu(launcher)
+    if wrapper:
+        cfg["model_wrapper_cfg"] = wrapper
     cfg["resume"] = wd.has_checkpoint()
     if cfg["resume"]:
         log(f"resuming from the last checkpoint in {wd.path}")

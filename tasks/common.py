@@ -258,6 +258,33 @@ class NonFiniteLossError(FourmEvalError):
     """Training produced a NaN or infinite loss."""
 
 
+def init_distributed_cpu(launcher: str) -> dict[str, Any] | None:
+    """mmengine's launchers pin a CUDA device; on CPU-only machines start gloo ourselves.
+
+    Returns a model_wrapper_cfg for the runner (DDP without device_ids) or None on GPUs."""
+    import os
+
+    if launcher == "none" or torch.cuda.is_available():
+        return None
+    import torch.distributed as dist
+    from mmengine.model import MMDistributedDataParallel
+    from mmengine.registry import MODEL_WRAPPERS
+
+    if launcher == "slurm" and "RANK" not in os.environ:
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    if "CPUDistributedDataParallel" not in MODEL_WRAPPERS.module_dict:
+        @MODEL_WRAPPERS.register_module()
+        class CPUDistributedDataParallel(MMDistributedDataParallel):
+            def __init__(self, module, device_ids=None, **kwargs):  # CPU modules take no device_ids
+                super().__init__(module=module, device_ids=None, **kwargs)
+    return dict(type="CPUDistributedDataParallel", broadcast_buffers=False, find_unused_parameters=False)
+
+
 def allow_mmengine_checkpoint_types() -> None:
     """Let ``torch.load(weights_only=True)`` read mmengine's own training checkpoints."""
     import collections
