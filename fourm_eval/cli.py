@@ -247,7 +247,7 @@ def run_task(task: str = typer.Argument(..., help=f"Task: {', '.join(TASKS)}."),
     coco_det.run(backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
                  work_dir=work_dir, seed=seed, sets=list(set_), skip_bad_images=skip_bad_images,
                  allow_pickle=allow_pickle, launcher=launcher, size=size, random_init=random_init,
-                 log=lambda m: console.print(m, highlight=False, markup=False))
+                 log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
 
 
 @data_app.command("make-mini")

@@ -71,6 +71,12 @@ def register() -> None:
             from fourm_eval.backbones import build_backbone
             self.net = build_backbone(name, checkpoint=checkpoint, allow_pickle=allow_pickle, **kwargs)
             self.out_index = out_index
+            # ViTDet reads the last block without the encoder's final norm: freeze what lies after
+            # the blocks (layer_id L+1 inside the backbone), so it is neither trained nor decayed
+            # and DDP sees no unused parameters.
+            for n, p in self.net.named_parameters():
+                if self.net.layer_id(n) == self.net.num_layers + 1:
+                    p.requires_grad_(False)
 
         def init_weights(self) -> None:  # weights come from build_backbone; never re-initialise
             pass
@@ -329,7 +335,7 @@ def build_runner_cfg(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int, d
     if sched["milestones"]:
         schedulers.append(dict(type="MultiStepLR", by_epoch=False, begin=0, end=sched["max_iters"],
                                milestones=sched["milestones"], gamma=0.1))
-    hooks_custom = [dict(type="FiniteLossHook"), dict(type="RngStateHook"),
+    hooks_custom = [dict(type="FiniteLossHook"), dict(type="CheckpointStateHook"),
                     dict(type="EvalHistoryHook", out_file=str(work_dir / "eval_history.jsonl"))]
     if p.get("eval_at_start", False):
         hooks_custom.append(dict(type="EvalAtStartHook", out_file=str(work_dir / "eval_step0.json")))
@@ -380,7 +386,7 @@ def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str |
 
     from fourm_eval.backbones import backbone_info
     from fourm_eval.checkpoints import resolve_checkpoint
-    from fourm_eval.data.coco_check import check_split
+    from fourm_eval.data.coco_check import annotation_digest, check_split
 
     from .runs import (RunDir, checkpoint_digest, resolve_backbone_name, rank_zero, write_result)
 
@@ -404,6 +410,10 @@ def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str |
     root = Path(data_root).expanduser().resolve()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     wd = RunDir.create(work_dir, TASK, name, p["profile"], seed)
+    identity = {"task": TASK, "backbone": name, "checkpoint": ckpt_path, "data_root": str(root),
+                "profile": p, "seed": seed, "world_size": world, "skip_bad_images": skip_bad_images,
+                "annotations_sha256": {s: annotation_digest(root, s) for s in ("train", "val")}}
+    wd.claim(identity)  # refuses a directory that holds a different run
     done = wd.finished_result()
     if done is not None:
         log(f"{wd.path} already holds a finished run; result.json left as it is")
@@ -428,11 +438,6 @@ def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str |
     if not name.startswith("4m"):
         backbone_cfg["img_size"] = int(p["image_size"])
 
-    identity = {"task": TASK, "backbone": name, "checkpoint": ckpt_path, "data_root": str(root),
-                "profile": p, "seed": seed, "world_size": world,
-                "annotations_sha256": {s: c.ann_sha256 for s, c in checks.items()}}
-    wd.claim(identity)
-
     register()
     common.allow_mmengine_checkpoint_types()
     from mmengine.config import Config
@@ -446,13 +451,18 @@ def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str |
     wrapper = common.init_distributed_cpu(launcher)
     if wrapper:
         cfg["model_wrapper_cfg"] = wrapper
-    cfg["resume"] = wd.has_checkpoint()
-    if cfg["resume"]:
-        log(f"resuming from the last checkpoint in {wd.path}")
+    resume_from = wd.resume_checkpoint()
+    if resume_from is not None:
+        cfg["resume"], cfg["load_from"] = True, str(resume_from)
+        log(f"resuming from the last checkpoint in {wd.path} ({resume_from.name})")
+    else:
+        cfg["resume"] = False
     log(f"{TASK}: {name} ({info['params'] / 1e6:.1f}M params), {sched['max_iters']} iterations at batch "
         f"{sched['eff_batch']}, {p['image_size']} px, layer decay {p['layer_decay']}, work dir {wd.path}")
     runner = Runner.from_cfg(Config(cfg))
     runner.train()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 has written the evaluation history; all ranks now agree on it
     history = wd.eval_history()
     if not history or history[-1]["iter"] != sched["max_iters"]:
         runner.val_loop.run()

@@ -227,14 +227,28 @@ def register_mmengine_components() -> None:
                     "then run the same command again to resume from it.")
 
     @HOOKS.register_module()
-    class RngStateHook(Hook):
-        """Save python/numpy/torch RNG states in checkpoints; restore them after a resume."""
+    class CheckpointStateHook(Hook):
+        """Make mmengine checkpoints loadable with ``weights_only=True`` and resumable bit-for-bit.
+
+        * mmengine's message hub pickles ``HistoryBuffer`` objects whose state holds bound
+          methods (unpickling them needs ``getattr``, which a weights-only load rightly
+          refuses); they are stored as plain arrays and rebuilt on load;
+        * python / numpy / torch RNG states are saved, and restored after a resume once the
+          train loop has skipped the batches already seen."""
         priority = "LOWEST"
 
         def __init__(self) -> None:
             self._pending = None
 
         def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+            from mmengine.logging import HistoryBuffer
+            hub = checkpoint.get("message_hub", {})
+            scalars = hub.get("log_scalars", {})
+            for key, buf in list(scalars.items()):
+                if isinstance(buf, HistoryBuffer):
+                    log, count = buf.data
+                    scalars[key] = {"__history_buffer__": True, "log": np.asarray(log).tolist(),
+                                    "count": np.asarray(count).tolist(), "max_length": int(buf.max_length)}
             checkpoint.setdefault("meta", {})["rng_state"] = {
                 "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
                 "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
@@ -242,16 +256,48 @@ def register_mmengine_components() -> None:
             }
 
         def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+            from mmengine.logging import HistoryBuffer
+            scalars = checkpoint.get("message_hub", {}).get("log_scalars", {})
+            for key, val in list(scalars.items()):
+                if isinstance(val, dict) and val.get("__history_buffer__"):
+                    scalars[key] = HistoryBuffer(val["log"], val["count"], val["max_length"])
             self._pending = checkpoint.get("meta", {}).get("rng_state")
 
-        def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
-            # runs after the train loop has skipped the batches already seen
-            s, self._pending = self._pending, None
-            if not s:
-                return
-            random.setstate((3, tuple(s["python"]), s["python_pos"]))
-            np.random.set_state(("MT19937", np.asarray(s["numpy"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
-            torch.set_rng_state(s["torch"])
+        def before_train(self, runner) -> None:
+            # The train loop skips the batches already seen by drawing them (their augmentation
+            # consumes random numbers), then draws the next batch before any per-iteration hook
+            # runs. So the saved state is put back inside the iterator, right after the skip.
+            state, self._pending = self._pending, None
+            loop = runner.train_loop
+            if state and getattr(loop, "_iter", 0) > 0 and hasattr(loop, "dataloader_iterator"):
+                loop.dataloader_iterator = _RestoreRngAfter(loop.dataloader_iterator, loop._iter,
+                                                            lambda: set_rng_state(state))
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate((3, tuple(s["python"]), s["python_pos"]))
+    np.random.set_state(("MT19937", np.asarray(s["numpy"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(s["torch"])
+
+
+class _RestoreRngAfter:
+    """Iterator proxy: calls ``restore`` just before the (n_skip + 1)-th item is drawn."""
+
+    def __init__(self, it: Any, n_skip: int, restore: Any):
+        self._it, self._n_skip, self._restore, self._n = it, n_skip, restore, 0
+
+    def __iter__(self) -> "_RestoreRngAfter":
+        return self
+
+    def __next__(self) -> Any:
+        if self._n == self._n_skip and self._restore is not None:
+            self._restore()
+            self._restore = None
+        self._n += 1
+        return next(self._it)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._it, name)
 
 
 class NonFiniteLossError(FourmEvalError):
@@ -297,11 +343,6 @@ def allow_mmengine_checkpoint_types() -> None:
     except ImportError:  # numpy < 2
         pass
     safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool", "uint8", "uint32")]
-    try:
-        from mmengine.logging.history_buffer import HistoryBuffer
-        safe.append(HistoryBuffer)
-    except ImportError:
-        pass
     torch.serialization.add_safe_globals([s for s in safe if s is not None])
 
 

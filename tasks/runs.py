@@ -100,7 +100,8 @@ class RunDir:
         """Record what this run is; refuse a directory that holds a different run."""
         ident = json.loads(json.dumps(identity, default=str))
         old = self.read_json("run.json")
-        if old is not None and rank_zero():
+        has_progress = (self.path / "result.json").exists() or any(self.path.glob("iter_*.pth"))
+        if old is not None and has_progress and rank_zero():  # a run that never trained may be redefined
             diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
             if diff:
                 detail = []
@@ -115,8 +116,30 @@ class RunDir:
         if rank_zero():
             atomic_write_json(self.path / "run.json", ident)
 
-    def has_checkpoint(self) -> bool:
-        return (self.path / "last_checkpoint").exists()
+    def resume_checkpoint(self) -> Path | None:
+        """The newest complete ``iter_N.pth``, or None.
+
+        mmengine's ``last_checkpoint`` pointer is not trusted: a kill can land after an
+        old checkpoint was pruned but before the pointer moved, or while ``torch.save``
+        is still writing. A checkpoint is complete when its zip central directory (written
+        last) reads; incomplete ones are renamed ``*.incomplete`` and skipped."""
+        import re
+        import zipfile
+
+        found = []
+        for f in self.path.glob("iter_*.pth"):
+            m = re.fullmatch(r"iter_(\d+)\.pth", f.name)
+            if m:
+                found.append((int(m.group(1)), f))
+        for _, f in sorted(found, reverse=True):
+            try:
+                with zipfile.ZipFile(f) as z:
+                    z.namelist()
+                return f
+            except (zipfile.BadZipFile, OSError):
+                if rank_zero():
+                    f.rename(f.with_suffix(".pth.incomplete"))
+        return None
 
     def eval_history(self) -> list[dict[str, Any]]:
         f = self.path / "eval_history.jsonl"

@@ -53,6 +53,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def annotation_digest(root: Path, split: str) -> str:
+    """sha256 of ``annotations/instances_{split}2017.json`` (cheap; no image is read)."""
+    ann = Path(root) / "annotations" / f"instances_{split}2017.json"
+    if not ann.is_file():
+        raise DatasetError(f"{ann}: annotation file not found (expected the COCO 2017 layout "
+                           "annotations/instances_{train,val}2017.json under the data root)")
+    return _sha256(ann)
+
+
 def check_image(path: Path) -> str | None:
     """None if the image decodes, else the reason."""
     from PIL import Image, UnidentifiedImageError
@@ -72,7 +81,7 @@ def check_image(path: Path) -> str | None:
 def _load_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DatasetError(f"{path}: annotation file not found (expected the COCO 2017 layout "
-                           "annotations/instances_{{train,val}}2017.json under the data root)")
+                           "annotations/instances_{train,val}2017.json under the data root)")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

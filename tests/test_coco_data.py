@@ -1,0 +1,90 @@
+"""COCO layout validation: every broken input gives an error naming the file and the problem."""
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from fourm_eval.data.coco_check import DatasetError, check_split
+from fourm_eval.data.coco_mini import make_mini_coco
+
+
+@pytest.fixture()
+def mini(tmp_path_factory, tmp_path):
+    src = tmp_path_factory.getbasetemp() / "mini-src"
+    if not src.exists():
+        make_mini_coco(src, n_train=6, n_val=4, seed=1)
+    dst = tmp_path / "coco"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_generator_is_deterministic_and_valid(tmp_path, mini):
+    again = make_mini_coco(tmp_path / "again", n_train=6, n_val=4, seed=1)
+    for rel in ("annotations/instances_train2017.json", "val2017/000001000000.jpg"):
+        assert (again / rel).read_bytes() == (mini / rel).read_bytes()
+    data = json.loads((mini / "annotations/instances_train2017.json").read_text())
+    assert {c["name"] for c in data["categories"]} == {"circle", "square", "triangle"}
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        poly = a["segmentation"][0]
+        xs, ys = poly[0::2], poly[1::2]
+        assert min(xs) >= x - 0.02 and max(xs) <= x + w + 0.02 and min(ys) >= y - 0.02
+        assert 0 < a["area"] <= w * h + 1e-6
+    c = check_split(mini, "train", False, None)
+    assert c.n_images == 6 and not c.bad_images
+
+
+def test_missing_annotation_file(mini):
+    (mini / "annotations/instances_val2017.json").unlink()
+    with pytest.raises(DatasetError, match=r"instances_val2017.json: annotation file not found"):
+        check_split(mini, "val", False, None)
+
+
+def test_corrupt_image_is_named_and_can_be_skipped(mini, tmp_path):
+    bad = mini / "train2017" / "000000000002.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
+    with pytest.raises(DatasetError, match=r"000000000002.jpg: does not decode"):
+        check_split(mini, "train", False, None)
+    c = check_split(mini, "train", True, tmp_path / "run")
+    assert [b[0] for b in c.bad_images] == [str(bad)] and c.n_images == 5
+    cleaned = json.loads(c.used_ann_file.read_text())
+    assert 2 not in {im["id"] for im in cleaned["images"]}
+    assert all(a["image_id"] != 2 for a in cleaned["annotations"])
+
+
+def test_missing_image_file(mini):
+    (mini / "val2017" / "000001000001.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"000001000001.jpg: file not found"):
+        check_split(mini, "val", False, None)
+
+
+def test_non_image_file(mini):
+    (mini / "val2017" / "000001000000.jpg").write_text("not an image")
+    with pytest.raises(DatasetError, match=r"000001000000.jpg: does not decode"):
+        check_split(mini, "val", False, None)
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda d: d["annotations"][0].update(image_id=999), r"annotation \d+ references image_id 999"),
+    (lambda d: d["annotations"][0].update(category_id=42), r"category_id 42"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, -3, 4]), r"bbox \[1, 2, -3, 4\]"),
+    (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3]]), r"malformed segmentation"),
+    (lambda d: d.pop("categories"), r"missing the 'categories' list"),
+    (lambda d: d["images"][0].pop("file_name"), r"lacks \['file_name'\]"),
+])
+def test_malformed_annotations(mini, mutate, expected):
+    path = mini / "annotations/instances_train2017.json"
+    data = json.loads(path.read_text())
+    mutate(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=expected) as e:
+        check_split(mini, "train", False, None)
+    assert "instances_train2017.json" in str(e.value)
+
+
+def test_invalid_json(mini):
+    (mini / "annotations/instances_train2017.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="instances_train2017.json: not valid JSON"):
+        check_split(mini, "train", False, None)

@@ -1,0 +1,129 @@
+"""`fourm-eval run coco-det` end to end on generated data: learning, resume, distributed, baselines."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fourm_eval.data.coco_mini import make_mini_coco
+
+FOURM_EVAL = [sys.executable, "-m", "fourm_eval.cli"]
+# a few-second configuration of the real pipeline
+QUICK = ["--set", "image_size=64", "--set", "batch_size=2", "--set", "schedule.warmup_iters=2",
+         "--set", "schedule.length=8", "--set", "schedule.val_interval=8", "--set", "schedule.checkpoint_interval=2",
+         "--set", "log_interval=2", "--set", "eval_at_start=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_coco(tmp_path_factory):
+    return make_mini_coco(tmp_path_factory.mktemp("coco"), n_train=8, n_val=4, seed=3)
+
+
+def _env(tmp: Path) -> dict:
+    return {**os.environ, "FOURM_EVAL_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def _run(args, tmp, **kw):
+    return subprocess.run(FOURM_EVAL + args, capture_output=True, text=True, env=_env(tmp), cwd=tmp,
+                          timeout=kw.pop("timeout", 900), **kw)
+
+
+def test_smoke_profile_learns(tmp_path):
+    """The acceptance run: the default smoke command, built-in data and tiny 4M, learns (AP50 >= 0.1, >= 5x step 0)."""
+    r = _run(["run", "coco-det", "--profile", "smoke", "--work-dir", str(tmp_path / "smoke")], tmp_path,
+             timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rec = json.loads((tmp_path / "smoke" / "result.json").read_text())
+    ap50, ap50_0 = rec["metrics"]["box_AP50"], rec["metrics_step0"]["box_AP50"]
+    assert ap50 >= 0.1 and ap50 >= 5 * ap50_0, (ap50, ap50_0)
+    assert rec["schema_version"] == 1 and rec["status"] == "complete"
+    assert len(rec["backbone"]["sha256"]) == 64 and rec["dataset"]["annotations_sha256"]["val"]
+    assert rec["eval_history"][0]["iter"] == 0 and rec["eval_history"][-1]["iter"] == rec["config"]["schedule"]["length"]
+    assert (tmp_path / "smoke" / "param_groups.csv").exists()
+    # running the same command again does not redo a finished run
+    r2 = _run(["run", "coco-det", "--profile", "smoke", "--work-dir", str(tmp_path / "smoke")], tmp_path)
+    assert r2.returncode == 0 and "already holds a finished run" in r2.stdout
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_coco):
+    base = ["run", "coco-det", "--data-root", str(tiny_coco), *QUICK, "--set", "schedule.length=12",
+            "--set", "schedule.val_interval=12"]
+    ref = _run(base + ["--work-dir", str(tmp_path / "ref")], tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    wd = tmp_path / "killed"
+    p = subprocess.Popen(FOURM_EVAL + base + ["--work-dir", str(wd)], env=_env(tmp_path), cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (wd / "iter_4.pth").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (wd / "result.json").exists()
+    again = _run(base + ["--work-dir", str(wd)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from the last checkpoint" in again.stdout
+    a = json.loads((tmp_path / "ref" / "result.json").read_text())["metrics"]
+    b = json.loads((wd / "result.json").read_text())["metrics"]
+    assert a == b
+
+
+def test_work_dir_with_a_different_run_is_refused(tmp_path, tiny_coco):
+    args = ["run", "coco-det", "--data-root", str(tiny_coco), *QUICK, "--work-dir", str(tmp_path / "w")]
+    assert _run(args + ["--set", "schedule.length=2", "--set", "schedule.val_interval=2"], tmp_path).returncode == 0
+    r = _run(args + ["--set", "schedule.length=4", "--set", "schedule.val_interval=4"], tmp_path)
+    assert r.returncode == 2 and "holds a different run" in r.stderr and "profile.{schedule}" in r.stderr
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    r = _run(["run", "coco-det", "--data-root", str(tmp_path / "nowhere"), "--work-dir", str(tmp_path / "w")],
+             tmp_path)
+    assert r.returncode == 2
+    assert "instances_train2017.json: annotation file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_skip_bad_images_counts_them(tmp_path, tiny_coco):
+    import shutil
+    root = tmp_path / "coco"
+    shutil.copytree(tiny_coco, root)
+    (root / "train2017" / "000000000003.jpg").write_bytes(b"garbage")
+    args = ["run", "coco-det", "--data-root", str(root), *QUICK, "--set", "schedule.length=2",
+            "--set", "schedule.val_interval=2", "--work-dir", str(tmp_path / "w")]
+    r = _run(args, tmp_path)
+    assert r.returncode == 2 and "000000000003.jpg: does not decode" in r.stderr
+    r = _run(args + ["--skip-bad-images"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "w" / "result.json").read_text())
+    assert rec["dataset"]["skipped_bad_images"] == 1 and rec["dataset"]["n_train_images"] == 7
+
+
+@pytest.mark.parametrize("backbone", ["deit3", "mae"])
+def test_baselines_run_through_the_same_command(tmp_path, tiny_coco, backbone):
+    r = _run(["run", "coco-det", "--backbone", backbone, "--random-init", "--data-root", str(tiny_coco), *QUICK,
+              "--set", "schedule.length=2", "--set", "schedule.val_interval=2", "--set", "val_subset=2",
+              "--work-dir", str(tmp_path / backbone)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / backbone / "result.json").read_text())
+    assert rec["backbone"]["name"] == f"{backbone}-b" and "box_AP" in rec["metrics"]
+    # the layer-decay table covers the 12 ViT blocks of the baseline
+    rows = (tmp_path / backbone / "param_groups.csv").read_text().splitlines()
+    assert {int(r.split(",")[0]) for r in rows[1:]} == set(range(14))
+
+
+def test_distributed_two_processes_gloo(tmp_path, tiny_coco):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fourm_eval.cli", "run",
+                        "coco-det", "--data-root", str(tiny_coco), *QUICK, "--set", "schedule.length=4",
+                        "--set", "schedule.val_interval=4", "--launcher", "pytorch",
+                        "--work-dir", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, env={**_env(tmp_path), "OMP_NUM_THREADS": "1"},
+                       cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rec = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    assert rec["config"]["world_size"] == 2
+    assert rec["config"]["schedule_resolved"]["eff_batch"] == 2  # batch 2 split over 2 processes
