@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test ci-gate bench clean-venv
 
 setup: $(STAMP)
 
@@ -12,12 +12,23 @@ $(STAMP): scripts/setup.sh requirements/stack.txt pyproject.toml
 	VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 
+# the main job: COCO detection + instance segmentation, smoke profile (built-in mini COCO, tiny 4M, CPU, ~4 min)
 demo: setup
-	$(VENV)/bin/fourm-eval inspect tests/data/fm_tiny_swiglu.safetensors
-	$(VENV)/bin/fourm-eval forward --checkpoint tests/data/fm_tiny_swiglu.safetensors --layers 0,1
+	$(VENV)/bin/fourm-eval run coco-det --profile smoke --work-dir runs/demo/coco-det-smoke
 
 test: setup
 	$(PY) -m pytest -q tests
+	$(MAKE) ci-gate
+
+# CI regression gate: the smoke profile of every task, two seeds, compared with reports/ci/expected.json
+CI_RUNS := runs/ci
+ci-gate: setup
+	rm -rf $(CI_RUNS)
+	for seed in 0 1; do \
+	  $(VENV)/bin/fourm-eval run coco-det --profile smoke --seed $$seed --work-dir $(CI_RUNS)/coco-det-smoke-seed$$seed || exit 1; \
+	done
+	$(VENV)/bin/fourm-eval regress $(CI_RUNS) --expected reports/ci/expected.json
+	$(VENV)/bin/fourm-eval report $(CI_RUNS) --out $(CI_RUNS)/report
 
 bench: setup
 	$(PY) benchmarks/backbone_speed.py

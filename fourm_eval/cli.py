@@ -22,6 +22,10 @@ app.add_typer(bench_app, name="bench")
 data_app = typer.Typer(help="Datasets: generate the built-in mini datasets, validate a layout.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
+results_app = typer.Typer(help="Collect, validate and export result.json records.", no_args_is_help=True)
+app.add_typer(results_app, name="results")
+analyze_app = typer.Typer(help="Overfitting analyses (scaling, fine-tuning, pre-training).", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
 TASKS = ("coco-det",)
 console = Console()
 err_console = Console(stderr=True)
@@ -284,6 +288,181 @@ def data_check(kind: str = typer.Argument(..., help="coco"), root: Path = typer.
                             progress=lambda i, n: prog.update(t, completed=i, total=n))
         console.print(f"{split}: {c.n_images} images, {c.n_annotations} annotations, "
                       f"{len(c.categories)} categories, sha256 {c.ann_sha256[:16]}… [green]ok[/]")
+
+
+def _load(dirs: list[Path]):
+    from .results import load_records
+
+    records, bad = load_records(dirs)
+    for path, why in bad:
+        err_console.print(f"[yellow]skipped[/] {path}: {why}", highlight=False)
+    return records, bad
+
+
+@results_app.command("ls")
+@friendly
+def results_ls(dirs: list[Path] = typer.Argument(..., help="Run directories (searched recursively).")) -> None:
+    """One line per valid run."""
+    from .results import MAIN_METRICS, model_identity
+
+    records, _ = _load(dirs)
+    t = Table(title=f"{len(records)} run(s)")
+    for col in ("task", "backbone", "profile", "seed", "main metrics (x100)", "run dir"):
+        t.add_column(col)
+    for r in records:
+        mm = ", ".join(f"{m} {r['metrics'][m] * 100:.1f}" for m in MAIN_METRICS.get(r["task"], []) if m in r["metrics"])
+        t.add_row(r["task"], model_identity(r)["label"], r["profile"], str(r["seed"]), mm, r["_run_dir"])
+    console.print(t)
+
+
+@results_app.command("show")
+@friendly
+def results_show(path: Path = typer.Argument(..., help="A run directory or a result.json.")) -> None:
+    """Print one record (metrics, backbone, data, provenance)."""
+    records, bad = _load([path])
+    if not records:
+        raise typer.Exit(2)
+    for r in records:
+        console.print_json(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, default=str))
+
+
+@results_app.command("export")
+@friendly
+def results_export(dirs: list[Path] = typer.Argument(..., help="Run directories (searched recursively)."),
+                   out: Path = typer.Option(..., "--out", help="Output file: .csv or .parquet.")) -> None:
+    """Write the tidy table (one row per run and metric) as CSV or Parquet."""
+    from .results import tidy_frame
+
+    records, _ = _load(dirs)
+    df = tidy_frame(records)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    if out.suffix == ".parquet":
+        df.to_parquet(tmp, index=False)
+    elif out.suffix == ".csv":
+        df.to_csv(tmp, index=False)
+    else:
+        raise typer.BadParameter("--out must end in .csv or .parquet")
+    tmp.replace(out)
+    console.print(f"{len(df)} rows from {len(records)} run(s) -> {out}")
+
+
+@app.command()
+@friendly
+def report(dirs: list[Path] = typer.Argument(..., help="Run directories (searched recursively)."),
+           out: Path = typer.Option(..., "--out", help="Output folder for report.md, report.html, tables.tex."),
+           pretrain_log: list[Path] = typer.Option([], "--pretrain-log",
+                                                   help="4M pre-training log.txt to analyse (repeatable).")) -> None:
+    """Paper-style report: Table 1 layout, published numbers, plots, overfitting analyses."""
+    from .report import write_report
+
+    records, bad = _load(dirs)
+    paths = write_report(records, out, bad=bad, pretrain_logs=list(pretrain_log))
+    for kind, p in paths.items():
+        console.print(f"{kind}: {p}")
+
+
+@analyze_app.command("scaling")
+@friendly
+def analyze_scaling(dirs: list[Path] = typer.Argument(None, help="Optional run directories (your own B/L/XL runs).")
+                    ) -> None:
+    """Metric vs encoder size: XL expected from the B->L trend vs observed (published numbers + your runs)."""
+    from . import analysis
+
+    console.print(analysis.METHODS["scaling"], highlight=False)
+    rows = analysis.scaling_analysis(analysis.paper_frame())
+    t = Table(title="XL vs the B->L trend (points)")
+    for col in ("model", "pretrain", "task", "metric", "B", "L", "XL", "expected XL", "XL-expected", "shortfall"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["family"], r["pretrain"], r["task"], r["metric"], f"{r['B']:.1f}", f"{r['L']:.1f}",
+                  f"{r['XL']:.1f}", f"{r['expected_XL']:.1f}", f"{r['XL_minus_expected']:+.1f}",
+                  "yes" if r["shortfall"] else "no")
+    console.print(t)
+    t2 = Table(title="4M-7: COYO700M minus CC12M (points)")
+    for col in ("task", "metric", "B", "L", "XL"):
+        t2.add_column(col)
+    for d in analysis.data_scale_effect(analysis.paper_frame()):
+        t2.add_row(d["task"], d["metric"], *[f"{d[s]:+.1f}" if s in d else "-" for s in ("B", "L", "XL")])
+    console.print(t2)
+
+
+@analyze_app.command("finetune")
+@friendly
+def analyze_finetune(dirs: list[Path] = typer.Argument(..., help="Run directories.")) -> None:
+    """Peak vs final validation metric, and whether train loss kept falling after the peak."""
+    from . import analysis
+    from .results import model_identity
+
+    console.print(analysis.METHODS["finetune"], highlight=False)
+    records, _ = _load(dirs)
+    t = Table()
+    for col in ("run", "metric", "peak iter", "peak", "final", "gap", "loss slope after peak", "overfitting"):
+        t.add_column(col)
+    for r in records:
+        a = analysis.finetune_analysis(r)
+        if a.get("available"):
+            s = a["train_loss_slope_after_peak"]
+            t.add_row(f"{model_identity(r)['label']} s{r['seed']}", a["metric"], str(a["peak_iter"]),
+                      f"{a['peak'] * 100:.1f}", f"{a['final'] * 100:.1f}", f"{a['gap_points']:.1f}",
+                      "-" if s is None else f"{s:.2e}", "yes" if a["overfitting"] else "no")
+    console.print(t)
+
+
+@analyze_app.command("pretrain")
+@friendly
+def analyze_pretrain(log: Path = typer.Argument(..., help="A 4M pre-training log.txt (JSON lines).")) -> None:
+    """Train vs held-out loss per modality; divergence onset; modalities that overfit first."""
+    from . import analysis
+
+    console.print(analysis.METHODS["pretrain"], highlight=False)
+    res = analysis.pretrain_analysis(analysis.parse_pretrain_log(log))
+    t = Table(title=f"held-out set {res['eval_set']}, x = {res['x']}")
+    for col in ("modality", "onset", "confirmed at"):
+        t.add_column(col)
+    for m, i in res["modalities"].items():
+        t.add_row(m, "-" if i["onset"] is None else f"{i['onset']:g}",
+                  "-" if i["confirmed_at"] is None else f"{i['confirmed_at']:g}")
+    console.print(t)
+    console.print("overfit first to last: " + (", ".join(res["overfit_order"]) or "none"))
+
+
+@app.command()
+def regress(dirs: list[Path] = typer.Argument(..., help="Run directories with the current results."),
+            expected: Path = typer.Option(..., "--expected", help="Expectations JSON (mean, std, n per metric)."),
+            update: bool = typer.Option(False, "--update", help="Write new expectations from these runs."),
+            k: Optional[float] = typer.Option(None, help="Standard errors allowed (default: the file's, else 3)."),
+            metrics: str = typer.Option("main", help="With --update: 'main', 'all' or a comma list.")) -> None:
+    """Compare runs with expected scores; exit 1 on a real drop, 0 if none, 2 on unusable input."""
+    from .errors import FourmEvalError
+    from .regress import DEFAULT_K, build_expected, compare, load_expected, write_expected
+
+    try:
+        records, bad = _load(dirs)
+        if update:
+            data = build_expected(records, metrics=metrics, k=k if k is not None else DEFAULT_K)
+            write_expected(expected, data)
+            console.print(f"wrote {len(data['entries'])} expectation(s) from {len(records)} run(s) to {expected}")
+            raise typer.Exit(0)
+        verdicts = compare(records, load_expected(expected), k)
+    except FourmEvalError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    t = Table(title="regression gate")
+    for col in ("task", "backbone", "profile", "metric", "expected mean ± std (n)", "current mean (n)", "drop",
+                "allowed", "status"):
+        t.add_column(col)
+    for v in verdicts:
+        t.add_row(*v.key, f"{v.exp_mean:.4f} ± {v.exp_std:.4f} ({v.exp_n})", f"{v.cur_mean:.4f} ({v.cur_n})",
+                  f"{v.drop:+.4f}", f"{v.threshold:.4f}", "[red]REGRESSION[/]" if v.regression else "[green]ok[/]")
+    console.print(t)
+    for v in verdicts:  # one plain line each, readable in narrow CI logs
+        print(f"{'REGRESSION' if v.regression else 'ok'} {'/'.join(v.key)}: expected {v.exp_mean:.4f} "
+              f"(std {v.exp_std:.4f}, n {v.exp_n}), current {v.cur_mean:.4f} (n {v.cur_n}), "
+              f"drop {v.drop:+.4f}, allowed {v.threshold:.4f}")
+    n_bad = sum(v.regression for v in verdicts)
+    console.print(f"{n_bad} regression(s) in {len(verdicts)} metric(s)")
+    raise typer.Exit(1 if n_bad else 0)
 
 
 def run() -> None:  # pragma: no cover

@@ -51,6 +51,13 @@ def make_fourm_state_dict(*, dim: int = 64, depth: int = 2, num_heads: int = 4, 
         if bias:
             sd[prefix + ".bias"] = rnd(out_f, std=0.05)
 
+    def norm2_mlp(prefix: str) -> None:
+        norm(prefix + ".norm2", dim)
+        lin(prefix + ".mlp.fc1", hidden, dim, mlp_bias)
+        lin(prefix + ".mlp.fc2", dim, hidden, mlp_bias)
+        if gated_mlp:
+            lin(prefix + ".mlp.fc3", hidden, dim, mlp_bias)
+
     def block(prefix: str) -> None:
         norm(prefix + ".norm1", dim)
         lin(prefix + ".attn.qkv", 3 * dim, dim, qkv_bias)
@@ -58,11 +65,7 @@ def make_fourm_state_dict(*, dim: int = 64, depth: int = 2, num_heads: int = 4, 
             norm(prefix + ".attn.q_norm", head_dim)
             norm(prefix + ".attn.k_norm", head_dim)
         lin(prefix + ".attn.proj", dim, dim, proj_bias)
-        norm(prefix + ".norm2", dim)
-        lin(prefix + ".mlp.fc1", hidden, dim, mlp_bias)
-        lin(prefix + ".mlp.fc2", dim, hidden, mlp_bias)
-        if gated_mlp:
-            lin(prefix + ".mlp.fc3", hidden, dim, mlp_bias)
+        norm2_mlp(prefix)
 
     rgb = f"encoder_embeddings.rgb@{image_size}"
     sd[rgb + ".proj.weight"] = _linear(g, dim, 3 * patch_size * patch_size)
@@ -97,11 +100,7 @@ def make_fourm_state_dict(*, dim: int = 64, depth: int = 2, num_heads: int = 4, 
             lin(p + ".cross_attn.q", dim, dim, qkv_bias)
             lin(p + ".cross_attn.kv", 2 * dim, dim, qkv_bias)
             lin(p + ".cross_attn.proj", dim, dim, proj_bias)
-            norm(p + ".norm2", dim)
-            lin(p + ".mlp.fc1", hidden, dim, mlp_bias)
-            lin(p + ".mlp.fc2", dim, hidden, mlp_bias)
-            if gated_mlp:
-                lin(p + ".mlp.fc3", hidden, dim, mlp_bias)
+            norm2_mlp(p)
         norm("decoder_norm", dim)
         sd["mask_token"] = rnd(1, 1, dim)
     config: dict[str, Any] = dict(

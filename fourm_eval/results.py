@@ -121,3 +121,104 @@ def validate_record(rec: Any) -> list[str]:
     if not isinstance(m, dict) or not all(isinstance(v, (int, float)) for v in m.values()):
         problems.append("metrics must map names to numbers")
     return problems
+
+
+# ---------------------------------------------------------------- collection
+MAIN_METRICS = {"coco-det": ["box_AP", "mask_AP"], "ade20k-seg": ["mIoU"], "nyu-depth": ["delta1"],
+                "in1k-cls": ["top1"]}
+LOWER_IS_BETTER = {"abs_rel", "rmse", "log10", "AbsRel", "RMSE"}
+ENCODER_PARAMS = {"B": 86e6, "L": 303e6, "XL": 1.2e9}  # docs/fourm-checkpoints.md (4M); ViT-B/L alike
+
+
+def find_records(paths: list[str | Path]) -> list[Path]:
+    """Every result.json under the given files/folders (recursively), sorted, unique."""
+    out: set[Path] = set()
+    for p in map(Path, paths):
+        if p.is_file() and p.name.endswith(".json"):
+            out.add(p.resolve())
+        elif p.is_dir():
+            out.update(q.resolve() for q in p.rglob("result.json"))
+    return sorted(out)
+
+
+def load_records(paths: list[str | Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """(valid records, [(path, problem)]); a bad record is reported, never fatal."""
+    good, bad = [], []
+    for f in find_records(paths):
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            bad.append((str(f), f"unreadable JSON ({type(e).__name__}: {e})"))
+            continue
+        problems = validate_record(rec)
+        if problems:
+            bad.append((str(f), "; ".join(problems)))
+            continue
+        rec["_path"] = str(f)
+        rec["_run_dir"] = str(f.parent)
+        good.append(rec)
+    return good, bad
+
+
+def model_identity(rec: dict[str, Any]) -> dict[str, str]:
+    """Family, size, pre-training data and a display label for a record's backbone."""
+    import re
+
+    bb = rec.get("backbone", {})
+    name = str(bb.get("name", "?"))
+    arch = bb.get("architecture") or {}
+    ckpt = str(bb.get("checkpoint") or "")
+    if name.startswith("4m"):
+        family = "4M"
+        dim, depth = arch.get("dim"), arch.get("depth")
+        size = {(768, 12): "B", (1024, 24): "L", (2048, 24): "XL"}.get((dim, depth), "tiny" if dim and dim < 768 else "?")
+        m = re.search(r"4M-(7|21)_(B|L|XL)(?:_([A-Za-z0-9]+))?", ckpt)
+        if m:
+            family = f"4M-{m.group(1)}"
+            pretrain = m.group(3) or ("CC12M+COYO700M+C4" if m.group(1) == "21" else "?")
+        else:
+            pretrain = Path(ckpt).stem if ckpt else "random init"
+    elif name.startswith("deit3"):
+        family, size, pretrain = "DeiT III", name.split("-")[-1].upper(), "IN21K"
+    elif name.startswith("mae"):
+        family, size, pretrain = "MAE", name.split("-")[-1].upper(), "IN1K"
+    else:
+        family, size, pretrain = name, "?", "?"
+    if not ckpt and name != "4m":
+        pretrain = "random init"
+    label = f"{family}-{size} ({pretrain})"
+    return {"family": family, "size": size, "pretrain": pretrain, "label": label}
+
+
+def tidy_frame(records: list[dict[str, Any]]):
+    """One row per (run, metric): the table `results export` writes."""
+    import pandas as pd
+
+    rows = []
+    for rec in records:
+        ident = model_identity(rec)
+        prov = rec.get("provenance", {})
+        step0 = rec.get("metrics_step0") or {}
+        for metric, value in rec["metrics"].items():
+            rows.append({
+                "run_dir": rec["_run_dir"], "task": rec["task"], "model": ident["label"],
+                "family": ident["family"], "size": ident["size"], "pretrain": ident["pretrain"],
+                "backbone": rec["backbone"].get("name"), "checkpoint_sha256": rec["backbone"].get("sha256"),
+                "profile": rec["profile"], "seed": rec["seed"], "metric": metric, "value": float(value),
+                "value_step0": float(step0[metric]) if metric in step0 else None,
+                "git_commit": prov.get("git_commit"), "wall_time_s": prov.get("wall_time_s"),
+                "written_at": rec.get("written_at"),
+            })
+    cols = ["run_dir", "task", "model", "family", "size", "pretrain", "backbone", "checkpoint_sha256", "profile",
+            "seed", "metric", "value", "value_step0", "git_commit", "wall_time_s", "written_at"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def load_paper_results():
+    """The published reference scores shipped with fourm-eval (percent), with source and `verified`."""
+    import importlib.resources
+
+    import pandas as pd
+
+    with importlib.resources.files("fourm_eval.data").joinpath("paper_results.csv").open() as f:
+        return pd.read_csv(f)

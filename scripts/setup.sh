@@ -117,6 +117,17 @@ then
   "${PIP[@]}" install -q --no-deps "mmdet==$MMDET_VERSION" "mmsegmentation==$MMSEG_VERSION"
 fi
 
+# The report test opens report.html in a real headless browser (Debian's chromium).
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    step "installing chromium (headless browser for the report test)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+  else
+    printf '\nwarning: chromium is not installed and cannot be installed here (needs apt-get as root);\n'
+    printf 'the report-in-a-browser test will fail until it is (apt-get install chromium).\n'
+  fi
+fi
+
 step "installing fourm-eval and its Python dependencies"
 "${PIP[@]}" install -q -e ".[test]"
 

@@ -127,3 +127,13 @@ def test_distributed_two_processes_gloo(tmp_path, tiny_coco):
     rec = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert rec["config"]["world_size"] == 2
     assert rec["config"]["schedule_resolved"]["eff_batch"] == 2  # batch 2 split over 2 processes
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path, tiny_coco):
+    r = _run(["run", "coco-det", "--data-root", str(tiny_coco), *QUICK, "--set", "lr=1e30",
+              "--set", "clip_grad=null", "--set", "schedule.warmup_iters=0", "--set", "schedule.length=40",
+              "--set", "schedule.val_interval=40", "--work-dir", str(tmp_path / "nan")], tmp_path)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "non-finite loss at iteration" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "nan" / "result.json").exists()
+    assert (tmp_path / "nan" / "run.json").exists()

@@ -1,0 +1,194 @@
+"""Overfitting analyses: model scaling, fine-tuning curves, pre-training logs.
+
+Each analysis states its method and thresholds (``METHODS``); the report
+prints them next to the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .errors import FourmEvalError
+from .results import ENCODER_PARAMS, LOWER_IS_BETTER, MAIN_METRICS
+
+SHORTFALL_POINTS = 0.5   # observed XL below the B->L log-linear trend by more than this = shortfall
+FINETUNE_GAP_POINTS = 0.5  # best-vs-final gap (metric points) that counts as fine-tuning overfitting
+PRETRAIN_REL_RISE = 0.01   # held-out loss above its running minimum by > 1% ...
+PRETRAIN_PATIENCE = 2      # ... at this many consecutive evaluations = divergence
+
+METHODS = {
+    "scaling": (
+        "For each task and pre-training set with B, L and XL results, the XL score expected from scaling is "
+        "the log-linear extrapolation of the B->L trend in encoder parameters (B 86M, L 303M, XL 1.2B): "
+        "expected_XL = L + (L - B) * ln(P_XL / P_L) / ln(P_L / P_B). A shortfall is an observed XL more than "
+        f"{SHORTFALL_POINTS} points below that. The data-scale effect is the XL difference between 4M-7 "
+        "trained on COYO700M and on CC12M, compared with the same difference at B and L."),
+    "finetune": (
+        "From a run's periodic evaluations: the iteration where the main validation metric peaked, the "
+        f"best-vs-final gap, and the slope of a least-squares line through the training loss logged after "
+        f"the peak. Overfitting is flagged when the gap exceeds {FINETUNE_GAP_POINTS} points while the "
+        "training loss kept falling (negative slope)."),
+    "pretrain": (
+        "Per modality, the held-out loss ('[Eval] <modality>_loss', else the first '[Eval (<set>)] ' set) is "
+        "followed against total tokens seen. Divergence onset = the evaluation with the lowest held-out loss, "
+        f"when the held-out loss afterwards stays more than {PRETRAIN_REL_RISE:.0%} above that minimum for "
+        f"{PRETRAIN_PATIENCE} consecutive evaluations while the training loss of the same modality is lower "
+        "than at the minimum. Modalities are ranked by onset (first to overfit first)."),
+}
+
+
+# ------------------------------------------------------------------ scaling
+def _log_linear_expected(b: float, l: float) -> float:
+    pb, pl, px = ENCODER_PARAMS["B"], ENCODER_PARAMS["L"], ENCODER_PARAMS["XL"]
+    return l + (l - b) * math.log(px / pl) / math.log(pl / pb)
+
+
+def scaling_analysis(df) -> list[dict[str, Any]]:
+    """``df`` columns: family, size, pretrain, task, metric, value (percent points), source."""
+    rows = []
+    keys = df[["family", "pretrain", "task", "metric"]].drop_duplicates().itertuples(index=False)
+    for fam, pre, task, metric in keys:
+        sub = df[(df.family == fam) & (df.pretrain == pre) & (df.task == task) & (df.metric == metric)]
+        vals = {r.size: float(r.value) for r in sub.itertuples()}
+        if not {"B", "L", "XL"} <= set(vals):
+            continue
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        expected = _log_linear_expected(vals["B"], vals["L"])
+        shortfall = sign * (vals["XL"] - expected)
+        rows.append({"family": fam, "pretrain": pre, "task": task, "metric": metric, "B": vals["B"],
+                     "L": vals["L"], "XL": vals["XL"], "expected_XL": expected, "XL_minus_expected": vals["XL"] - expected,
+                     "shortfall": shortfall < -SHORTFALL_POINTS,
+                     "sources": "; ".join(sorted({str(s) for s in sub.get("source", [])}))})
+    return rows
+
+
+def data_scale_effect(df, family: str = "4M-7", small: str = "CC12M", large: str = "COYO700M") -> list[dict]:
+    """Per task/metric and size: score(large) - score(small)."""
+    out = []
+    for (task, metric), sub in df[df.family == family].groupby(["task", "metric"]):
+        by = {(r.size, r.pretrain): float(r.value) for r in sub.itertuples()}
+        row = {"task": task, "metric": metric}
+        for size in ("B", "L", "XL"):
+            if (size, small) in by and (size, large) in by:
+                row[size] = by[(size, large)] - by[(size, small)]
+        if "XL" in row:
+            row["xl_gain_exceeds_b_and_l"] = all(row["XL"] > row.get(s, -math.inf) for s in ("B", "L"))
+            out.append(row)
+    return out
+
+
+def paper_frame():
+    """The shipped paper numbers in the analysis frame (4m-transfer protocol only)."""
+    from .results import load_paper_results
+
+    p = load_paper_results()
+    p = p[p.protocol == "4m-transfer"].copy()
+    p["family"] = p["model"]
+    p["pretrain"] = p["pretrain_data"]
+    return p[["family", "size", "pretrain", "task", "metric", "value", "source", "verified"]]
+
+
+# ----------------------------------------------------------------- finetune
+def _slope(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return None if sxx == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+
+
+def read_train_loss(run_dir: str | Path) -> list[tuple[int, float]]:
+    """(iteration, loss) from mmengine's vis_data/scalars.json files of a run directory."""
+    pts: dict[int, float] = {}
+    for f in sorted(Path(run_dir).glob("*/vis_data/scalars.json")):
+        for line in f.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "loss" in row and "step" in row:
+                pts[int(row["step"])] = float(row["loss"])
+    return sorted(pts.items())
+
+
+def finetune_analysis(rec: dict[str, Any], train_loss: list[tuple[int, float]] | None = None) -> dict[str, Any]:
+    task = rec["task"]
+    metric = next((m for m in MAIN_METRICS.get(task, []) if m in rec["metrics"]), next(iter(rec["metrics"])))
+    hist = [(int(h["iter"]), float(h["metrics"][metric])) for h in rec.get("eval_history", [])
+            if metric in h.get("metrics", {})]
+    if not hist:
+        return {"metric": metric, "available": False}
+    lower = metric in LOWER_IS_BETTER
+    peak_iter, peak = (min if lower else max)(hist, key=lambda t: t[1])
+    final_iter, final = hist[-1]
+    gap = abs(peak - final) * 100  # metric points (fractions -> percent)
+    train_loss = train_loss if train_loss is not None else read_train_loss(rec["_run_dir"]) if "_run_dir" in rec else []
+    after = [(i, v) for i, v in train_loss if i > peak_iter]
+    slope = _slope([i for i, _ in after], [v for _, v in after])
+    return {"metric": metric, "available": True, "peak_iter": peak_iter, "peak": peak, "final_iter": final_iter,
+            "final": final, "gap_points": gap, "train_loss_slope_after_peak": slope,
+            "overfitting": gap > FINETUNE_GAP_POINTS and slope is not None and slope < 0}
+
+
+# ----------------------------------------------------------------- pretrain
+def parse_pretrain_log(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON-lines log.txt of 4M pre-training, one dict per epoch (bad lines are reported)."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FourmEvalError(f"{path}:{n}: not a JSON object ({e}); expected one JSON object per line "
+                                 "as written by the 4M pre-training script") from None
+        if not isinstance(row, dict):
+            raise FourmEvalError(f"{path}:{n}: expected a JSON object")
+        rows.append(row)
+    if not rows:
+        raise FourmEvalError(f"{path}: empty log")
+    return rows
+
+
+def _eval_prefix(rows: list[dict[str, Any]]) -> str | None:
+    keys = {k for r in rows for k in r}
+    if any(k.startswith("[Eval] ") for k in keys):
+        return "[Eval] "
+    others = sorted({k.split("] ")[0] + "] " for k in keys if k.startswith("[Eval (")})
+    return others[0] if others else None
+
+
+def pretrain_analysis(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    prefix = _eval_prefix(rows)
+    if prefix is None:
+        raise FourmEvalError("the log has no held-out losses ('[Eval] <modality>_loss'); evaluation epochs "
+                             "are needed to find overfitting")
+    x_key = next((k for k in ("total_tokens_seen_b", "input_tokens_seen_b", "epoch") if k in rows[-1]), "epoch")
+    modalities = sorted({k[len(prefix):-len("_loss")] for r in rows for k in r
+                         if k.startswith(prefix) and k.endswith("_loss") and k != prefix + "loss"})
+    result: dict[str, Any] = {"x": x_key, "eval_set": prefix.strip(), "modalities": {}}
+    for mod in modalities:
+        pts = [(float(r[x_key]), float(r[f"{prefix}{mod}_loss"]), float(r[f"{mod}_loss"]) if f"{mod}_loss" in r else None)
+               for r in rows if f"{prefix}{mod}_loss" in r and x_key in r]
+        info: dict[str, Any] = {"points": pts, "onset": None, "confirmed_at": None}
+        best = 0
+        for i in range(1, len(pts)):
+            if pts[i][1] < pts[best][1]:
+                best = i
+                continue
+            window = pts[best + 1: best + 1 + PRETRAIN_PATIENCE]
+            if (len(window) == PRETRAIN_PATIENCE
+                    and all(h > pts[best][1] * (1 + PRETRAIN_REL_RISE) for _, h, _ in window)
+                    and all(t is not None and pts[best][2] is not None and t < pts[best][2] for _, _, t in window)):
+                info["onset"] = pts[best][0]
+                info["confirmed_at"] = window[-1][0]
+                info["heldout_min"] = pts[best][1]
+                break
+        result["modalities"][mod] = info
+    order = sorted((m for m, i in result["modalities"].items() if i["onset"] is not None),
+                   key=lambda m: result["modalities"][m]["onset"])
+    result["overfit_order"] = order
+    return result

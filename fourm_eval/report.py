@@ -1,0 +1,401 @@
+"""`fourm-eval report`: result records -> report.md, report.html (self-contained), tables.tex.
+
+Contents: the 4M paper's Table 1 layout for the user's runs (rows = backbones
+grouped by size, columns = task metrics, mean +- std over seeds with the seed
+count, best per size in bold, deltas to DeiT III and MAE of the same size);
+the published numbers shipped with fourm-eval, with their source, protocol and
+`verified` mark; per-task bar charts and learning curves; protocol footnotes;
+and the overfitting analyses with their methods and thresholds.
+
+Result metrics are fractions in [0, 1]; tables show them as points (x100),
+the unit of the published numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import analysis
+from .results import LOWER_IS_BETTER, MAIN_METRICS, load_paper_results, model_identity
+
+SIZE_ORDER = {"tiny": 0, "B": 1, "L": 2, "XL": 3}
+BASELINES = ("DeiT III", "MAE")
+
+
+@dataclass
+class Cell:
+    mean: float
+    std: float
+    n: int
+    bold: bool = False
+    published: float | None = None
+    published_verified: bool | None = None
+
+    def text(self, with_pub: bool = True) -> str:
+        s = f"{self.mean:.1f}" + (f" ± {self.std:.1f}" if self.n > 1 else "") + f" (n={self.n})"
+        if with_pub and self.published is not None:
+            s += f" [paper {self.published:.1f}{'' if self.published_verified else '†'}]"
+        return s
+
+
+@dataclass
+class Table1:
+    columns: list[tuple[str, str]]                       # (task, metric)
+    rows: list[tuple[str, str, str]]                     # (size, label, profile)
+    cells: dict[tuple[int, int], Cell] = field(default_factory=dict)
+    deltas: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
+
+
+def build_table1(records: list[dict[str, Any]]) -> Table1:
+    import pandas as pd
+
+    rows = []
+    for rec in records:
+        ident = model_identity(rec)
+        for metric, value in rec["metrics"].items():
+            if metric in MAIN_METRICS.get(rec["task"], []):
+                rows.append({"size": ident["size"], "label": ident["label"], "family": ident["family"],
+                             "pretrain": ident["pretrain"], "profile": rec["profile"], "task": rec["task"],
+                             "metric": metric, "value": float(value) * 100, "seed": rec["seed"]})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return Table1([], [])
+    columns = [(t, m) for t in MAIN_METRICS for m in MAIN_METRICS[t] if ((df.task == t) & (df.metric == m)).any()]
+    keys = (df[["size", "label", "profile", "family", "pretrain"]].drop_duplicates()
+            .sort_values(["size", "label", "profile"], key=lambda s: s.map(SIZE_ORDER) if s.name == "size" else s))
+    table = Table1(columns, [(r.size, r.label, r.profile) for r in keys.itertuples()])
+    paper = load_paper_results()
+    paper = paper[paper.protocol == "4m-transfer"]
+    fam_of = {(r.size, r.label, r.profile): (r.family, r.pretrain) for r in keys.itertuples()}
+    for i, row in enumerate(table.rows):
+        for j, (task, metric) in enumerate(columns):
+            sel = df[(df["size"] == row[0]) & (df.label == row[1]) & (df.profile == row[2]) & (df.task == task)
+                     & (df.metric == metric)]
+            if sel.empty:
+                continue
+            vals = sel.value.tolist()
+            std = float(pd.Series(vals).std(ddof=1)) if len(vals) > 1 else 0.0
+            cell = Cell(float(sum(vals) / len(vals)), std, len(vals))
+            fam, pre = fam_of[row]
+            pub = paper[(paper.model == fam) & (paper["size"] == row[0]) & (paper.pretrain_data == pre)
+                        & (paper.task == task) & (paper.metric == metric)]
+            if not pub.empty:
+                cell.published = float(pub.value.iloc[0])
+                cell.published_verified = str(pub.verified.iloc[0]) == "yes"
+            table.cells[(i, j)] = cell
+    # best per size and profile, deltas to baselines of the same size
+    for j, (task, metric) in enumerate(columns):
+        lower = metric in LOWER_IS_BETTER
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, row in enumerate(table.rows):
+            if (i, j) in table.cells:
+                groups.setdefault((row[0], row[2]), []).append(i)
+        for (size, profile), idx in groups.items():
+            best = (min if lower else max)(table.cells[(i, j)].mean for i in idx)
+            for i in idx:
+                table.cells[(i, j)].bold = len(idx) > 1 and math.isclose(table.cells[(i, j)].mean, best)
+            for i in idx:
+                for base in BASELINES:
+                    b = [k for k in idx if fam_of[table.rows[k]][0] == base]
+                    if b and fam_of[table.rows[i]][0] != base:
+                        table.deltas.setdefault((i, j), {})[base] = table.cells[(i, j)].mean - table.cells[(b[0], j)].mean
+    return table
+
+
+def published_tables() -> dict[str, Any]:
+    """Pivot of the shipped published numbers per protocol: rows (model, size, pretrain), columns task/metric."""
+    p = load_paper_results()
+    out = {}
+    for protocol, sub in p.groupby("protocol"):
+        sub = sub.assign(cell=[f"{v:.1f}{'' if ver == 'yes' else '†'}" for v, ver in zip(sub.value, sub.verified)],
+                         column=sub.task + " " + sub.metric)
+        piv = sub.pivot_table(index=["model", "size", "pretrain_data"], columns="column", values="cell",
+                              aggfunc="first").reset_index()
+        piv["_order"] = piv["size"].map(SIZE_ORDER)
+        out[protocol] = (piv.sort_values(["_order", "model", "pretrain_data"]).drop(columns="_order").fillna("–"),
+                         sorted(set(sub.source)))
+    return out
+
+
+# ------------------------------------------------------------------- plots
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def make_plots(records: list[dict[str, Any]], table: Table1, scaling_df) -> dict[str, bytes]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots: dict[str, bytes] = {}
+    for j, (task, metric) in enumerate(table.columns):
+        idx = [i for i in range(len(table.rows)) if (i, j) in table.cells]
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(idx) + 2), 3.2))
+        means = [table.cells[(i, j)].mean for i in idx]
+        errs = [table.cells[(i, j)].std for i in idx]
+        labels = [f"{table.rows[i][1]}\n{table.rows[i][2]}" for i in idx]
+        ax.bar(range(len(idx)), means, yerr=errs, capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(idx)), labels, fontsize=7)
+        ax.set_ylabel(f"{metric} (points)")
+        ax.set_title(f"{task}: {metric}")
+        plots[f"bar_{task}_{metric}"] = _png(fig)
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        by_task.setdefault(rec["task"], []).append(rec)
+    for task, recs in by_task.items():
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+        for rec in recs:
+            name = f"{model_identity(rec)['label']} s{rec['seed']}"
+            loss = analysis.read_train_loss(rec["_run_dir"])
+            if loss:
+                a1.plot([i for i, _ in loss], [v for _, v in loss], label=name, lw=1)
+            metric = MAIN_METRICS.get(task, [None])[0]
+            hist = [(h["iter"], h["metrics"][metric] * 100) for h in rec.get("eval_history", [])
+                    if metric in h.get("metrics", {})]
+            if hist:
+                a2.plot([i for i, _ in hist], [v for _, v in hist], marker="o", label=name, lw=1)
+        a1.set_title(f"{task}: train loss")
+        a1.set_xlabel("iteration")
+        a2.set_title(f"{task}: val {MAIN_METRICS.get(task, ['?'])[0]}")
+        a2.set_xlabel("iteration")
+        a2.legend(fontsize=6)
+        plots[f"curves_{task}"] = _png(fig)
+    if scaling_df is not None and not scaling_df.empty:
+        tasks = sorted(set(scaling_df.task))
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.3 * len(tasks), 3.0), squeeze=False)
+        params = analysis.ENCODER_PARAMS
+        for ax, task in zip(axes[0], tasks):
+            sub = scaling_df[scaling_df.task == task]
+            for (fam, pre, metric), g in sub.groupby(["family", "pretrain", "metric"]):
+                g = g[g["size"].isin(list(params))].sort_values("size", key=lambda s: s.map(SIZE_ORDER))
+                if len(g) >= 2:
+                    ax.plot([params[s] for s in g["size"]], g.value, marker="o", label=f"{fam} {pre} {metric}", lw=1)
+            ax.set_xscale("log")
+            ax.set_xlabel("encoder parameters")
+            ax.set_title(task)
+            ax.legend(fontsize=5)
+        plots["scaling"] = _png(fig)
+    return plots
+
+
+# ----------------------------------------------------------------- writers
+def _footnotes(records: list[dict[str, Any]]) -> list[str]:
+    notes = {}
+    for rec in records:
+        c = rec.get("config", {})
+        sch = c.get("schedule_resolved", {})
+        if rec["task"] == "coco-det":
+            head = f"{c.get('detector', '?')} + ViTDet simple feature pyramid ({c.get('attention', 'global')} attention)"
+        else:
+            head = c.get("head", "?")
+        key = (rec["task"], rec["profile"])
+        notes[key] = (f"{rec['task']} / {rec['profile']}: head {head}; {c.get('image_size', '?')} px; "
+                      f"{sch.get('max_iters', '?')} iterations at batch {sch.get('eff_batch', '?')}; "
+                      f"full fine-tuning (no LoRA); layer decay {c.get('layer_decay', '?')}, drop path "
+                      f"{c.get('drop_path', '?')}; reported checkpoint: final (not best-on-val)")
+    return [notes[k] for k in sorted(notes)]
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _table1_rows(t: Table1, bold: str) -> tuple[list[str], list[list[str]]]:
+    header = ["size", "backbone", "profile"] + [f"{task} {m}" for task, m in t.columns] + ["Δ DeiT III / Δ MAE"]
+    rows = []
+    for i, (size, label, profile) in enumerate(t.rows):
+        r = [size, label, profile]
+        deltas = []
+        for j, (task, m) in enumerate(t.columns):
+            c = t.cells.get((i, j))
+            r.append("–" if c is None else (bold.format(c.text()) if c.bold else c.text()))
+            d = t.deltas.get((i, j), {})
+            if d:
+                deltas.append(f"{m}: " + " / ".join(f"{d[b]:+.1f}" if b in d else "–" for b in BASELINES))
+        r.append("; ".join(deltas) if deltas else "–")
+        rows.append(r)
+    return header, rows
+
+
+def _tex_escape(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                 ("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("†", r"$^\dagger$"), ("–", "--")):
+        s = s.replace(a, b)
+    return s
+
+
+def _tex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
+    cols = "l" * len(header)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
+             " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for r in rows:
+        lines.append(" & ".join(r) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex_escape(caption)}}}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple[str, str]] | None = None,
+                 pretrain_logs: list[str | Path] | None = None) -> dict[str, Path]:
+    import pandas as pd
+
+    from .results import atomic_write_json  # noqa: F401  (kept for symmetry with result writes)
+
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    table = build_table1(records)
+    pubs = published_tables()
+    paper = analysis.paper_frame()
+    # scaling: published numbers plus the user's own runs (points)
+    own = []
+    for rec in records:
+        ident = model_identity(rec)
+        for m, v in rec["metrics"].items():
+            if m in MAIN_METRICS.get(rec["task"], []):
+                own.append({"family": f"{ident['family']} (ours)", "size": ident["size"], "pretrain": ident["pretrain"],
+                            "task": rec["task"], "metric": m, "value": float(v) * 100, "source": rec["_path"]})
+    own_df = pd.DataFrame(own, columns=["family", "size", "pretrain", "task", "metric", "value", "source"])
+    if not own_df.empty:
+        own_df = own_df.groupby(["family", "size", "pretrain", "task", "metric"], as_index=False).agg(
+            value=("value", "mean"), source=("source", "first"))
+    scaling_rows = analysis.scaling_analysis(pd.concat([paper.drop(columns="verified"), own_df], ignore_index=True))
+    data_effect = analysis.data_scale_effect(paper)
+    ft = [(rec, analysis.finetune_analysis(rec)) for rec in records]
+    pre = [(str(p), analysis.pretrain_analysis(analysis.parse_pretrain_log(p))) for p in (pretrain_logs or [])]
+    plots = make_plots(records, table, paper)
+    for name, data in plots.items():
+        (out / "figures" / f"{name}.png").write_bytes(data)
+
+    # ------------------------------------------------------------- sections
+    sections: list[tuple[str, list[tuple[str, Any]]]] = []  # (title, [(kind, payload)])
+    h1, r1 = _table1_rows(table, "**{}**")
+    intro = (f"{len(records)} run(s) from {len({r['_run_dir'] for r in records})} run directories. Values are "
+             "points (metric x 100), mean ± sample std over seeds with the seed count; **bold** = best of its "
+             "size and profile; [paper x] = the published number for the same model (4m-transfer protocol; "
+             "† = not yet verified against the paper).")
+    sections.append(("Transfer results (4M Table 1 layout)", [("p", intro), ("table", (h1, r1))]))
+    for protocol, (piv, sources) in pubs.items():
+        hdr = list(piv.columns)
+        rows = [[str(v) for v in r] for r in piv.itertuples(index=False)]
+        sections.append((f"Published numbers, protocol `{protocol}`", [
+            ("p", "† marks numbers whose `verified` column is 'no' (not yet checked against the paper). "
+                  "Sources: " + "; ".join(sources)), ("table", (hdr, rows))]))
+    sections.append(("Figures", [("img", (name, f"figures/{name}.png")) for name in plots if name != "scaling"]))
+    # scaling
+    sc_rows = [[r["family"], r["pretrain"], r["task"], r["metric"], f"{r['B']:.1f}", f"{r['L']:.1f}", f"{r['XL']:.1f}",
+                f"{r['expected_XL']:.1f}", f"{r['XL_minus_expected']:+.1f}", "yes" if r["shortfall"] else "no",
+                r["sources"]] for r in scaling_rows]
+    de_rows = [[d["task"], d["metric"]] + [f"{d[s]:+.1f}" if s in d else "–" for s in ("B", "L", "XL")]
+               + ["yes" if d["xl_gain_exceeds_b_and_l"] else "no"] for d in data_effect]
+    sections.append(("Overfitting analysis: model scaling", [
+        ("p", "Method: " + analysis.METHODS["scaling"]),
+        ("table", (["family", "pretrain", "task", "metric", "B", "L", "XL", "expected XL", "XL − expected",
+                    "shortfall", "source"], sc_rows)),
+        ("p", "Data scale at fixed size: 4M-7 COYO700M minus 4M-7 CC12M (points). A larger gain at XL than at "
+              "B and L is what overfitting of the smaller CC12M at XL predicts."),
+        ("table", (["task", "metric", "B", "L", "XL", "XL gain > B and L"], de_rows)),
+        ("img", ("scaling", "figures/scaling.png"))]))
+    ft_rows = []
+    for rec, a in ft:
+        if not a.get("available"):
+            continue
+        slope = a["train_loss_slope_after_peak"]
+        ft_rows.append([model_identity(rec)["label"], rec["task"], rec["profile"], str(rec["seed"]), a["metric"],
+                        str(a["peak_iter"]), f"{a['peak'] * 100:.1f}", f"{a['final'] * 100:.1f}",
+                        f"{a['gap_points']:.1f}", "–" if slope is None else f"{slope:.2e}",
+                        "yes" if a["overfitting"] else "no"])
+    sections.append(("Overfitting analysis: fine-tuning", [
+        ("p", "Method: " + analysis.METHODS["finetune"]),
+        ("table", (["backbone", "task", "profile", "seed", "metric", "peak iter", "peak", "final", "gap (points)",
+                    "train-loss slope after peak", "overfitting"], ft_rows))]))
+    if pre:
+        items: list[tuple[str, Any]] = [("p", "Method: " + analysis.METHODS["pretrain"])]
+        for path, res in pre:
+            rows = [[m, res["eval_set"], "–" if i["onset"] is None else f"{i['onset']:g}",
+                     "–" if i["confirmed_at"] is None else f"{i['confirmed_at']:g}"]
+                    for m, i in res["modalities"].items()]
+            items.append(("p", f"`{path}` (x axis: {res['x']}). Modalities that overfit, first to last: "
+                               + (", ".join(res["overfit_order"]) or "none")))
+            items.append(("table", (["modality", "held-out set", f"onset ({res['x']})", "confirmed at"], rows)))
+        sections.append(("Overfitting analysis: pre-training", items))
+    notes = _footnotes(records)
+    if bad:
+        notes += [f"skipped {p}: {why}" for p, why in bad]
+    sections.append(("Protocol notes", [("list", notes)]))
+
+    md = _render_md(sections)
+    html_doc = _render_html(sections, plots)
+    tex = _tex_table(*_table1_rows(table, r"\textbf{{{}}}"), "Transfer results (mean $\\pm$ std over seeds).")
+    tex = tex.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("–", "--").replace("†", r"$^\dagger$")
+    for protocol, (piv, _) in pubs.items():
+        tex += _tex_table(list(piv.columns), [[_tex_escape(str(v)) for v in r] for r in piv.itertuples(index=False)],
+                          f"Published numbers ({protocol}); dagger: not verified.")
+    paths = {"md": out / "report.md", "html": out / "report.html", "tex": out / "tables.tex"}
+    for kind, text in (("md", md), ("html", html_doc), ("tex", tex)):
+        tmp = paths[kind].with_suffix(".partial")
+        tmp.write_text(text)
+        tmp.replace(paths[kind])
+    return paths
+
+
+def _render_md(sections: list[tuple[str, list[tuple[str, Any]]]]) -> str:
+    parts = ["# fourm-eval report", ""]
+    for title, items in sections:
+        parts += [f"## {title}", ""]
+        for kind, payload in items:
+            if kind == "p":
+                parts += [payload, ""]
+            elif kind == "table":
+                parts += [_md_table(*payload), ""]
+            elif kind == "img":
+                parts += [f"![{payload[0]}]({payload[1]})", ""]
+            elif kind == "list":
+                parts += [f"- {x}" for x in payload] + [""]
+    return "\n".join(parts)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;
+margin:.5em 0 1.5em}td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px}th{background:#eee}
+img{max-width:100%;border:1px solid #ddd;margin:.5em 0}code{background:#f4f4f4}"""
+
+
+def _inline_md(text: str) -> str:
+    import re
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+def _render_html(sections: list[tuple[str, list[tuple[str, Any]]]], plots: dict[str, bytes]) -> str:
+    body = ["<h1>fourm-eval report</h1>"]
+    for title, items in sections:
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        for kind, payload in items:
+            if kind == "p":
+                body.append(f"<p>{_inline_md(payload)}</p>")
+            elif kind == "table":
+                header, rows = payload
+                body.append("<table class='results'><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                            + "</tr>" + "".join("<tr>" + "".join(f"<td>{_inline_md(c)}</td>" for c in r) + "</tr>"
+                                                for r in rows) + "</table>")
+            elif kind == "img":
+                name = payload[0]
+                if name in plots:
+                    b64 = base64.b64encode(plots[name]).decode()
+                    body.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'>"
+                                f"<figcaption>{html.escape(name)}</figcaption></figure>")
+            elif kind == "list":
+                body.append("<ul>" + "".join(f"<li>{_inline_md(x)}</li>" for x in payload) + "</ul>")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>fourm-eval report</title>"
+            f"<style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>")
