@@ -335,7 +335,7 @@ def build_runner_cfg(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int, d
     if sched["milestones"]:
         schedulers.append(dict(type="MultiStepLR", by_epoch=False, begin=0, end=sched["max_iters"],
                                milestones=sched["milestones"], gamma=0.1))
-    hooks_custom = [dict(type="FiniteLossHook"), dict(type="CheckpointStateHook"),
+    hooks_custom = [dict(type="FiniteLossHook"), dict(type="CheckpointStateHook", keep=int(p.get("max_keep_ckpts", 2))),
                     dict(type="EvalHistoryHook", out_file=str(work_dir / "eval_history.jsonl"))]
     if p.get("eval_at_start", False):
         hooks_custom.append(dict(type="EvalAtStartHook", out_file=str(work_dir / "eval_step0.json")))
@@ -355,8 +355,9 @@ def build_runner_cfg(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int, d
             timer=dict(type="IterTimerHook"),
             logger=dict(type="LoggerHook", interval=int(p.get("log_interval", 50)), log_metric_by_epoch=False),
             param_scheduler=dict(type="ParamSchedulerHook"),
+            # keeps every checkpoint; CheckpointStateHook prunes old ones once a newer one is complete
             checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=sched["checkpoint_interval"],
-                            max_keep_ckpts=int(p.get("max_keep_ckpts", 2)), save_last=True),
+                            max_keep_ckpts=-1, save_last=True),
             sampler_seed=dict(type="DistSamplerSeedHook")),
         custom_hooks=hooks_custom,
         env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),

@@ -237,8 +237,16 @@ def register_mmengine_components() -> None:
           train loop has skipped the batches already seen."""
         priority = "LOWEST"
 
-        def __init__(self) -> None:
+        def __init__(self, keep: int = 2) -> None:
             self._pending = None
+            self.keep = keep
+
+        def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+            # mmengine prunes old checkpoints *before* writing the new one, so a kill while saving
+            # could leave none; CheckpointHook keeps all, and old ones are pruned here, after the
+            # newer checkpoint is complete.
+            if runner.rank == 0:
+                prune_checkpoints(Path(runner.work_dir), self.keep)
 
         def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
             from mmengine.logging import HistoryBuffer
@@ -272,6 +280,32 @@ def register_mmengine_components() -> None:
             if state and getattr(loop, "_iter", 0) > 0 and hasattr(loop, "dataloader_iterator"):
                 loop.dataloader_iterator = _RestoreRngAfter(loop.dataloader_iterator, loop._iter,
                                                             lambda: set_rng_state(state))
+
+
+def complete_checkpoints(work_dir: Path) -> list[Path]:
+    """``iter_N.pth`` files whose zip central directory (written last by torch.save) reads, newest first."""
+    import re
+    import zipfile
+
+    found = []
+    for f in work_dir.glob("iter_*.pth"):
+        m = re.fullmatch(r"iter_(\d+)\.pth", f.name)
+        if not m:
+            continue
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            continue
+        found.append((int(m.group(1)), f))
+    return [f for _, f in sorted(found, reverse=True)]
+
+
+def prune_checkpoints(work_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in complete_checkpoints(work_dir)[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def set_rng_state(s: dict[str, Any]) -> None:

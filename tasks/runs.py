@@ -119,27 +119,17 @@ class RunDir:
     def resume_checkpoint(self) -> Path | None:
         """The newest complete ``iter_N.pth``, or None.
 
-        mmengine's ``last_checkpoint`` pointer is not trusted: a kill can land after an
-        old checkpoint was pruned but before the pointer moved, or while ``torch.save``
-        is still writing. A checkpoint is complete when its zip central directory (written
-        last) reads; incomplete ones are renamed ``*.incomplete`` and skipped."""
-        import re
-        import zipfile
+        mmengine's ``last_checkpoint`` pointer is not trusted: a kill can land while
+        ``torch.save`` is still writing (the pointer moves only afterwards). Incomplete
+        files (unreadable zip central directory) are renamed ``*.incomplete`` and skipped."""
+        from .common import complete_checkpoints
 
-        found = []
-        for f in self.path.glob("iter_*.pth"):
-            m = re.fullmatch(r"iter_(\d+)\.pth", f.name)
-            if m:
-                found.append((int(m.group(1)), f))
-        for _, f in sorted(found, reverse=True):
-            try:
-                with zipfile.ZipFile(f) as z:
-                    z.namelist()
-                return f
-            except (zipfile.BadZipFile, OSError):
-                if rank_zero():
+        done = complete_checkpoints(self.path)
+        if rank_zero():
+            for f in self.path.glob("iter_*.pth"):
+                if f not in done:
                     f.rename(f.with_suffix(".pth.incomplete"))
-        return None
+        return done[0] if done else None
 
     def eval_history(self) -> list[dict[str, Any]]:
         f = self.path / "eval_history.jsonl"

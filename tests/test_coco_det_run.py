@@ -45,6 +45,13 @@ def test_smoke_profile_learns(tmp_path):
     assert len(rec["backbone"]["sha256"]) == 64 and rec["dataset"]["annotations_sha256"]["val"]
     assert rec["eval_history"][0]["iter"] == 0 and rec["eval_history"][-1]["iter"] == rec["config"]["schedule"]["length"]
     assert (tmp_path / "smoke" / "param_groups.csv").exists()
+    # the report of this real run: three files, and Table 1 shows the record's numbers
+    r3 = _run(["report", str(tmp_path / "smoke"), "--out", str(tmp_path / "report")], tmp_path)
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "tables.tex").exists()
+    box, mask = rec["metrics"]["box_AP"] * 100, rec["metrics"]["mask_AP"] * 100
+    assert f"| {box:.1f} (n=1) | {mask:.1f} (n=1) |" in md
     # running the same command again does not redo a finished run
     r2 = _run(["run", "coco-det", "--profile", "smoke", "--work-dir", str(tmp_path / "smoke")], tmp_path)
     assert r2.returncode == 0 and "already holds a finished run" in r2.stdout
