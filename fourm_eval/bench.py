@@ -29,6 +29,7 @@ class BenchResult:
     fwd_ips: float
     fwdbwd_ips: float
     peak_mem_mb: float
+    saved_activations_mb: float = 0.0  # tensors autograd keeps for backward (exact, device-independent)
 
 
 class _RssPeak:
@@ -61,6 +62,24 @@ class _RssPeak:
     @property
     def mb(self) -> float:
         return (self.peak - self.base) / 2**20
+
+
+def saved_activation_mb(model: nn.Module, x: torch.Tensor, amp) -> float:
+    """Bytes of the distinct tensors autograd saves during one training forward pass."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        out = model(x)
+    del out
+    params = {(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in model.parameters()}
+    return sum(n for k, n in seen.items() if k not in params) / 2**20
 
 
 def _time(fn: Callable[[], None], iters: int, device: torch.device) -> float:
@@ -110,8 +129,9 @@ def bench_model(name: str, model: nn.Module, size: int, batch: int, iters: int, 
             model.train()
             t_fb = _time(fwdbwd, iters, device)
         peak = m.mb
+    saved = saved_activation_mb(model, x, amp)
     model.to("cpu")
-    return BenchResult(name, size, batch, batch / t_f, batch / t_fb, peak)
+    return BenchResult(name, size, batch, batch / t_f, batch / t_fb, peak, saved)
 
 
 MODELS = ("4m-b (GELU, biases)", "timm vit_base_patch16_224")
@@ -163,11 +183,13 @@ def run_backbone_bench(sizes: list[int], batch: int, iters: int, device: str | N
             for name in MODELS:  # alternate, so drifting machine load hits both alike
                 runs[name].append(_measure_in_subprocess(name, size, b, iters, str(dev), dtype))
         best = {name: BenchResult(name, size, b, max(r.fwd_ips for r in rs), max(r.fwdbwd_ips for r in rs),
-                                  min(r.peak_mem_mb for r in rs)) for name, rs in runs.items()}
+                                  min(r.peak_mem_mb for r in rs), rs[0].saved_activations_mb)
+                for name, rs in runs.items()}
         for name in MODELS:
             r = best[name]
             log(f"{name:28s} {size:5d}px batch {b:3d}: fwd {r.fwd_ips:8.2f} img/s, "
-                f"fwd+bwd {r.fwdbwd_ips:8.2f} img/s, peak {r.peak_mem_mb:8.1f} MB")
+                f"fwd+bwd {r.fwdbwd_ips:8.2f} img/s, peak {r.peak_mem_mb:8.1f} MB, "
+                f"saved activations {r.saved_activations_mb:8.1f} MB")
             results.append(r)
     log(f"device {dev}, dtype {str(_dtype(dev, dtype)).removeprefix('torch.')}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, best of {repeats} fresh-process runs x {iters} iterations")
@@ -175,13 +197,15 @@ def run_backbone_bench(sizes: list[int], batch: int, iters: int, device: str | N
 
 
 def ratios(results: list[BenchResult]) -> dict[int, dict[str, float]]:
-    """Per size: 4M / timm for fwd and fwd+bwd throughput and timm / 4M for memory (>1 = 4M better)."""
+    """Per size: 4M / timm for throughput, timm / 4M for peak memory and saved activations (>1 = 4M better)."""
     out: dict[int, dict[str, float]] = {}
     for size in sorted({r.size for r in results}):
         f = next(r for r in results if r.size == size and r.model.startswith("4m"))
         t = next(r for r in results if r.size == size and r.model.startswith("timm"))
         out[size] = {"fwd": f.fwd_ips / t.fwd_ips, "fwdbwd": f.fwdbwd_ips / t.fwdbwd_ips,
-                     "mem": (t.peak_mem_mb / f.peak_mem_mb) if f.peak_mem_mb > 0 else float("nan")}
+                     "mem": (t.peak_mem_mb / f.peak_mem_mb) if f.peak_mem_mb > 0 else float("nan"),
+                     "activations": (t.saved_activations_mb / f.saved_activations_mb)
+                     if f.saved_activations_mb > 0 else float("nan")}
     return out
 
 

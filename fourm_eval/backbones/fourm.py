@@ -335,7 +335,9 @@ class FourMBackbone(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
         rows, cols = self.grid_size(x)
-        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        # contiguous once here: otherwise the transposed strides of the conv output propagate through
+        # the residual stream and every LayerNorm (forward and backward) makes its own copy
+        t = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()
         t = t + self.pos_embed(rows, cols, t.device, t.dtype) + self.mod_emb.to(t.dtype)
         if self.register_tokens is not None:
             t = torch.cat([self.register_tokens.to(t.dtype).expand(t.shape[0], -1, -1), t], dim=1)
@@ -351,7 +353,8 @@ class FourMBackbone(nn.Module):
         t, grid = self.embed(x)
         for i in range(self.num_layers):
             t = self._run_block(i, t, grid)
-        return self.encoder_norm(t)[:, self.num_prefix_tokens:]
+        t = self.encoder_norm(t)
+        return t[:, self.num_prefix_tokens:] if self.num_prefix_tokens else t
 
     def get_intermediate_layers(self, x: torch.Tensor, indices: Iterable[int],
                                 norm: bool = False) -> list[torch.Tensor]:
