@@ -191,10 +191,6 @@ def load_pickled_state_dict(path: Path, allow_pickle: bool, key: str | None = No
     return obj
 
 
-def is_pickle_path(path: Path) -> bool:
-    return path.suffix.lower() in PICKLE_SUFFIXES
-
-
 def detect_format(path: Path) -> str:
     """'safetensors' or 'pickle', from the content (not trusting the suffix alone)."""
     with open(path, "rb") as f:

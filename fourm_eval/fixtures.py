@@ -32,7 +32,6 @@ def make_fourm_state_dict(*, dim: int = 64, depth: int = 2, num_heads: int = 4, 
 
     g = torch.Generator().manual_seed(seed)
     grid = image_size // patch_size
-    n_tok = grid * grid
     hidden = int(dim * mlp_ratio)
     hidden = int(2 * hidden / 3) if gated_mlp else hidden
     head_dim = dim // num_heads

@@ -250,8 +250,6 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
                  pretrain_logs: list[str | Path] | None = None) -> dict[str, Path]:
     import pandas as pd
 
-    from .results import atomic_write_json  # noqa: F401  (kept for symmetry with result writes)
-
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     table = build_table1(records)

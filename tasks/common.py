@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import math
 import random
 from pathlib import Path
 from typing import Any
@@ -378,13 +377,3 @@ def allow_mmengine_checkpoint_types() -> None:
         pass
     safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool", "uint8", "uint32")]
     torch.serialization.add_safe_globals([s for s in safe if s is not None])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def finite_or_none(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

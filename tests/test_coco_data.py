@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-from PIL import Image
 
 from fourm_eval.data.coco_check import DatasetError, check_split
 from fourm_eval.data.coco_mini import make_mini_coco

@@ -4,7 +4,6 @@ import csv
 import re
 
 import pytest
-import torch
 
 from fourm_eval.tasks import coco_det, common
 

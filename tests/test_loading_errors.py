@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from fourm_eval.backbones import build_backbone
 from fourm_eval.checkpoints import parse_metadata
 from fourm_eval.errors import CheckpointError, ConfigError
-from fourm_eval.fixtures import write_fourm_checkpoint
 
 
 def test_truncated_file(tmp_path, official_ckpt):

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fourm_eval.cli import app
-from fourm_eval.results import load_records, tidy_frame
+from fourm_eval.results import load_records
 from records_factory import write_record
 
 runner = CliRunner()
