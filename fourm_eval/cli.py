@@ -201,8 +201,7 @@ def forward(backbone: str = typer.Option("4m", help="Registered backbone name (s
 @friendly
 def bench_backbone(sizes: str = typer.Option("224,1024", help="Input sizes to measure."),
                    batch: int = typer.Option(8, help="Batch at 224 px (scaled down by token count above)."),
-                   iters: int = typer.Option(3, help="Timed iterations per measurement."),
-                   repeats: int = typer.Option(2, help="Fresh-process repeats per model (best kept)."),
+                   iters: int = typer.Option(5, help="Alternating timed iterations per model (fastest kept)."),
                    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if present)."),
                    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
                    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results here.")) -> None:
@@ -210,7 +209,7 @@ def bench_backbone(sizes: str = typer.Option("224,1024", help="Input sizes to me
     from .bench import growth, ratios, run_backbone_bench
 
     sz = _parse_ints(sizes)
-    res = run_backbone_bench(sz, batch, iters, device, dtype, log=console.print, repeats=repeats)
+    res = run_backbone_bench(sz, batch, iters, device, dtype, log=console.print)
     rat = ratios(res)
     t = Table(title="4M / timm (>1.0 means 4M is faster or leaner)")
     for col in ("size", "fwd", "fwd+bwd", "peak memory (timm/4M)", "saved activations (timm/4M)"):
