@@ -136,8 +136,10 @@ def doctor(brief: bool = typer.Option(False, "--brief", help="Only problems and 
 
     r = run_checks()
     if json_out:
+        from .doctor import IMPLEMENTED
         print(json.dumps({"ok": r.ok, "checks": [c.__dict__ for c in r.checks], "info": r.info,
-                          "tasks": {k: {"ok": v[0], "missing": v[1]} for k, v in r.tasks.items()}}, indent=2))
+                          "tasks": {k: {"ok": v[0], "missing": v[1], "implemented": k in IMPLEMENTED}
+                                    for k, v in r.tasks.items()}}, indent=2))
         raise typer.Exit(0 if r.ok else 1)
     t = Table(title="environment")
     for col in ("component", "status", "detail", "fix"):
@@ -149,12 +151,17 @@ def doctor(brief: bool = typer.Option(False, "--brief", help="Only problems and 
         t.add_row(c.name, status, c.detail, c.fix)
     if t.row_count:
         console.print(t)
+    from .doctor import IMPLEMENTED
+
     tt = Table(title="tasks")
     tt.add_column("task")
     tt.add_column("can run here")
     tt.add_column("missing")
     for task, (ok, missing) in r.tasks.items():
-        tt.add_row(task, "[green]yes[/]" if ok else "[red]no[/]", ", ".join(missing))
+        status = "[green]yes[/]" if ok else "[red]no[/]"
+        if task not in IMPLEMENTED:
+            status = "dependencies ok; task not implemented yet" if ok else status + " (task not implemented yet)"
+        tt.add_row(task, status, ", ".join(missing))
     console.print(tt)
     raise typer.Exit(0 if r.ok else 1)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SETUP_FIX = "run `make setup` (scripts/setup.sh) in the fourm-eval checkout"
+IMPLEMENTED = {"coco-det", "report"}  # the other transfers are planned; doctor checks their dependencies already
 TESTED = {"torch": "2.14.1", "torchvision": "0.29.1", "timm": "1.0.31", "mmengine": "0.10.7", "mmcv": "2.1.0",
           "mmdet": "3.3.0", "mmsegmentation": "1.2.2"}
 
