@@ -165,7 +165,7 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
         assert out_dir is not None
         out_dir.mkdir(parents=True, exist_ok=True)
         cleaned = out_dir / f"instances_{split}2017.cleaned.json"
-        tmp = cleaned.with_suffix(".partial")
+        tmp = cleaned.with_suffix(f".{os.getpid()}.partial")  # ranks of a distributed run write alike
         tmp.write_text(json.dumps(data))
         tmp.replace(cleaned)
         result.used_ann_file = cleaned
