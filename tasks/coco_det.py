@@ -422,7 +422,8 @@ def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str |
     checks = {}
     for split in ("train", "val"):
         log(f"checking {root} ({split}2017) ...")
-        checks[split] = check_split(root, split, skip_bad_images, wd.path / "data")
+        checks[split] = check_split(root, split, skip_bad_images, wd.path / "data",
+                                    ann_sha256=identity["annotations_sha256"][split])
         c = checks[split]
         log(f"  {c.n_images} images, {c.n_annotations} annotations"
             + (f", {len(c.bad_images)} unusable image(s) skipped" if c.bad_images else ""))

@@ -17,7 +17,6 @@ written into the run directory and used instead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..checkpoints import sha256_file
 from ..errors import FourmEvalError
+from ..results import atomic_write_json
 
 
 class DatasetError(FourmEvalError):
@@ -45,21 +46,13 @@ class SplitCheck:
     used_ann_file: Path | None = None  # the cleaned copy, when images were skipped
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def annotation_digest(root: Path, split: str) -> str:
     """sha256 of ``annotations/instances_{split}2017.json`` (cheap; no image is read)."""
     ann = Path(root) / "annotations" / f"instances_{split}2017.json"
     if not ann.is_file():
         raise DatasetError(f"{ann}: annotation file not found (expected the COCO 2017 layout "
                            "annotations/instances_{train,val}2017.json under the data root)")
-    return _sha256(ann)
+    return sha256_file(ann)
 
 
 def check_image(path: Path) -> str | None:
@@ -131,7 +124,9 @@ def _validate_structure(path: Path, data: dict[str, Any]) -> None:
 
 
 def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | None,
-                progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> SplitCheck:
+                progress: Callable[[int, int], None] | None = None, workers: int | None = None,
+                ann_sha256: str | None = None) -> SplitCheck:
+    """Validate one split; ``ann_sha256`` skips re-hashing an annotation file already hashed."""
     ann = root / "annotations" / f"instances_{split}2017.json"
     img_dir = root / f"{split}2017"
     data = _load_json(ann)
@@ -148,7 +143,7 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
             if progress:
                 progress(i + 1, len(files))
     result = SplitCheck(split, ann, img_dir, len(data["images"]), len(data["annotations"]), data["categories"],
-                        _sha256(ann), bad)
+                        ann_sha256 or sha256_file(ann), bad)
     if bad and not skip_bad_images:
         listing = "\n  ".join(f"{f}: {r}" for f, r in bad[:10])
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
@@ -164,10 +159,7 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
             raise DatasetError(f"{split}2017: every image is unusable")
         assert out_dir is not None
         out_dir.mkdir(parents=True, exist_ok=True)
-        cleaned = out_dir / f"instances_{split}2017.cleaned.json"
-        tmp = cleaned.with_suffix(f".{os.getpid()}.partial")  # ranks of a distributed run write alike
-        tmp.write_text(json.dumps(data))
-        tmp.replace(cleaned)
+        cleaned = atomic_write_json(out_dir / f"instances_{split}2017.cleaned.json", data)
         result.used_ann_file = cleaned
         result.n_images, result.n_annotations = len(data["images"]), len(data["annotations"])
     return result
