@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from fourm_eval.backbones.fourm import block_indices, patch_grid
 from fourm_eval.errors import CheckpointError
 
 # name -> (timm architecture, pretrained tag, description)
@@ -58,10 +59,7 @@ class TimmViTBackbone(nn.Module):
 
     def get_intermediate_layers(self, x: torch.Tensor, indices: Iterable[int],
                                 norm: bool = False) -> list[torch.Tensor]:
-        idx = [int(i) + self.num_layers if int(i) < 0 else int(i) for i in indices]
-        bad = [i for i in idx if not 0 <= i < self.num_layers]
-        if bad:
-            raise ValueError(f"block indices {bad} out of range for {self.num_layers} blocks")
+        idx = block_indices(indices, self.num_layers)
         order = sorted(set(idx))
         feats = self.vit.forward_intermediates(x, indices=order, norm=norm, output_fmt="NLC",
                                                intermediates_only=True)
@@ -69,10 +67,7 @@ class TimmViTBackbone(nn.Module):
         return [by[i] for i in idx]
 
     def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
-        H, W = x.shape[-2:]
-        if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"input size {H}x{W} is not divisible by the patch size {self.patch_size}")
-        return H // self.patch_size, W // self.patch_size
+        return patch_grid(x, self.patch_size)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vit.set_grad_checkpointing(enable)

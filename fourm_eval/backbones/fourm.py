@@ -155,6 +155,23 @@ def sincos_2d(rows: int, cols: int, dim: int, temperature: float = 10000.0) -> t
     return _sincos_2d_cpu(rows, cols, dim, float(temperature)).clone()
 
 
+def patch_grid(x: torch.Tensor, patch: int) -> tuple[int, int]:
+    """(rows, cols) of patches for an NCHW input; sides must be multiples of the patch size."""
+    H, W = x.shape[-2:]
+    if H % patch or W % patch:
+        raise ValueError(f"input size {H}x{W} is not divisible by the patch size {patch}")
+    return H // patch, W // patch
+
+
+def block_indices(indices: Iterable[int], num_layers: int) -> list[int]:
+    """0-based block indices (negative counts from the end), checked against the depth."""
+    idx = [int(i) + num_layers if int(i) < 0 else int(i) for i in indices]
+    bad = [i for i in idx if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"block indices {bad} out of range for {num_layers} blocks")
+    return idx
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: FourMConfig, attn_drop: float = 0.0):
         super().__init__()
@@ -314,11 +331,7 @@ class FourMBackbone(nn.Module):
         self.grad_checkpointing = enable
 
     def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"input size {H}x{W} is not divisible by the patch size {p}")
-        return H // p, W // p
+        return patch_grid(x, self.patch_size)
 
     def pos_embed(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         # Fixed (not learned): built once per grid/device/dtype and kept out of the state dict.
@@ -360,10 +373,7 @@ class FourMBackbone(nn.Module):
                                 norm: bool = False) -> list[torch.Tensor]:
         """Tokens (B, N, D) right after the given 0-based blocks, before the final norm
         (``norm=True`` applies ``encoder_norm`` to each). Register tokens are removed."""
-        idx = [int(i) + self.num_layers if int(i) < 0 else int(i) for i in indices]
-        bad = [i for i in idx if not 0 <= i < self.num_layers]
-        if bad:
-            raise ValueError(f"block indices {bad} out of range for {self.num_layers} blocks")
+        idx = block_indices(indices, self.num_layers)
         wanted, last = set(idx), max(idx)
         t, grid = self.embed(x)
         found: dict[int, torch.Tensor] = {}
