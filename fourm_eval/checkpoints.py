@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CheckpointError
+from .errors import CheckpointError, FourmEvalWarning
 
 SAFETENSORS_SUFFIXES = {".safetensors"}
 PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
@@ -162,8 +162,16 @@ def resolve_checkpoint(spec: str | os.PathLike, filename: str = "model.safetenso
                           "in the local Hugging Face cache")
 
 
-def load_pickled_state_dict(path: Path, allow_pickle: bool, key: str | None = None) -> dict[str, Any]:
-    """Load a ``.pth``-style checkpoint; full unpickling only with ``allow_pickle``."""
+_WEIGHT_ENTRIES = ("model", "state_dict", "model_ema", "module")
+
+
+def load_pickled_state_dict(path: Path, allow_pickle: bool, key: str | None = None,
+                            notes: list[str] | None = None) -> dict[str, Any]:
+    """Load a ``.pth``-style checkpoint (zip or raw pickle); full unpickling only with ``allow_pickle``.
+
+    Training checkpoints hold the weights under an entry; with ``key`` unset the first of
+    ``model``, ``state_dict``, ``model_ema``, ``module`` is used, and when several are
+    present a warning names the one taken (appended to ``notes`` for the record)."""
     import torch
 
     try:
@@ -179,24 +187,103 @@ def load_pickled_state_dict(path: Path, allow_pickle: bool, key: str | None = No
         except Exception as e:
             raise CheckpointError(f"{path}: could not be unpickled ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict):
-        for k in ([key] if key else ["model", "state_dict", "model_ema", "module"]):
-            if k in obj and isinstance(obj[k], dict):
-                obj = obj[k]
-                break
+        if key:
+            if not isinstance(obj.get(key), dict):
+                raise CheckpointError(f"{path}: no entry {key!r} in the checkpoint (entries: {sorted(map(str, obj))[:20]})")
+            obj = obj[key]
         else:
-            if key:
-                raise CheckpointError(f"{path}: no entry {key!r} in the checkpoint (entries: {sorted(obj)[:20]})")
+            present = [k for k in _WEIGHT_ENTRIES if isinstance(obj.get(k), dict)]
+            if present:
+                if len(present) > 1:
+                    msg = (f"{path}: holds several weight entries {present}; using {present[0]!r} "
+                           f"(the others are ignored)")
+                    warn_once(f"entry:{path}", msg)
+                    if notes is not None:
+                        notes.append(msg)
+                obj = obj[present[0]]
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
     return obj
 
 
-def detect_format(path: Path) -> str:
-    """'safetensors' or 'pickle', from the content (not trusting the suffix alone)."""
+FORMATS = ("safetensors", "torch-zip", "pickle")
+
+
+def _safetensors_structure(path: Path, head: bytes, size: int) -> str:
+    """'valid', 'damaged' (a safetensors start that does not fit the file) or 'no'.
+
+    A safetensors file is an 8-byte little-endian header length n, then n bytes
+    of a JSON object. The first byte alone tells nothing: the library pads
+    headers to a multiple of 8 bytes, so one header length in 32 starts with
+    0x80, the first byte of a pickle."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return "no"
+    (n,) = struct.unpack("<Q", head[:8])
+    if n < 2 or n > _MAX_HEADER:
+        return "no"
+    if 8 + n > size:
+        return "damaged"
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch.save) or raw pickle
-        return "pickle"
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES or len(head) == 8:
+        f.seek(8)
+        raw = f.read(n)
+    try:
+        ok = isinstance(json.loads(raw), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    return "valid" if ok else "damaged"
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The file's kind from its structure: 'safetensors', 'torch-zip' (``torch.save``'s
+    zip archive), 'pickle' (a raw pickle stream, legacy ``torch.save``) or 'unknown'.
+
+    The content decides, not the suffix: a valid safetensors header wins; then a
+    zip local-file signature; then the pickle PROTO opcode (0x80) followed by a
+    protocol number 2-5. A file that starts like safetensors but does not fit
+    (truncated) is still called 'safetensors', so its reader names the damage."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    st = _safetensors_structure(path, head, size)
+    if st == "valid":
         return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if st == "damaged" or path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return "safetensors"  # read_safetensors_header says what is wrong with it
     return "unknown"
+
+
+def require_known_format(path: Path) -> str:
+    """``detect_format`` that raises a named error for files of no known kind, and warns
+    when the suffix promises another kind than the content holds."""
+    fmt = detect_format(path)
+    if fmt == "unknown":
+        with open(path, "rb") as f:
+            start = f.read(16)
+        raise CheckpointError(f"{path}: not a checkpoint fourm-eval can read (first bytes {start!r}); expected "
+                              "safetensors (8-byte header length + JSON header), a torch.save zip archive "
+                              "(starts with PK\\x03\\x04) or a pickle (starts with \\x80 and a protocol 2-5)")
+    suffix = path.suffix.lower()
+    says = "safetensors" if suffix in SAFETENSORS_SUFFIXES else "pickle" if suffix in PICKLE_SUFFIXES else None
+    if says is not None and (says == "safetensors") != (fmt == "safetensors"):
+        warn_once(f"format:{path}", f"{path}: the suffix {suffix!r} says {says}, the content is {fmt}; "
+                                    f"reading it as {fmt}")
+    return fmt
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """A loud warning (``FourmEvalWarning``), once per process and key. Callers that
+    write records also keep the message, so that it reaches result.json."""
+    import warnings
+
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(message, FourmEvalWarning, stacklevel=3)

@@ -89,11 +89,13 @@ def inspect(checkpoint: str = typer.Argument(..., help="4M checkpoint: file, mod
             json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
             keys: bool = typer.Option(False, "--keys", help="List every used and ignored key."),
             allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                              help="Allow unpickling .pth files (runs code from the file).")) -> None:
+                                              help="Allow unpickling .pth files (runs code from the file)."),
+            num_heads: Optional[int] = typer.Option(None, "--num-heads",
+                                                    help="Heads, for files without config metadata.")) -> None:
     """Show a 4M checkpoint's config, size, dtype, sha256 and which keys the encoder uses."""
     from .inspection import inspect_checkpoint
 
-    info = inspect_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    info = inspect_checkpoint(checkpoint, allow_pickle=allow_pickle, num_heads=num_heads)
     if json_out:
         print(json.dumps(info, indent=2, default=str))
         return
@@ -101,11 +103,15 @@ def inspect(checkpoint: str = typer.Argument(..., help="4M checkpoint: file, mod
     console.print(f"[bold]{info['path']}[/]  ({info['size_bytes'] / 2**20:.1f} MiB, {info['format']})")
     console.print(f"sha256  {info['sha256']}")
     t = Table(title=f"config (from {info['config_source']})", show_header=False)
+    guessed = info.get("config_guessed") or {}
     for k in ("dim", "depth", "num_heads", "mlp_ratio", "gated_mlp", "act_layer", "qkv_bias", "proj_bias",
               "mlp_bias", "norm_bias", "qk_norm", "allow_zero_attn", "num_register_tokens", "patch_size",
               "image_size", "rgb_domain", "domains_in"):
-        t.add_row(k, str(cfg[k]))
+        t.add_row(k, str(cfg[k]) + (f"  [yellow]guessed: {guessed[k]}[/]" if k in guessed else ""))
     console.print(t)
+    if guessed:
+        console.print("[yellow]warning:[/] no config metadata in this file; the values marked 'guessed' are not "
+                      "determined by the tensors (state the head count with --num-heads)")
     console.print(f"parameters: encoder {info['params_encoder']:,} / file {info['params_total']:,}; "
                   f"dtypes {info['dtypes']}")
     console.print(f"keys: {info['keys_total']} in file, {len(info['keys_used'])} used by the RGB encoder, "
@@ -180,7 +186,9 @@ def forward(backbone: str = typer.Option("4m", help="Registered backbone name (s
             image: Optional[Path] = typer.Option(None, help="Image file; default: a built-in sample image."),
             size: int = typer.Option(224, help="Input side in pixels (multiple of the patch size)."),
             layers: str = typer.Option("", help="Also report intermediate blocks, e.g. '0,1'."),
-            allow_pickle: bool = typer.Option(False, "--allow-pickle")) -> None:
+            allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+            num_heads: Optional[int] = typer.Option(None, "--num-heads",
+                                                    help="Heads of a 4M file without config metadata.")) -> None:
     """Run a forward pass on one image and summarise the tokens (a quick end-to-end check)."""
     import torch
 
@@ -190,7 +198,8 @@ def forward(backbone: str = typer.Option("4m", help="Registered backbone name (s
     if backbone == "4m" and checkpoint is None:
         from .fixtures import default_tiny_checkpoint
         checkpoint = str(default_tiny_checkpoint())
-    bb = build_backbone(backbone, checkpoint=checkpoint, allow_pickle=allow_pickle).eval()
+    extra = {"num_heads": num_heads} if num_heads is not None else {}
+    bb = build_backbone(backbone, checkpoint=checkpoint, allow_pickle=allow_pickle, **extra).eval()
     img = load_rgb(image) if image else sample_image(size)
     x = normalize(img, size).unsqueeze(0)
     with torch.no_grad():
@@ -248,6 +257,9 @@ def run_task(task: str = typer.Argument(..., help=f"Task: {', '.join(TASKS)}."),
              skip_bad_images: bool = typer.Option(False, "--skip-bad-images",
                                                   help="Drop missing/undecodable images (counted) instead of failing."),
              allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .pth checkpoints."),
+             num_heads: Optional[int] = typer.Option(
+                 None, "--num-heads", help="Heads of a 4M .pth without config metadata (else guessed as dim/64, "
+                                           "with a warning in the record)."),
              random_init: bool = typer.Option(False, "--random-init", help="Train a baseline from random init."),
              launcher: str = typer.Option("none", help="none, pytorch (torchrun) or slurm (srun).")) -> None:
     """Fine-tune a backbone on a task and evaluate it; writes WORK_DIR/result.json."""
@@ -258,7 +270,7 @@ def run_task(task: str = typer.Argument(..., help=f"Task: {', '.join(TASKS)}."),
     coco_det.run(backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
                  work_dir=work_dir, seed=seed, sets=list(set_), skip_bad_images=skip_bad_images,
                  allow_pickle=allow_pickle, launcher=launcher, size=size, random_init=random_init,
-                 log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
+                 num_heads=num_heads, log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
 
 
 @data_app.command("make-mini")

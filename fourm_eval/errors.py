@@ -17,3 +17,9 @@ class CheckpointError(FourmEvalError):
 
 class ConfigError(FourmEvalError):
     """A configuration value or option is invalid."""
+
+
+class FourmEvalWarning(UserWarning):
+    """A value was inferred from a partial signal (a file's kind, an architecture from
+    tensor shapes); if the inference is wrong, so is the number. Shown loudly and
+    written into the run's record."""

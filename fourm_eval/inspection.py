@@ -20,7 +20,7 @@ def _group(key: str) -> str:
     return parts[0]
 
 
-def inspect_checkpoint(spec: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
+def inspect_checkpoint(spec: str | Path, allow_pickle: bool = False, num_heads: int | None = None) -> dict[str, Any]:
     import torch
 
     from .backbones.fourm import (FourMBackbone, config_for_file, read_fourm_file, sincos_2d,
@@ -31,7 +31,7 @@ def inspect_checkpoint(spec: str | Path, allow_pickle: bool = False) -> dict[str
     if not any(k.startswith(("encoder.", "encoder_embeddings.")) for k in shapes):
         raise CheckpointError(f"{path}: no 4M encoder keys ('encoder.N.*', 'encoder_embeddings.*'); "
                               f"first keys: {sorted(shapes)[:5]}")
-    cfg = config_for_file(shapes, meta, str(path))
+    cfg = config_for_file(shapes, meta, str(path), getter=getter, num_heads=num_heads)
     used, ignored = split_keys(shapes, cfg.rgb_domain, cfg.depth)
 
     def numel(keys: list[str]) -> int:
@@ -49,7 +49,7 @@ def inspect_checkpoint(spec: str | Path, allow_pickle: bool = False) -> dict[str
     missing = [k for k in expected if k not in shapes]
     mismatched = [k for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
     from .checkpoints import detect_format, read_safetensors_header
-    fmt = detect_format(path)
+    fmt = detect_format(path)  # read_fourm_file above has refused unknown kinds
     if fmt == "safetensors":
         dtypes = Counter(t.dtype for t in read_safetensors_header(path).tensors.values())
     else:
@@ -67,7 +67,8 @@ def inspect_checkpoint(spec: str | Path, allow_pickle: bool = False) -> dict[str
         "size_bytes": path.stat().st_size,
         "sha256": sha256_file(path),
         "format": fmt,
-        "config_source": getattr(cfg, "_provenance", "metadata"),
+        "config_source": cfg._provenance,  # type: ignore[attr-defined]
+        "config_guessed": dict(cfg._guessed),  # type: ignore[attr-defined]
         "config": asdict(cfg),
         "metadata": meta,
         "dtypes": dict(dtypes),

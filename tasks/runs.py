@@ -147,12 +147,13 @@ class RunDir:
 
 def write_result(wd: RunDir, *, task: str, profile: str, seed: int, metrics: dict[str, float],
                  metrics_step0: dict[str, float] | None, backbone: dict, dataset: dict, config: dict,
-                 eval_history: list[dict], started: float) -> dict[str, Any]:
+                 eval_history: list[dict], started: float, warnings: list[str] | None = None) -> dict[str, Any]:
     logs = sorted(str(p.relative_to(wd.path)) for p in wd.path.glob("*/vis_data/scalars.json"))
     record = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "task": task, "profile": profile, "seed": seed,
         "status": "complete", "metrics": metrics, "metrics_step0": metrics_step0, "eval_history": eval_history,
         "backbone": backbone, "dataset": dataset, "config": config, "provenance": provenance(started),
+        "warnings": list(warnings or []),
         "files": {"scalars": logs, "param_groups": "param_groups.csv", "run": "run.json"},
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

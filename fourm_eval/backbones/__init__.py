@@ -72,24 +72,36 @@ __all__ = ["BackboneSpec", "FourMBackbone", "FourMConfig", "NAMED_SIZES", "build
            "register_backbone", "sincos_2d"]
 
 
-def backbone_info(name: str, checkpoint: str | Path | None = None, allow_pickle: bool = False) -> dict[str, Any]:
-    """Architecture facts of a backbone without loading its weights (built on the meta device)."""
+def backbone_info(name: str, checkpoint: str | Path | None = None, allow_pickle: bool = False,
+                  num_heads: int | None = None) -> dict[str, Any]:
+    """Architecture facts of a backbone without building its weights (a meta-device model).
+
+    For 4M files: the file's kind, where the config came from ('metadata' or
+    'shapes') and, for shapes, what was guessed; these go into result records."""
     import torch
 
-    from ..checkpoints import resolve_checkpoint
+    from ..checkpoints import detect_format, resolve_checkpoint
     from .fourm import config_for_file, read_fourm_file
 
+    extra: dict[str, Any] = {}
     if name.lower() == "4m":
         if checkpoint is None:
             raise ConfigError("backbone '4m' needs a checkpoint")
         path = resolve_checkpoint(checkpoint)
-        shapes, meta, _ = read_fourm_file(path, allow_pickle=allow_pickle)
-        cfg = config_for_file(shapes, meta, str(path))
+        notes: list[str] = []
+        shapes, meta, getter = read_fourm_file(path, allow_pickle=allow_pickle, notes=notes)
+        cfg = config_for_file(shapes, meta, str(path), getter=getter, num_heads=num_heads)
         with torch.device("meta"):
             bb = FourMBackbone(cfg)
+        extra = {"file_format": detect_format(path), "config_source": cfg._provenance,  # type: ignore[attr-defined]
+                 "config_guessed": dict(cfg._guessed), "load_notes": notes}  # type: ignore[attr-defined]
+        if cfg._guessed:  # type: ignore[attr-defined]
+            extra["load_notes"] = notes + [f"{path}: architecture inferred from tensor shapes; guessed: "
+                                           + "; ".join(f"{k} = {v}" for k, v in cfg._guessed.items())]  # type: ignore[attr-defined]
     else:
         with torch.device("meta"):
-            bb = build_backbone(name)
+            bb = build_backbone(name, **({"num_heads": num_heads} if num_heads and name.startswith("4m") else {}))
+        extra = {"config_source": "named size" if checkpoint is None or name.startswith("4m") else "timm architecture"}
     return {"embed_dim": bb.embed_dim, "num_layers": bb.num_layers, "patch_size": bb.patch_size,
             "params": sum(p.numel() for p in bb.parameters()), "family": bb.family,
-            "config": bb.describe().get("config")}
+            "config": bb.describe().get("config"), **extra}

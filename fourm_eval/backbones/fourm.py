@@ -304,6 +304,10 @@ class FourMBackbone(nn.Module):
         ])
         self.encoder_norm = nn.LayerNorm(cfg.dim, eps=LN_EPS, bias=cfg.norm_bias)
         self.source: str | None = None
+        self.file_format: str | None = None      # 'safetensors' | 'torch-zip' | 'pickle' (from the content)
+        self.config_source = "named size"        # 'metadata' | 'shapes' | 'named size'
+        self.config_guessed: dict[str, str] = {}  # values the file did not determine (shapes only)
+        self.load_notes: list[str] = []          # warnings raised while loading, for the record
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self._init_weights()
 
@@ -397,7 +401,8 @@ class FourMBackbone(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"family": self.family, "config": asdict(self.cfg), "source": self.source,
-                "params": sum(p.numel() for p in self.parameters())}
+                "file_format": self.file_format, "config_source": self.config_source,
+                "config_guessed": self.config_guessed, "params": sum(p.numel() for p in self.parameters())}
 
     # ---------------------------------------------------------- loading
     def expected_state_keys(self, prefix: str) -> dict[str, tuple[int, ...]]:
@@ -485,11 +490,16 @@ def split_keys(keys: Iterable[str], rgb_domain: str, depth: int) -> tuple[list[s
     return used, ignored
 
 
-def infer_config_from_shapes(shapes: dict[str, tuple[int, ...]], rgb_domain: str) -> dict[str, Any]:
-    """Best-effort config for files without metadata (old .pth training checkpoints).
+def infer_config_from_shapes(shapes: dict[str, tuple[int, ...]], rgb_domain: str,
+                             getter: Any = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Config for files without metadata (old ``.pth`` training checkpoints).
 
-    Everything but the number of heads is determined by the shapes; heads
-    default to dim/64 (true of every released 4M model)."""
+    Returns ``(config, guessed)``: ``guessed`` names each value the shapes do not
+    determine and how it was chosen. Heads: from the QK-norm size when the model
+    has one, else dim/64 (true of every released 4M model). The activation: SiLU
+    for gated MLPs, GELU for plain ones (the released families). Norm biases
+    exist in every file (as zeros when unused): with ``getter`` their values
+    decide, else they count as used."""
     w = shapes[f"encoder_embeddings.{rgb_domain}.proj.weight"]
     dim, patch_area = w[0], w[1] // 3
     depth = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("encoder.") and k.split(".")[1].isdigit())
@@ -497,25 +507,104 @@ def infer_config_from_shapes(shapes: dict[str, tuple[int, ...]], rgb_domain: str
     hidden = shapes["encoder.0.mlp.fc1.weight"][0]
     mlp_ratio = (hidden * 3 / 2 if gated else hidden) / dim
     mlp_ratio = round(mlp_ratio * 4) / 4 if gated else mlp_ratio
-    nb = "encoder.0.norm1.bias" in shapes
-    return dict(dim=dim, depth=depth, num_heads=max(1, dim // 64), mlp_ratio=mlp_ratio,
-                qkv_bias="encoder.0.attn.qkv.bias" in shapes, proj_bias="encoder.0.attn.proj.bias" in shapes,
-                mlp_bias="encoder.0.mlp.fc1.bias" in shapes, norm_bias=nb, gated_mlp=gated,
-                act_layer="SiLU" if gated else "GELU", qk_norm="encoder.0.attn.q_norm.weight" in shapes,
-                patch_size=int(round(math.sqrt(patch_area))))
+    guessed: dict[str, str] = {}
+    qk = "encoder.0.attn.q_norm.weight" in shapes
+    if qk:
+        heads = dim // shapes["encoder.0.attn.q_norm.weight"][0]
+    else:
+        heads = max(1, dim // 64)
+        guessed["num_heads"] = f"{heads} (dim / 64; the shapes cannot tell the number of heads)"
+    act = "SiLU" if gated else "GELU"
+    guessed["act_layer"] = f"{act} ({'gated' if gated else 'plain'} MLP; the shapes cannot tell the activation)"
+    bias_keys = sorted(k for k in shapes if (k.startswith("encoder.") or k.startswith("encoder_norm."))
+                       and k.endswith(".bias") and "norm" in k.rsplit(".", 2)[-2])
+    if bias_keys and getter is not None:
+        import torch
+        nb = any(bool(torch.count_nonzero(v)) for v in getter(bias_keys).values())
+    else:
+        nb = bool(bias_keys)
+        if nb:
+            guessed["norm_bias"] = "True (norm bias tensors present; their values were not read)"
+    cfg = dict(dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
+               qkv_bias="encoder.0.attn.qkv.bias" in shapes, proj_bias="encoder.0.attn.proj.bias" in shapes,
+               mlp_bias="encoder.0.mlp.fc1.bias" in shapes, norm_bias=nb, gated_mlp=gated,
+               act_layer=act, qk_norm=qk, patch_size=int(round(math.sqrt(patch_area))))
+    return cfg, guessed
 
 
-def config_for_file(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any], source: str) -> FourMConfig:
+# metadata keys that mark a file as carrying a 4M config
+_CONFIG_KEYS = {"dim", "encoder_depth", "num_heads", "mlp_ratio", "gated_mlp", "qkv_bias", "act_layer"}
+
+
+def check_metadata_against_shapes(cfg: FourMConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Every architecture fact the tensors determine must agree with the metadata."""
+    rgb = cfg.rgb_domain
+    problems: list[str] = []
+    pe = shapes.get(f"encoder_embeddings.{rgb}.proj.weight")
+    if pe is not None and (pe[0] != cfg.dim or pe[1] != 3 * cfg.patch_size ** 2):
+        problems.append(f"RGB patch embedding {list(pe)} vs dim {cfg.dim}, patch {cfg.patch_size} "
+                        f"(expected [{cfg.dim}, {3 * cfg.patch_size ** 2}])")
+    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("encoder.") and k.split(".")[1].isdigit()}
+    if blocks and max(blocks) + 1 != cfg.depth:
+        problems.append(f"encoder_depth {cfg.depth} but the file has encoder blocks 0..{max(blocks)}")
+    flags = {"gated_mlp": "encoder.0.mlp.fc3.weight", "qkv_bias": "encoder.0.attn.qkv.bias",
+             "proj_bias": "encoder.0.attn.proj.bias", "mlp_bias": "encoder.0.mlp.fc1.bias",
+             "qk_norm": "encoder.0.attn.q_norm.weight"}
+    if "encoder.0.attn.qkv.weight" in shapes:
+        for attr, key in flags.items():
+            if bool(getattr(cfg, attr)) != (key in shapes):
+                problems.append(f"{attr}={getattr(cfg, attr)} but {key} is {'present' if key in shapes else 'absent'}")
+        fc1 = shapes.get("encoder.0.mlp.fc1.weight")
+        if fc1 is not None and fc1[0] != cfg.mlp_hidden:
+            problems.append(f"mlp_ratio {cfg.mlp_ratio} gives a hidden size of {cfg.mlp_hidden}, "
+                            f"encoder.0.mlp.fc1.weight has {fc1[0]}")
+        qn = shapes.get("encoder.0.attn.q_norm.weight")
+        if qn is not None and qn[0] != cfg.head_dim:
+            problems.append(f"num_heads {cfg.num_heads} gives head_dim {cfg.head_dim}, "
+                            f"encoder.0.attn.q_norm.weight has {qn[0]}")
+    if problems:
+        raise CheckpointError(f"{source}: the header metadata contradicts the tensors:\n  " + "\n  ".join(problems))
+
+
+def config_for_file(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any], source: str,
+                    getter: Any = None, num_heads: int | None = None) -> FourMConfig:
+    """The encoder config of a 4M file: from its metadata when it has one (checked against
+    the tensors), else inferred from shapes with a loud warning naming every guess.
+
+    ``num_heads`` states the head count for files without metadata (and must agree with
+    the metadata otherwise). The result carries ``_provenance`` ('metadata' | 'shapes')
+    and ``_guessed`` ({field: how it was chosen})."""
+    from ..checkpoints import warn_once
+
     rgb = find_rgb_domain(shapes, None)
-    if meta and ("dim" in meta or "encoder_depth" in meta):
+    guessed: dict[str, str] = {}
+    if meta and _CONFIG_KEYS & set(meta):
         try:
             cfg = FourMConfig.from_metadata(meta)
         except ConfigError as e:
             raise CheckpointError(f"{source}: {e}") from None
+        if num_heads is not None and int(num_heads) != cfg.num_heads:
+            raise CheckpointError(f"{source}: the metadata says num_heads {cfg.num_heads}, "
+                                  f"but {num_heads} was requested")
         provenance = "metadata"
     else:
-        cfg = FourMConfig(**infer_config_from_shapes(shapes, rgb)).validate()
+        inferred, guessed = infer_config_from_shapes(shapes, rgb, getter)
+        if num_heads is not None:
+            if "num_heads" not in guessed and int(num_heads) != inferred["num_heads"]:
+                raise CheckpointError(f"{source}: the QK-norm size gives {inferred['num_heads']} heads, "
+                                      f"but {num_heads} was requested")
+            inferred["num_heads"] = int(num_heads)
+            guessed.pop("num_heads", None)
+        try:
+            cfg = FourMConfig(**inferred).validate()
+        except ConfigError as e:
+            raise CheckpointError(f"{source}: {e}") from None
         provenance = "shapes"
+        if guessed:
+            warn_once(f"shapes:{source}", f"{source} has no 4M config metadata; the architecture was inferred "
+                      "from tensor shapes, with guesses: " + "; ".join(f"{k} = {v}" for k, v in guessed.items())
+                      + ". If a guess is wrong the features are wrong: state the head count with --num-heads "
+                      "(num_heads=...), or use the released safetensors file.")
     cfg.rgb_domain = rgb
     if "register_tokens" in shapes:
         n = shapes["register_tokens"][1]
@@ -527,22 +616,21 @@ def config_for_file(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any], so
         raise CheckpointError(f"{source}: metadata declares {cfg.num_register_tokens} register tokens "
                               "but the file has no 'register_tokens' tensor")
     cfg.patch_embed_bias = f"encoder_embeddings.{rgb}.proj.bias" in shapes
-    if f"encoder_embeddings.{rgb}.proj.weight" in shapes:
-        pe = shapes[f"encoder_embeddings.{rgb}.proj.weight"]
-        if pe[1] != 3 * cfg.patch_size ** 2 or pe[0] != cfg.dim:
-            raise CheckpointError(f"{source}: RGB patch embedding has shape {list(pe)}, config expects "
-                                  f"[{cfg.dim}, {3 * cfg.patch_size ** 2}]")
+    check_metadata_against_shapes(cfg, shapes, source)
     cfg._provenance = provenance  # type: ignore[attr-defined]
+    cfg._guessed = guessed  # type: ignore[attr-defined]
     return cfg
 
 
-def read_fourm_file(path: Path, allow_pickle: bool = False
+def read_fourm_file(path: Path, allow_pickle: bool = False, notes: list[str] | None = None
                     ) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], Any]:
-    """Return (shapes, parsed metadata, tensor getter) without loading all tensors."""
-    from ..checkpoints import (detect_format, load_pickled_state_dict, parse_metadata,
-                               read_safetensors_header)
+    """Return (shapes, parsed metadata, tensor getter) without loading all tensors.
 
-    fmt = detect_format(path)
+    The file's kind comes from its content (``checkpoints.detect_format``)."""
+    from ..checkpoints import (load_pickled_state_dict, parse_metadata, read_safetensors_header,
+                               require_known_format)
+
+    fmt = require_known_format(path)
     if fmt == "safetensors":
         header = read_safetensors_header(path)
         shapes = {k: v.shape for k, v in header.tensors.items()}
@@ -553,23 +641,24 @@ def read_fourm_file(path: Path, allow_pickle: bool = False
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return {k: f.get_tensor(k) for k in keys}
         return shapes, meta, getter
-    sd = load_pickled_state_dict(path, allow_pickle=allow_pickle)
+    sd = load_pickled_state_dict(path, allow_pickle=allow_pickle, notes=notes)
     sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     return {k: tuple(v.shape) for k, v in sd.items()}, {}, (lambda keys: {k: sd[k] for k in keys})
 
 
 def load_fourm_backbone(checkpoint: str | Path, allow_pickle: bool = False, expect: dict[str, Any] | None = None,
-                        **kwargs: Any) -> FourMBackbone:
+                        num_heads: int | None = None, **kwargs: Any) -> FourMBackbone:
     """Build a FourMBackbone whose architecture comes from the checkpoint file."""
-    from ..checkpoints import resolve_checkpoint
+    from ..checkpoints import detect_format, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
-    shapes, meta, getter = read_fourm_file(path, allow_pickle=allow_pickle)
+    notes: list[str] = []
+    shapes, meta, getter = read_fourm_file(path, allow_pickle=allow_pickle, notes=notes)
     if not any(k.startswith("encoder_embeddings.") or k.startswith("encoder.") for k in shapes):
         raise CheckpointError(f"{path}: no 4M encoder weights (keys 'encoder.N.*', "
                               f"'encoder_embeddings.rgb@224.*'); found e.g. {sorted(shapes)[:5]}. "
                               "Is this a 4M checkpoint?")
-    cfg = config_for_file(shapes, meta, str(path))
+    cfg = config_for_file(shapes, meta, str(path), getter=getter, num_heads=num_heads)
     if expect:
         diff = {k: (getattr(cfg, k), v) for k, v in expect.items() if getattr(cfg, k) != v}
         if diff:
@@ -583,12 +672,19 @@ def load_fourm_backbone(checkpoint: str | Path, allow_pickle: bool = False, expe
     sd = getter(needed)
     model.load_fourm_state_dict(sd, source=str(path))
     model.source = str(path)
+    model.file_format = detect_format(path)
+    model.config_source = cfg._provenance  # type: ignore[attr-defined]
+    model.config_guessed = dict(cfg._guessed)  # type: ignore[attr-defined]
+    if cfg._guessed:  # type: ignore[attr-defined]
+        notes.append(f"architecture inferred from tensor shapes; guessed: {model.config_guessed}")
+    model.load_notes = notes
     return model
 
 
 def build_fourm(name: str = "4m", checkpoint: str | Path | None = None, allow_pickle: bool = False,
                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False, window_size: int = 0,
-                global_blocks: Sequence[int] | None = None, **overrides: Any) -> FourMBackbone:
+                global_blocks: Sequence[int] | None = None, num_heads: int | None = None,
+                **overrides: Any) -> FourMBackbone:
     kw = dict(drop_path_rate=drop_path_rate, grad_checkpointing=grad_checkpointing,
               window_size=window_size, global_blocks=global_blocks)
     size = NAMED_SIZES.get(name)
@@ -596,10 +692,12 @@ def build_fourm(name: str = "4m", checkpoint: str | Path | None = None, allow_pi
         if overrides:
             raise ConfigError(f"architecture overrides {sorted(overrides)} cannot be combined with a "
                               "checkpoint: the architecture comes from the file")
-        return load_fourm_backbone(checkpoint, allow_pickle=allow_pickle, expect=size, **kw)
+        return load_fourm_backbone(checkpoint, allow_pickle=allow_pickle, expect=size, num_heads=num_heads, **kw)
     if size is None:
         raise ConfigError(f"backbone {name!r} needs a checkpoint (the architecture is read from it); "
                           f"for a random init use a named size: {', '.join(NAMED_SIZES)}")
+    if num_heads is not None:
+        overrides["num_heads"] = num_heads
     cfg = FourMConfig(**{**size, **overrides}).validate()
     model = FourMBackbone(cfg, **kw)
     model.source = f"random init ({name})"
