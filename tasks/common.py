@@ -90,15 +90,33 @@ def per_size(value: Any, size: str) -> Any:
     return value
 
 
-def size_of(backbone: torch.nn.Module) -> str:
-    d, n = backbone.embed_dim, backbone.num_layers
-    if (d, n) == (768, 12):
-        return "b"
-    if (d, n) == (1024, 24):
-        return "l"
-    if d >= 1280:
-        return "xl"
-    return "tiny"
+# (embed_dim, depth) of the sizes the profiles know; ViT-H (1280, 32) takes the XL values, as the
+# ViTDet ViT-H recipe is where 4M's XL values come from.
+SIZE_SHAPES = {(128, 4): "tiny", (768, 12): "b", (1024, 24): "l", (2048, 24): "xl", (1280, 32): "xl"}
+
+
+def resolve_size(embed_dim: int, num_layers: int, requested: str | None) -> tuple[str, str | None]:
+    """The model size whose per-size profile values apply, and a warning when it was inferred.
+
+    A requested size that contradicts a known architecture is an error; an architecture
+    that is none of the known ones gets the nearest size by width, with a warning that
+    goes into the record."""
+    known = SIZE_SHAPES.get((embed_dim, num_layers))
+    if requested is not None:
+        req = requested.lower()
+        if req not in SIZES:
+            raise ConfigError(f"unknown model size {requested!r}; one of {', '.join(SIZES)}")
+        if known is not None and known != req:
+            raise ConfigError(f"the model size {requested!r} contradicts the backbone (dim {embed_dim}, "
+                              f"{num_layers} blocks is size {known!r}); drop the size option or pass "
+                              "a matching checkpoint")
+        return req, None
+    if known is not None:
+        return known, None
+    widths = {"tiny": 128, "b": 768, "l": 1024, "xl": 2048}
+    near = min(widths, key=lambda k: abs(widths[k] - embed_dim))
+    return near, (f"the backbone (dim {embed_dim}, {num_layers} blocks) is none of the released sizes; "
+                  f"using the per-size profile values of {near!r} (pass the size explicitly to choose)")
 
 
 # ------------------------------------------------------------- layer decay

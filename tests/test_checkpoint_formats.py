@@ -198,3 +198,23 @@ def test_truncated_file_starting_like_a_pickle_is_called_truncated(tmp_path, off
     assert detect_format(p) == "safetensors"
     with pytest.raises(CheckpointError, match="truncated"):
         build_backbone("4m", checkpoint=p)
+
+
+def test_metadata_without_act_layer_is_a_named_guess(tmp_path, official_ckpt):
+    sd, meta = _official(official_ckpt)
+    del meta["act_layer"]
+    p = tmp_path / "noact.safetensors"
+    save_file(sd, str(p), metadata=meta)
+    with pytest.warns(FourmEvalWarning, match="no act_layer; assuming SiLU"):
+        bb = build_backbone("4m", checkpoint=p)
+    assert bb.config_source == "metadata" and "act_layer" in bb.config_guessed
+    assert any("act_layer = SiLU" in n for n in bb.load_notes)
+
+
+def test_several_rgb_embeddings_are_not_chosen_silently(tmp_path, official_ckpt):
+    sd, meta = _official(official_ckpt)
+    sd["encoder_embeddings.rgb@448.proj.weight"] = sd["encoder_embeddings.rgb@224.proj.weight"].clone()
+    p = tmp_path / "tworgb.safetensors"
+    save_file(sd, str(p), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"several RGB patch embeddings \['rgb@224', 'rgb@448'\]"):
+        build_backbone("4m", checkpoint=p)

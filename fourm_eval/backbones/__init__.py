@@ -96,7 +96,8 @@ def backbone_info(name: str, checkpoint: str | Path | None = None, allow_pickle:
         extra = {"file_format": detect_format(path), "config_source": cfg._provenance,  # type: ignore[attr-defined]
                  "config_guessed": dict(cfg._guessed), "load_notes": notes}  # type: ignore[attr-defined]
         if cfg._guessed:  # type: ignore[attr-defined]
-            extra["load_notes"] = notes + [f"{path}: architecture inferred from tensor shapes; guessed: "
+            extra["load_notes"] = notes + [f"{path}: architecture values the file does not determine (config "
+                                           f"from {cfg._provenance}), guessed: "  # type: ignore[attr-defined]
                                            + "; ".join(f"{k} = {v}" for k, v in cfg._guessed.items())]  # type: ignore[attr-defined]
     else:
         with torch.device("meta"):

@@ -472,9 +472,10 @@ def find_rgb_domain(keys: Iterable[str], preferred: str | None = None) -> str:
     if not doms:
         raise CheckpointError("no RGB patch embedding (encoder_embeddings.rgb@<size>.proj.weight); "
                               "this is not a 4M checkpoint with an RGB input")
-    if "rgb@224" in doms:
-        return "rgb@224"
-    raise CheckpointError(f"several RGB embeddings {doms}; cannot choose one")
+    # Several RGB embeddings (e.g. rgb@224 and rgb@448): which one a transfer should use is the
+    # user's call, not ours.
+    raise CheckpointError(f"several RGB patch embeddings {doms}; cannot choose one silently. Convert the "
+                          "file to keep the one you want (the others' encoder_embeddings.* keys removed).")
 
 
 def split_keys(keys: Iterable[str], rgb_domain: str, depth: int) -> tuple[list[str], list[str]]:
@@ -583,6 +584,10 @@ def config_for_file(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any], so
             cfg = FourMConfig.from_metadata(meta)
         except ConfigError as e:
             raise CheckpointError(f"{source}: {e}") from None
+        if "act_layer" not in meta:
+            guessed["act_layer"] = f"{cfg.act_layer} (absent from the metadata; the default of the released models)"
+            warn_once(f"act:{source}", f"{source}: the metadata has no act_layer; assuming {cfg.act_layer}. "
+                      "If the model was trained with another activation the features are wrong.")
         if num_heads is not None and int(num_heads) != cfg.num_heads:
             raise CheckpointError(f"{source}: the metadata says num_heads {cfg.num_heads}, "
                                   f"but {num_heads} was requested")
@@ -676,7 +681,9 @@ def load_fourm_backbone(checkpoint: str | Path, allow_pickle: bool = False, expe
     model.config_source = cfg._provenance  # type: ignore[attr-defined]
     model.config_guessed = dict(cfg._guessed)  # type: ignore[attr-defined]
     if cfg._guessed:  # type: ignore[attr-defined]
-        notes.append(f"architecture inferred from tensor shapes; guessed: {model.config_guessed}")
+        notes.append(f"{path}: architecture values the file does not determine (config from "
+                     f"{cfg._provenance}), guessed: "  # type: ignore[attr-defined]
+                     + "; ".join(f"{k} = {v}" for k, v in model.config_guessed.items()))
     model.load_notes = notes
     return model
 
