@@ -3,6 +3,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
+# A prebuilt mmcv wheel for the tested stack, where the project's shared folder beside the checkout
+# has one (the setup checks it loads its ops, and builds mmcv from source when there is none).
+FOURM_EVAL_WHEELHOUSE ?= $(wildcard $(CURDIR)/../shared/wheels)
+export FOURM_EVAL_WHEELHOUSE
 
 .PHONY: setup demo test ci-gate bench clean-venv
 

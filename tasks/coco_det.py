@@ -373,21 +373,52 @@ def build_runner_cfg(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int, d
     )
 
 
-def _categories(ann_file: Path) -> tuple[list[str], list[int]]:
-    cats = sorted(json.loads(ann_file.read_text())["categories"], key=lambda c: c["id"])
-    return [c["name"] for c in cats], [c["id"] for c in cats]
+def check_data(root: Path, skip_bad_images: bool, out_dir: Path, ann_sha256: dict[str, str] | None = None,
+               log: Callable[[str], None] = print) -> tuple[dict[str, Any], list[str], list[int]]:
+    """Check both splits; returns the checks, the class names and their category ids, label order.
+
+    The one class order of a run is ascending category id: ``check_split`` rewrites any file that
+    lists its categories otherwise, so the mmdet datasets (which number labels in file order), the
+    metric (label k -> ``cat_ids[k]``) and the record all agree; :func:`check_label_order` verifies
+    it on the built datasets.
+    """
+    from fourm_eval.data.coco_check import check_same_categories, check_split
+
+    checks = {}
+    for split in ("train", "val"):
+        log(f"checking {root} ({split}2017) ...")
+        checks[split] = check_split(root, split, skip_bad_images, out_dir,
+                                    ann_sha256=(ann_sha256 or {}).get(split))
+        c = checks[split]
+        log(f"  {c.n_images} images, {c.n_annotations} annotations"
+            + (f", {len(c.bad_images)} unusable image(s) skipped" if c.bad_images else ""))
+    check_same_categories(checks["train"], checks["val"])
+    cats = checks["val"].categories  # sorted by id, as in the annotation files mmdet reads
+    return checks, [c["name"] for c in cats], [c["id"] for c in cats]
+
+
+def check_label_order(dataset: Any, cat_ids: list[int], split: str) -> None:
+    """mmdet's label k must be category ``cat_ids[k]`` (the metric's and the record's order);
+    otherwise every prediction would be scored as another class, so refuse to go on."""
+    got = [int(i) for i in getattr(dataset, "cat_ids", None) or []]
+    if got != [int(i) for i in cat_ids]:
+        from fourm_eval.data.coco_check import DatasetError
+        raise DatasetError(f"{split} dataset ({getattr(dataset, 'ann_file', '?')}): mmdet numbers the classes as "
+                           f"category ids {got}, but the metric and the record use {list(cat_ids)}; "
+                           "the class order must be the same")
 
 
 def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str | Path | None = None,
         profile: str = "smoke", work_dir: str | Path | None = None, seed: int = 0, sets: list[str] | None = None,
         skip_bad_images: bool = False, allow_pickle: bool = False, launcher: str = "none",
-        size: str | None = None, random_init: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+        size: str | None = None, random_init: bool = False, num_heads: int | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fine-tune and evaluate on COCO; returns the result record (also written to result.json)."""
     import os
 
     from fourm_eval.backbones import backbone_info
     from fourm_eval.checkpoints import resolve_checkpoint
-    from fourm_eval.data.coco_check import annotation_digest, check_split
+    from fourm_eval.data.coco_check import annotation_digest
 
     from .runs import (RunDir, checkpoint_digest, resolve_backbone_name, rank_zero, write_result)
 
@@ -395,8 +426,15 @@ def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str |
     p = common.apply_overrides(common.load_profile(TASK, profile), sets or [])
     name, checkpoint = resolve_backbone_name(backbone, size, checkpoint, random_init)
     ckpt_path = str(resolve_checkpoint(checkpoint)) if checkpoint else None
-    info = backbone_info(name, ckpt_path, allow_pickle)
-    bsize = size or common.size_of(type("B", (), {"embed_dim": info["embed_dim"], "num_layers": info["num_layers"]}))
+    if num_heads is not None and not name.startswith("4m"):
+        raise ConfigError("--num-heads applies to 4M checkpoints without config metadata only")
+    info = backbone_info(name, ckpt_path, allow_pickle, num_heads=num_heads)
+    for note in info.get("load_notes") or []:
+        log(f"WARNING: {note}")
+    bsize, size_note = common.resolve_size(info["embed_dim"], info["num_layers"], size)
+    if size_note:
+        log(f"WARNING: {size_note}")
+        info["load_notes"] = list(info.get("load_notes") or []) + [size_note]
     for key in ("layer_decay", "drop_path", "lr"):
         p[key] = common.per_size(p[key], bsize)
     p["model_size"] = bsize
@@ -414,25 +452,22 @@ def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str |
     identity = {"task": TASK, "backbone": name, "checkpoint": ckpt_path, "data_root": str(root),
                 "profile": p, "seed": seed, "world_size": world, "skip_bad_images": skip_bad_images,
                 "annotations_sha256": {s: annotation_digest(root, s) for s in ("train", "val")}}
+    if num_heads is not None:
+        identity["num_heads"] = int(num_heads)
     wd.claim(identity)  # refuses a directory that holds a different run
     done = wd.finished_result()
     if done is not None:
         log(f"{wd.path} already holds a finished run; result.json left as it is")
         return done
-    checks = {}
-    for split in ("train", "val"):
-        log(f"checking {root} ({split}2017) ...")
-        checks[split] = check_split(root, split, skip_bad_images, wd.path / "data",
-                                    ann_sha256=identity["annotations_sha256"][split])
-        c = checks[split]
-        log(f"  {c.n_images} images, {c.n_annotations} annotations"
-            + (f", {len(c.bad_images)} unusable image(s) skipped" if c.bad_images else ""))
+    checks, classes, cat_ids = check_data(root, skip_bad_images, wd.path / "data",
+                                          ann_sha256=identity["annotations_sha256"], log=log)
     train_ann = checks["train"].used_ann_file or checks["train"].ann_file
     val_ann = checks["val"].used_ann_file or checks["val"].ann_file
-    classes, cat_ids = _categories(val_ann)
 
     backbone_cfg = dict(name=name, checkpoint=ckpt_path, allow_pickle=allow_pickle,
                         drop_path_rate=float(p["drop_path"]), grad_checkpointing=bool(p.get("grad_checkpointing")))
+    if num_heads is not None:
+        backbone_cfg["num_heads"] = int(num_heads)
     if p.get("attention", "global") == "window":
         backbone_cfg.update(window_size=int(p["window_size"]), global_blocks=_global_blocks(info["num_layers"]))
     elif p.get("attention", "global") != "global":
@@ -462,6 +497,8 @@ def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str |
     log(f"{TASK}: {name} ({info['params'] / 1e6:.1f}M params), {sched['max_iters']} iterations at batch "
         f"{sched['eff_batch']}, {p['image_size']} px, layer decay {p['layer_decay']}, work dir {wd.path}")
     runner = Runner.from_cfg(Config(cfg))
+    check_label_order(runner.train_dataloader.dataset, cat_ids, "train")  # builds the loops train() would build
+    check_label_order(runner.val_dataloader.dataset, cat_ids, "val")
     runner.train()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # rank 0 has written the evaluation history; all ranks now agree on it
@@ -480,7 +517,10 @@ def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str |
             backbone={"name": name, "family": info["family"], "checkpoint": ckpt_path,
                       "sha256": checkpoint_digest(ckpt_path) if ckpt_path else None,
                       "params": info["params"], "architecture": info["config"],
+                      "file_format": info.get("file_format"), "config_source": info.get("config_source"),
+                      "config_guessed": info.get("config_guessed") or {},
                       "attention": p.get("attention", "global")},
+            warnings=list(info.get("load_notes") or []),
             dataset={"root": str(root), "annotations_sha256": {s: c.ann_sha256 for s, c in checks.items()},
                      "n_train_images": n_train, "n_val_images": checks["val"].n_images,
                      "skipped_bad_images": sum(len(c.bad_images) for c in checks.values()),

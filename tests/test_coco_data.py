@@ -72,6 +72,8 @@ def test_non_image_file(mini):
     (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3]]), r"malformed segmentation"),
     (lambda d: d.pop("categories"), r"missing the 'categories' list"),
     (lambda d: d["images"][0].pop("file_name"), r"lacks \['file_name'\]"),
+    (lambda d: d["categories"].append(dict(d["categories"][0])), r"category id 1 is listed twice"),
+    (lambda d: d["categories"][0].update(id="1"), r"category id '1' is not an integer"),
 ])
 def test_malformed_annotations(mini, mutate, expected):
     path = mini / "annotations/instances_train2017.json"
@@ -87,3 +89,19 @@ def test_invalid_json(mini):
     (mini / "annotations/instances_train2017.json").write_text("{not json")
     with pytest.raises(DatasetError, match="instances_train2017.json: not valid JSON"):
         check_split(mini, "train", False, None)
+
+
+def test_categories_out_of_id_order_get_a_sorted_copy(mini, tmp_path):
+    """mmdet numbers labels in file order; the copy it reads lists categories by id, nothing else changes."""
+    c = check_split(mini, "val", False, tmp_path / "run")
+    assert c.used_ann_file is None  # already in id order: the original is read
+    path = mini / "annotations/instances_val2017.json"
+    data = json.loads(path.read_text())
+    data["categories"] = data["categories"][::-1]
+    path.write_text(json.dumps(data))
+    c = check_split(mini, "val", False, tmp_path / "run")
+    assert [x["id"] for x in c.categories] == [1, 2, 3]
+    copy = json.loads(c.used_ann_file.read_text())
+    assert [x["id"] for x in copy["categories"]] == [1, 2, 3]
+    assert copy["images"] == data["images"] and copy["annotations"] == data["annotations"]
+    assert check_split(mini, "val", False, None).used_ann_file is None  # a check only writes nothing

@@ -144,3 +144,29 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path, tiny_
     assert "non-finite loss at iteration" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "nan" / "result.json").exists()
     assert (tmp_path / "nan" / "run.json").exists()
+
+
+def test_pth_without_metadata_is_recorded(tmp_path, tiny_coco):
+    """A 4M .pth without config metadata trains, and the record says the architecture was guessed."""
+    import torch
+
+    from fourm_eval.backbones.fourm import NAMED_SIZES
+    from fourm_eval.fixtures import make_fourm_state_dict
+
+    sd, _ = make_fourm_state_dict(**NAMED_SIZES["4m-tiny"], seed=0)
+    ckpt = tmp_path / "no-metadata.pth"
+    torch.save({"model": sd}, ckpt)
+    base = ["run", "coco-det", "--data-root", str(tiny_coco), "--checkpoint", str(ckpt), *QUICK,
+            "--set", "schedule.length=2", "--set", "schedule.val_interval=2"]
+    r = _run(base + ["--work-dir", str(tmp_path / "guessed")], tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "WARNING" in r.stdout and "num_heads = 2 (dim / 64" in r.stdout
+    rec = json.loads((tmp_path / "guessed" / "result.json").read_text())
+    assert rec["backbone"]["config_source"] == "shapes" and rec["backbone"]["file_format"] == "torch-zip"
+    assert "num_heads" in rec["backbone"]["config_guessed"]
+    assert any("num_heads = 2" in w for w in rec["warnings"])
+    told = _run(base + ["--num-heads", "4", "--work-dir", str(tmp_path / "told")], tmp_path)
+    assert told.returncode == 0, told.stdout[-2000:] + told.stderr[-2000:]
+    rec4 = json.loads((tmp_path / "told" / "result.json").read_text())
+    assert rec4["backbone"]["architecture"]["num_heads"] == 4
+    assert "num_heads" not in rec4["backbone"]["config_guessed"]

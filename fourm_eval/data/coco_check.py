@@ -13,6 +13,13 @@ Checks, each failing with a message that names the file and what was expected:
 With ``skip_bad_images`` a missing or undecodable image is not an error: it
 is dropped with its annotations, counted, and a cleaned annotation file is
 written into the run directory and used instead.
+
+Class order: mmdet numbers labels in the order the file lists its
+``categories`` (pycocotools' ``getCatIds``), while the metric and the record
+map label k to the k-th smallest category id. A file whose categories are not
+listed in id order (legal COCO) is therefore also rewritten, categories sorted
+by id, into the run directory, so train, val, metric and record share one
+order. Train and val must declare the same categories (:func:`check_same_categories`).
 """
 
 from __future__ import annotations
@@ -92,6 +99,10 @@ def _validate_structure(path: Path, data: dict[str, Any]) -> None:
     for c in data["categories"]:
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise DatasetError(f"{path}: category entry {c!r} lacks 'id' or 'name'")
+        if not isinstance(c["id"], int) or isinstance(c["id"], bool):  # ids are sorted into the class order
+            raise DatasetError(f"{path}: category id {c['id']!r} is not an integer")
+        if c["id"] in cats:  # the id -> label map would be ambiguous
+            raise DatasetError(f"{path}: category id {c['id']!r} is listed twice")
         cats.add(c["id"])
     if not cats:
         raise DatasetError(f"{path}: no categories")
@@ -126,7 +137,11 @@ def _validate_structure(path: Path, data: dict[str, Any]) -> None:
 def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | None,
                 progress: Callable[[int, int], None] | None = None, workers: int | None = None,
                 ann_sha256: str | None = None) -> SplitCheck:
-    """Validate one split; ``ann_sha256`` skips re-hashing an annotation file already hashed."""
+    """Validate one split; ``ann_sha256`` skips re-hashing an annotation file already hashed.
+
+    ``categories`` of the result are sorted by id; with ``out_dir``, ``used_ann_file`` is set
+    whenever the file mmdet should read differs from the original (bad images dropped, categories
+    not listed in id order)."""
     ann = root / "annotations" / f"instances_{split}2017.json"
     img_dir = root / f"{split}2017"
     data = _load_json(ann)
@@ -142,7 +157,10 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
                 bad.append((str(f), reason))
             if progress:
                 progress(i + 1, len(files))
-    result = SplitCheck(split, ann, img_dir, len(data["images"]), len(data["annotations"]), data["categories"],
+    by_id = sorted(data["categories"], key=lambda c: c["id"])
+    reorder = by_id != data["categories"]
+    data["categories"] = by_id
+    result = SplitCheck(split, ann, img_dir, len(data["images"]), len(data["annotations"]), by_id,
                         ann_sha256 or sha256_file(ann), bad)
     if bad and not skip_bad_images:
         listing = "\n  ".join(f"{f}: {r}" for f, r in bad[:10])
@@ -157,9 +175,30 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
         data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep_ids]
         if not data["images"]:
             raise DatasetError(f"{split}2017: every image is unusable")
-        assert out_dir is not None
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cleaned = atomic_write_json(out_dir / f"instances_{split}2017.cleaned.json", data)
-        result.used_ann_file = cleaned
         result.n_images, result.n_annotations = len(data["images"]), len(data["annotations"])
+    # the copy mmdet reads: without the bad images, categories in id order (see the module docstring);
+    # no out_dir is a check only (``fourm-eval data check``), which writes nothing
+    if (bad or reorder) and out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result.used_ann_file = atomic_write_json(out_dir / f"instances_{split}2017.cleaned.json", data)
     return result
+
+
+def check_same_categories(train: SplitCheck, val: SplitCheck) -> None:
+    """Train and val must declare the same id -> name categories (in any order): the model's
+    classes come from one, the metric's from the other, and label k must mean one class in both."""
+    a = {c["id"]: c["name"] for c in train.categories}
+    b = {c["id"]: c["name"] for c in val.categories}
+    if a == b:
+        return
+    diffs = []
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a:
+        diffs.append(f"only in {train.split}: " + ", ".join(f"{i} ({a[i]!r})" for i in only_a))
+    if only_b:
+        diffs.append(f"only in {val.split}: " + ", ".join(f"{i} ({b[i]!r})" for i in only_b))
+    renamed = [i for i in sorted(set(a) & set(b)) if a[i] != b[i]]
+    if renamed:
+        diffs.append("same id, different name: " + ", ".join(f"{i} ({a[i]!r} vs {b[i]!r})" for i in renamed))
+    raise DatasetError(f"{train.ann_file} and {val.ann_file} declare different categories (the same ids with "
+                       "the same names are needed, in any order):\n  " + "\n  ".join(diffs))
