@@ -28,6 +28,7 @@ def test_weights_from_local_file_reproduce_timm(tmp_path, name, arch):
             t = b(t)
         assert torch.allclose(blk, t[:, ref.num_prefix_tokens:], atol=1e-5)
         assert bb(torch.randn(1, 3, 256, 256)).shape == (1, 256, 768)  # other sizes: pos-embed resampled
+    assert bb.describe()["layout"] == "timm" and bb.describe()["source"] == str(path)
     assert bb.layer_id("vit.blocks.3.attn.qkv.weight") == 4
     assert bb.layer_id("vit.cls_token") == 0 and bb.layer_id("vit.norm.weight") == 13
 
