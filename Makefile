@@ -28,8 +28,11 @@ test: setup
 CI_RUNS := runs/ci
 ci-gate: setup
 	rm -rf $(CI_RUNS)
-	for seed in 0 1; do \
-	  $(VENV)/bin/fourm-eval run coco-det --profile smoke --seed $$seed --work-dir $(CI_RUNS)/coco-det-smoke-seed$$seed || exit 1; \
+	tasks=$$($(VENV)/bin/fourm-eval tasks --names) || exit 1; \
+	for task in $$tasks; do \
+	  for seed in 0 1; do \
+	    $(VENV)/bin/fourm-eval run $$task --profile smoke --seed $$seed --work-dir $(CI_RUNS)/$$task-smoke-seed$$seed || exit 1; \
+	  done; \
 	done
 	$(VENV)/bin/fourm-eval regress $(CI_RUNS) --expected reports/ci/expected.json
 	$(VENV)/bin/fourm-eval report $(CI_RUNS) --out $(CI_RUNS)/report

@@ -12,7 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FourmEvalError
-from .results import ENCODER_PARAMS, LOWER_IS_BETTER, MAIN_METRICS
+from .results import ENCODER_PARAMS
+
+# The published table's columns (fourm_eval/data/paper_results.csv) are all higher-is-better; a metric
+# of a task registered here takes its direction from the task instead.
+_PUBLISHED_HIGHER_IS_BETTER = {("coco-det", "box_AP"), ("coco-det", "mask_AP"), ("ade20k-seg", "mIoU"),
+                               ("nyu-depth", "delta1"), ("in1k-cls", "top1")}
+
+
+def higher_is_better(task: str, metric: str) -> bool:
+    from .tasks import metric_info
+
+    info = metric_info(task, metric)
+    if info is not None:
+        return info.higher_is_better
+    if (task, metric) in _PUBLISHED_HIGHER_IS_BETTER:
+        return True
+    raise ValueError(f"no direction known for {task}/{metric}: register the task or its metric")
 
 SHORTFALL_POINTS = 0.5   # observed XL below the B->L log-linear trend by more than this = shortfall
 FINETUNE_GAP_POINTS = 0.5  # best-vs-final gap (metric points) that counts as fine-tuning overfitting
@@ -55,7 +71,7 @@ def scaling_analysis(df) -> list[dict[str, Any]]:
         vals = {r.size: float(r.value) for r in sub.itertuples()}
         if not {"B", "L", "XL"} <= set(vals):
             continue
-        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        sign = 1.0 if higher_is_better(task, metric) else -1.0
         expected = _log_linear_expected(vals["B"], vals["L"])
         shortfall = sign * (vals["XL"] - expected)
         rows.append({"family": fam, "pretrain": pre, "task": task, "metric": metric, "B": vals["B"],
@@ -115,13 +131,20 @@ def read_train_loss(run_dir: str | Path) -> list[tuple[int, float]]:
 
 
 def finetune_analysis(rec: dict[str, Any], train_loss: list[tuple[int, float]] | None = None) -> dict[str, Any]:
+    from .tasks import all_tasks
+
     task = rec["task"]
-    metric = next((m for m in MAIN_METRICS.get(task, []) if m in rec["metrics"]), next(iter(rec["metrics"])))
+    t = all_tasks().get(task)
+    main = t.main_metrics if t else []
+    metric = next((m for m in main if m in rec["metrics"]), next(iter(rec["metrics"])))
     hist = [(int(h["iter"]), float(h["metrics"][metric])) for h in rec.get("eval_history", [])
             if metric in h.get("metrics", {})]
     if not hist:
         return {"metric": metric, "available": False}
-    lower = metric in LOWER_IS_BETTER
+    info = t.metric(metric) if t else None
+    if info is None:  # a task this installation does not know: no direction, no analysis
+        return {"metric": metric, "available": False}
+    lower = not info.higher_is_better
     peak_iter, peak = (min if lower else max)(hist, key=lambda t: t[1])
     final_iter, final = hist[-1]
     gap = abs(peak - final) * 100  # metric points (fractions -> percent)

@@ -26,7 +26,6 @@ results_app = typer.Typer(help="Collect, validate and export result.json records
 app.add_typer(results_app, name="results")
 analyze_app = typer.Typer(help="Overfitting analyses (scaling, fine-tuning, pre-training).", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
-TASKS = ("coco-det",)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -39,7 +38,8 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except FourmEvalError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            from rich.markup import escape  # messages hold [lists] that are not markup
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -142,10 +142,8 @@ def doctor(brief: bool = typer.Option(False, "--brief", help="Only problems and 
 
     r = run_checks()
     if json_out:
-        from .doctor import IMPLEMENTED
         print(json.dumps({"ok": r.ok, "checks": [c.__dict__ for c in r.checks], "info": r.info,
-                          "tasks": {k: {"ok": v[0], "missing": v[1], "implemented": k in IMPLEMENTED}
-                                    for k, v in r.tasks.items()}}, indent=2))
+                          "tasks": {k: {"ok": v[0], "missing": v[1]} for k, v in r.tasks.items()}}, indent=2))
         raise typer.Exit(0 if r.ok else 1)
     t = Table(title="environment")
     for col in ("component", "status", "detail", "fix"):
@@ -157,17 +155,12 @@ def doctor(brief: bool = typer.Option(False, "--brief", help="Only problems and 
         t.add_row(c.name, status, c.detail, c.fix)
     if t.row_count:
         console.print(t)
-    from .doctor import IMPLEMENTED
-
     tt = Table(title="tasks")
     tt.add_column("task")
     tt.add_column("can run here")
     tt.add_column("missing")
     for task, (ok, missing) in r.tasks.items():
-        status = "[green]yes[/]" if ok else "[red]no[/]"
-        if task not in IMPLEMENTED:
-            status = "dependencies ok; task not implemented yet" if ok else status + " (task not implemented yet)"
-        tt.add_row(task, status, ", ".join(missing))
+        tt.add_row(task, "[green]yes[/]" if ok else "[red]no[/]", ", ".join(missing))
     console.print(tt)
     raise typer.Exit(0 if r.ok else 1)
 
@@ -240,9 +233,41 @@ def bench_backbone(sizes: str = typer.Option("224,1024", help="Input sizes to me
         json_out.write_text(json.dumps({"results": [r.__dict__ for r in res], "ratios": rat}, indent=2))
 
 
+def _task_names() -> str:
+    from .tasks import all_tasks
+    return ", ".join(all_tasks())
+
+
+@app.command("tasks")
+@friendly
+def tasks_cmd(names: bool = typer.Option(False, "--names", help="Only the names, one per line (for scripts)."),
+              json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """The registered transfer tasks: data, metrics (direction, main, gated), predictions, profiles."""
+    from .tasks import all_tasks
+    from .tasks.profiles import list_profiles
+
+    tasks = all_tasks()
+    if names:
+        for n in tasks:
+            print(n)
+        return
+    rows = [{"name": t.name, "title": t.title, "data": t.data_kind, "profiles": list_profiles(t.name),
+             "metrics": [m.__dict__ for m in t.metrics], "predictions": t.prediction_format} for t in tasks.values()]
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        console.print(f"[bold]{r['name']}[/]: {r['title']}", highlight=False)
+        console.print(f"  data kind {r['data']}; profiles {', '.join(r['profiles'])}", highlight=False)
+        ms = [f"{m['name']}{'*' if m['main'] else ''}{'(gated)' if m['gated'] else ''}"
+              f"{'' if m['higher_is_better'] else '(lower is better)'}" for m in r["metrics"]]
+        console.print("  metrics (* main): " + ", ".join(ms), highlight=False, soft_wrap=True)
+        console.print(f"  predictions: {r['predictions']}", highlight=False, soft_wrap=True)
+
+
 @app.command("run")
 @friendly
-def run_task(task: str = typer.Argument(..., help=f"Task: {', '.join(TASKS)}."),
+def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval tasks`)."),
              backbone: str = typer.Option("4m", help="4m, deit3, mae, or a registered name (4m-b, deit3-l, ...)."),
              checkpoint: Optional[str] = typer.Option(
                  None, help="Weights: file, folder or cached hub id. Default for 4m: a generated tiny 4M."),
@@ -253,7 +278,9 @@ def run_task(task: str = typer.Argument(..., help=f"Task: {', '.join(TASKS)}."),
                  None, help="Run directory (default runs/TASK/BACKBONE-PROFILE-seedN). Re-running resumes."),
              seed: int = typer.Option(0, help="Random seed."),
              set_: list[str] = typer.Option([], "--set", help="Override a profile value: key=value (repeatable)."),
-             size: Optional[str] = typer.Option(None, help="Model size for deit3/mae and per-size values: b, l, xl."),
+             model_size: Optional[str] = typer.Option(
+                 None, "--model-size", help="Model size (tiny, b, l, xl): picks deit3/mae's architecture and the "
+                                            "per-size profile values; must agree with the checkpoint."),
              skip_bad_images: bool = typer.Option(False, "--skip-bad-images",
                                                   help="Drop missing/undecodable images (counted) instead of failing."),
              allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .pth checkpoints."),
@@ -262,51 +289,68 @@ def run_task(task: str = typer.Argument(..., help=f"Task: {', '.join(TASKS)}."),
                                            "with a warning in the record)."),
              random_init: bool = typer.Option(False, "--random-init", help="Train a baseline from random init."),
              launcher: str = typer.Option("none", help="none, pytorch (torchrun) or slurm (srun).")) -> None:
-    """Fine-tune a backbone on a task and evaluate it; writes WORK_DIR/result.json."""
-    if task not in TASKS:
-        raise typer.BadParameter(f"unknown task {task!r}; available: {', '.join(TASKS)}")
-    from .tasks import coco_det
+    """Fine-tune a backbone on a task and evaluate it; writes WORK_DIR/result.json and the predictions."""
+    from .tasks import get_task
+    from .tasks.runner import run
 
-    coco_det.run(backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
-                 work_dir=work_dir, seed=seed, sets=list(set_), skip_bad_images=skip_bad_images,
-                 allow_pickle=allow_pickle, launcher=launcher, size=size, random_init=random_init,
-                 num_heads=num_heads, log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
+    run(get_task(task), backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
+        work_dir=work_dir, seed=seed, sets=list(set_), skip_bad_images=skip_bad_images,
+        allow_pickle=allow_pickle, launcher=launcher, size=model_size, random_init=random_init,
+        num_heads=num_heads, log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
+
+
+@app.command("evaluate")
+@friendly
+def evaluate_cmd(task: str = typer.Argument(..., help="Task name (see `fourm-eval tasks`)."),
+                 predictions: Path = typer.Option(..., "--predictions",
+                                                  help="Predictions in the task's standard format (file or folder)."),
+                 data_root: Path = typer.Option(..., "--data-root", help="Dataset root holding the ground truth."),
+                 out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
+                 ) -> None:
+    """Score saved predictions (ours or another project's) with the task's metric, without retraining."""
+    from .results import atomic_write_json
+    from .tasks import get_task
+
+    t = get_task(task)
+    metrics = t.evaluate(predictions, data_root)
+    tbl = Table(title=f"{t.name}: {predictions}")
+    tbl.add_column("metric")
+    tbl.add_column("value", justify="right")
+    for name, v in metrics.items():
+        tbl.add_row(name, f"{v:.6f}")
+    console.print(tbl)
+    for name, v in metrics.items():  # plain lines, full precision, for scripts and CI logs
+        print(f"{name} {v!r}")
+    if out:
+        atomic_write_json(out, {"task": t.name, "predictions": str(predictions), "data_root": str(data_root),
+                                "metrics": metrics})
 
 
 @data_app.command("make-mini")
 @friendly
-def data_make_mini(kind: str = typer.Argument(..., help="coco"),
+def data_make_mini(kind: str = typer.Argument(..., help="Task name or its data kind (see `fourm-eval tasks`)."),
                    out: Path = typer.Argument(..., help="Output folder."),
-                   seed: int = typer.Option(0, help="Generator seed (same seed, same bytes)."),
-                   n_train: int = typer.Option(240, help="Training images."),
-                   n_val: int = typer.Option(60, help="Validation images.")) -> None:
-    """Write a small synthetic dataset in the real on-disk layout."""
-    if kind != "coco":
-        raise typer.BadParameter("available: coco")
-    from .data.coco_mini import make_mini_coco
+                   seed: int = typer.Option(0, help="Generator seed (same seed, same bytes).")) -> None:
+    """Write a task's small synthetic dataset in the real on-disk layout."""
+    from .tasks import get_task
 
-    make_mini_coco(out, n_train=n_train, n_val=n_val, seed=seed)
-    console.print(f"mini COCO written to {out} ({n_train} train / {n_val} val images)")
+    t = get_task(kind)
+    path = t.make_mini(out, seed=seed)
+    console.print(f"mini {t.data_kind} dataset for {t.name} written to {path}", highlight=False)
 
 
 @data_app.command("check")
 @friendly
-def data_check(kind: str = typer.Argument(..., help="coco"), root: Path = typer.Argument(..., help="Dataset root."),
-               splits: str = typer.Option("train,val", help="Splits to check.")) -> None:
-    """Validate a dataset layout: files, annotations, every image decodes."""
-    if kind != "coco":
-        raise typer.BadParameter("available: coco")
-    from rich.progress import Progress
+def data_check(kind: str = typer.Argument(..., help="Task name or its data kind (see `fourm-eval tasks`)."),
+               root: Path = typer.Argument(..., help="Dataset root.")) -> None:
+    """Validate a dataset layout: files, annotations, every image decodes (named errors)."""
+    from .tasks import get_task
+    from .tasks.profiles import load_profile
 
-    from .data.coco_check import check_split
-
-    for split in splits.split(","):
-        with Progress(console=console, transient=True) as prog:
-            t = prog.add_task(f"{split}2017", total=None)
-            c = check_split(root, split, skip_bad_images=False, out_dir=None,
-                            progress=lambda i, n: prog.update(t, completed=i, total=n))
-        console.print(f"{split}: {c.n_images} images, {c.n_annotations} annotations, "
-                      f"{len(c.categories)} categories, sha256 {c.ann_sha256[:16]}… [green]ok[/]")
+    t = get_task(kind)
+    data = t.check_data(root.expanduser().resolve(), load_profile(t.name, "paper"), skip_bad_images=False,
+                        out_dir=None, log=lambda m: console.print(m, highlight=False, markup=False))
+    console.print(f"{t.name}: {data.n_train} training / {data.n_val} validation images [green]ok[/]")
 
 
 def _load(dirs: list[Path]):
@@ -322,15 +366,18 @@ def _load(dirs: list[Path]):
 @friendly
 def results_ls(dirs: list[Path] = typer.Argument(..., help="Run directories (searched recursively).")) -> None:
     """One line per valid run."""
-    from .results import MAIN_METRICS, model_identity
+    from .results import records_frame
 
     records, _ = _load(dirs)
+    df = records_frame(records)
     t = Table(title=f"{len(records)} run(s)")
-    for col in ("task", "backbone", "profile", "seed", "main metrics (x100)", "run dir"):
+    for col in ("task", "backbone", "profile", "seed", "main metrics", "run dir"):
         t.add_column(col)
-    for r in records:
-        mm = ", ".join(f"{m} {r['metrics'][m] * 100:.1f}" for m in MAIN_METRICS.get(r["task"], []) if m in r["metrics"])
-        t.add_row(r["task"], model_identity(r)["label"], r["profile"], str(r["seed"]), mm, r["_run_dir"])
+    for run_dir, g in df.groupby("run_dir", sort=True):
+        r0 = g.iloc[0]
+        main = g[g["main"] == True]  # noqa: E712 - pandas column (None for unregistered tasks)
+        mm = ", ".join(f"{row.metric} {row.display:.1f}" for row in main.itertuples())
+        t.add_row(r0.task, r0.model, r0.profile, str(r0.seed), mm, run_dir)
     console.print(t)
 
 
@@ -350,10 +397,10 @@ def results_show(path: Path = typer.Argument(..., help="A run directory or a res
 def results_export(dirs: list[Path] = typer.Argument(..., help="Run directories (searched recursively)."),
                    out: Path = typer.Option(..., "--out", help="Output file: .csv or .parquet.")) -> None:
     """Write the tidy table (one row per run and metric) as CSV or Parquet."""
-    from .results import tidy_frame
+    from .results import records_frame
 
     records, _ = _load(dirs)
-    df = tidy_frame(records)
+    df = records_frame(records)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     if out.suffix == ".parquet":
@@ -451,7 +498,8 @@ def regress(dirs: list[Path] = typer.Argument(..., help="Run directories with th
             expected: Path = typer.Option(..., "--expected", help="Expectations JSON (mean, std, n per metric)."),
             update: bool = typer.Option(False, "--update", help="Write new expectations from these runs."),
             k: Optional[float] = typer.Option(None, help="Standard errors allowed (default: the file's, else 3)."),
-            metrics: str = typer.Option("main", help="With --update: 'main', 'all' or a comma list.")) -> None:
+            metrics: str = typer.Option("main", help="With --update: 'main' (each task's gated metrics), 'all' "
+                                                     "or a comma list.")) -> None:
     """Compare runs with expected scores; exit 1 on a real drop, 0 if none, 2 on unusable input."""
     from .errors import FourmEvalError
     from .regress import DEFAULT_K, build_expected, compare, load_expected, write_expected
@@ -465,7 +513,8 @@ def regress(dirs: list[Path] = typer.Argument(..., help="Run directories with th
             raise typer.Exit(0)
         verdicts = compare(records, load_expected(expected), k)
     except FourmEvalError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        from rich.markup import escape
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     t = Table(title="regression gate")
     for col in ("task", "backbone", "profile", "metric", "expected mean ± std (n)", "current mean (n)", "drop",

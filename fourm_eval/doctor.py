@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SETUP_FIX = "run `make setup` (scripts/setup.sh) in the fourm-eval checkout"
-IMPLEMENTED = {"coco-det", "report"}  # the other transfers are planned; doctor checks their dependencies already
 TESTED = {"torch": "2.14.1", "torchvision": "0.29.1", "timm": "1.0.31", "mmengine": "0.10.7", "mmcv": "2.1.0",
           "mmdet": "3.3.0", "mmsegmentation": "1.2.2"}
 
@@ -90,13 +89,10 @@ def run_checks() -> Report:
                         "without MMCV_WITH_OPS (e.g. the 'mmcv-lite' build)", SETUP_FIX + " to build mmcv with ops")
     r.checks.append(ops)
     by = {c.name: c.ok for c in r.checks}
-    need = {
-        "coco-det": ["torch", "timm", "mmengine", "mmcv", "mmcv ops", "mmdet", "pycocotools"],
-        "ade20k-seg": ["torch", "timm", "mmengine", "mmcv", "mmcv ops", "mmsegmentation"],
-        "nyu-depth": ["torch", "timm", "mmengine", "mmcv", "mmsegmentation"],
-        "in1k-cls": ["torch", "torchvision", "timm"],
-        "report": ["pandas", "matplotlib"],
-    }
+    from .tasks import all_tasks
+
+    need = {t.name: list(t.requires) for t in all_tasks().values()}
+    need["report"] = ["pandas", "matplotlib"]  # `fourm-eval report`, not a task
     for task, deps in need.items():
         missing = [d for d in deps if not by.get(d, False)]
         r.tasks[task] = (not missing, missing)

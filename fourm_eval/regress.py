@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FourmEvalError
-from .results import LOWER_IS_BETTER, MAIN_METRICS, atomic_write_json
+from .results import atomic_write_json, records_frame
 
 EXPECTED_SCHEMA = "fourm-eval/expected"
 DEFAULT_K = 3.0
@@ -80,11 +80,13 @@ def load_expected(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], list[float]]:
-    out: dict[tuple[str, str, str, str], list[float]] = {}
-    for rec in records:
-        for metric, value in rec["metrics"].items():
-            out.setdefault((rec["task"], rec["backbone"]["name"], rec["profile"], metric), []).append(float(value))
+def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+    """(task, backbone, profile, metric) -> values over runs, the metric's direction and gate flag."""
+    out: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    df = records_frame(records)
+    for key, g in df.groupby(["task", "backbone", "profile", "metric"], sort=True):
+        out[tuple(key)] = {"values": [float(v) for v in g["value"]], "higher_is_better": g["higher_is_better"].iloc[0],
+                           "gated": g["gated"].iloc[0]}
     return out
 
 
@@ -95,12 +97,16 @@ def compare(records: list[dict[str, Any]], expected: dict[str, Any], k: float | 
     missing = []
     for e in expected["entries"]:
         key = (e["task"], e["backbone"], e["profile"], e["metric"])
-        values = groups.get(key)
-        if not values:
+        group = groups.get(key)
+        if not group:
             missing.append("/".join(key))
             continue
+        values = group["values"]
+        if group["higher_is_better"] is None:
+            raise UnusableInput(f"{'/'.join(key)}: the task {e['task']!r} is not registered here, so the "
+                                "metric's direction is unknown")
         reg, drop, thr = judge(float(e["mean"]), float(e["std"]), int(e["n"]), values, k, float(e["floor"]),
-                               higher_is_better=e["metric"] not in LOWER_IS_BETTER)
+                               higher_is_better=bool(group["higher_is_better"]))
         verdicts.append(Verdict(key, float(e["mean"]), float(e["std"]), int(e["n"]), sum(values) / len(values),
                                 len(values), drop, thr, reg))
     if missing:
@@ -112,9 +118,9 @@ def build_expected(records: list[dict[str, Any]], metrics: str = "main", k: floa
     if not records:
         raise UnusableInput("no valid result.json found to build expectations from")
     entries = []
-    for (task, backbone, profile, metric), values in sorted(_groups(records).items()):
-        if metrics == "main" and metric not in MAIN_METRICS.get(task, []) and not (
-                task == "coco-det" and metric == "box_AP50"):
+    for (task, backbone, profile, metric), group in sorted(_groups(records).items()):
+        values = group["values"]
+        if metrics == "main" and not group["gated"]:  # the metrics each task marks for the gate
             continue
         if metrics not in ("main", "all") and metric not in metrics.split(","):
             continue

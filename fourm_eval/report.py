@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import analysis
-from .results import LOWER_IS_BETTER, MAIN_METRICS, load_paper_results, model_identity
+from .results import load_paper_results, model_identity, records_frame
 
 SIZE_ORDER = {"tiny": 0, "B": 1, "L": 2, "XL": 3}
 BASELINES = ("DeiT III", "MAE")
@@ -52,21 +52,27 @@ class Table1:
     deltas: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
 
 
+def _main_rows(records: list[dict[str, Any]]):
+    """The records frame's main-metric rows, ``value`` in display units (points for fractions)."""
+    df = records_frame(records)
+    df = df[df["main"] == True].copy()  # noqa: E712 - None for tasks not registered here
+    df["label"] = df["model"]
+    df["value"] = df["display"]
+    return df
+
+
 def build_table1(records: list[dict[str, Any]]) -> Table1:
     import pandas as pd
 
-    rows = []
-    for rec in records:
-        ident = model_identity(rec)
-        for metric, value in rec["metrics"].items():
-            if metric in MAIN_METRICS.get(rec["task"], []):
-                rows.append({"size": ident["size"], "label": ident["label"], "family": ident["family"],
-                             "pretrain": ident["pretrain"], "profile": rec["profile"], "task": rec["task"],
-                             "metric": metric, "value": float(value) * 100, "seed": rec["seed"]})
-    df = pd.DataFrame(rows)
+    from .tasks import all_tasks
+
+    df = _main_rows(records)
     if df.empty:
         return Table1([], [])
-    columns = [(t, m) for t in MAIN_METRICS for m in MAIN_METRICS[t] if ((df.task == t) & (df.metric == m)).any()]
+    order = [(t.name, m) for t in all_tasks().values() for m in t.main_metrics]
+    columns = [(t, m) for t, m in order if ((df.task == t) & (df.metric == m)).any()]
+    direction = {(t, m): bool(h) for t, m, h in df[["task", "metric", "higher_is_better"]].drop_duplicates()
+                 .itertuples(index=False)}
     keys = (df[["size", "label", "profile", "family", "pretrain"]].drop_duplicates()
             .sort_values(["size", "label", "profile"], key=lambda s: s.map(SIZE_ORDER) if s.name == "size" else s))
     table = Table1(columns, [(r.size, r.label, r.profile) for r in keys.itertuples()])
@@ -91,7 +97,7 @@ def build_table1(records: list[dict[str, Any]]) -> Table1:
             table.cells[(i, j)] = cell
     # best per size and profile, deltas to baselines of the same size
     for j, (task, metric) in enumerate(columns):
-        lower = metric in LOWER_IS_BETTER
+        lower = not direction[(task, metric)]
         groups: dict[tuple[str, str], list[int]] = {}
         for i, row in enumerate(table.rows):
             if (i, j) in table.cells:
@@ -149,6 +155,9 @@ def make_plots(records: list[dict[str, Any]], table: Table1, scaling_df) -> dict
         ax.set_ylabel(f"{metric} (points)")
         ax.set_title(f"{task}: {metric}")
         plots[f"bar_{task}_{metric}"] = _png(fig)
+    from .tasks import all_tasks
+
+    main_metric = {t.name: t.main_metrics[0] for t in all_tasks().values() if t.main_metrics}
     by_task: dict[str, list[dict[str, Any]]] = {}
     for rec in records:
         by_task.setdefault(rec["task"], []).append(rec)
@@ -159,14 +168,14 @@ def make_plots(records: list[dict[str, Any]], table: Table1, scaling_df) -> dict
             loss = analysis.read_train_loss(rec["_run_dir"])
             if loss:
                 a1.plot([i for i, _ in loss], [v for _, v in loss], label=name, lw=1)
-            metric = MAIN_METRICS.get(task, [None])[0]
+            metric = main_metric.get(task)
             hist = [(h["iter"], h["metrics"][metric] * 100) for h in rec.get("eval_history", [])
                     if metric in h.get("metrics", {})]
             if hist:
                 a2.plot([i for i, _ in hist], [v for _, v in hist], marker="o", label=name, lw=1)
         a1.set_title(f"{task}: train loss")
         a1.set_xlabel("iteration")
-        a2.set_title(f"{task}: val {MAIN_METRICS.get(task, ['?'])[0]}")
+        a2.set_title(f"{task}: val {main_metric.get(task, '?')}")
         a2.set_xlabel("iteration")
         a2.legend(fontsize=6)
         plots[f"curves_{task}"] = _png(fig)
@@ -190,19 +199,15 @@ def make_plots(records: list[dict[str, Any]], table: Table1, scaling_df) -> dict
 
 # ----------------------------------------------------------------- writers
 def _footnotes(records: list[dict[str, Any]]) -> list[str]:
+    from .tasks import all_tasks
+
+    tasks = all_tasks()
     notes = {}
     for rec in records:
-        c = rec.get("config", {})
-        sch = c.get("schedule_resolved", {})
-        if rec["task"] == "coco-det":
-            head = f"{c.get('detector', '?')} + ViTDet simple feature pyramid ({c.get('attention', 'global')} attention)"
-        else:
-            head = c.get("head", "?")
         key = (rec["task"], rec["profile"])
-        notes[key] = (f"{rec['task']} / {rec['profile']}: head {head}; {c.get('image_size', '?')} px; "
-                      f"{sch.get('max_iters', '?')} iterations at batch {sch.get('eff_batch', '?')}; "
-                      f"full fine-tuning (no LoRA); layer decay {c.get('layer_decay', '?')}, drop path "
-                      f"{c.get('drop_path', '?')}; reported checkpoint: final (not best-on-val)")
+        t = tasks.get(rec["task"])
+        notes[key] = t.footnote(rec) if t else f"{rec['task']} / {rec['profile']}: a task this installation " \
+                                               "does not register; no protocol note"
     return [notes[k] for k in sorted(notes)]
 
 
@@ -256,14 +261,11 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
     pubs = published_tables()
     paper = analysis.paper_frame()
     # scaling: published numbers plus the user's own runs (points)
-    own = []
-    for rec in records:
-        ident = model_identity(rec)
-        for m, v in rec["metrics"].items():
-            if m in MAIN_METRICS.get(rec["task"], []):
-                own.append({"family": f"{ident['family']} (ours)", "size": ident["size"], "pretrain": ident["pretrain"],
-                            "task": rec["task"], "metric": m, "value": float(v) * 100, "source": rec["_path"]})
-    own_df = pd.DataFrame(own, columns=["family", "size", "pretrain", "task", "metric", "value", "source"])
+    main = _main_rows(records)
+    own_df = pd.DataFrame({"family": main["family"] + " (ours)", "size": main["size"], "pretrain": main["pretrain"],
+                           "task": main["task"], "metric": main["metric"], "value": main["value"],
+                           "source": main["path"]},
+                          columns=["family", "size", "pretrain", "task", "metric", "value", "source"])
     if not own_df.empty:
         own_df = own_df.groupby(["family", "size", "pretrain", "task", "metric"], as_index=False).agg(
             value=("value", "mean"), source=("source", "first"))

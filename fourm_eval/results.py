@@ -4,10 +4,11 @@ Schema (``schema_version`` 1; documented in docs/results.md):
 
     schema            "fourm-eval/result"
     schema_version    1
-    task              "coco-det" | "ade20k-seg" | "nyu-depth" | "in1k-cls"
+    task              a registered task's name (`fourm-eval tasks`)
     profile, seed     the run's profile name and seed
     status            "complete"
-    metrics           {name: value}; COCO AP values are fractions in [0, 1]
+    metrics           {name: value}, in the units the task declares (fractions in [0, 1] for
+                      AP, IoU, accuracy; SI units otherwise)
     metrics_step0     the same metrics before any training (when evaluated)
     backbone          name, family, checkpoint path, sha256, architecture, params
     dataset           root, annotation sha256 per file, image counts, skipped images
@@ -124,9 +125,6 @@ def validate_record(rec: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------- collection
-MAIN_METRICS = {"coco-det": ["box_AP", "mask_AP"], "ade20k-seg": ["mIoU"], "nyu-depth": ["delta1"],
-                "in1k-cls": ["top1"]}
-LOWER_IS_BETTER = {"abs_rel", "rmse", "log10", "AbsRel", "RMSE"}
 ENCODER_PARAMS = {"B": 86e6, "L": 303e6, "XL": 1.2e9}  # docs/fourm-checkpoints.md (4M); ViT-B/L alike
 
 
@@ -190,9 +188,19 @@ def model_identity(rec: dict[str, Any]) -> dict[str, str]:
     return {"family": family, "size": size, "pretrain": pretrain, "label": label}
 
 
-def tidy_frame(records: list[dict[str, Any]]):
-    """One row per (run, metric): the table `results export` writes."""
+FRAME_COLUMNS = ["run_dir", "path", "task", "model", "family", "size", "pretrain", "backbone", "checkpoint_sha256",
+                 "profile", "seed", "metric", "value", "value_step0", "unit", "higher_is_better", "main", "gated",
+                 "display", "git_commit", "wall_time_s", "written_at"]
+
+
+def records_frame(records: list[dict[str, Any]]):
+    """The one tidy table of records: a row per (run, metric), with the metric's unit,
+    direction and roles from the task registry (None for a task not registered here)
+    and ``display`` (fractions x100, as the published tables print them). `results`,
+    `report` and `regress` all group from it; `results export` writes it."""
     import pandas as pd
+
+    from .tasks import metric_info
 
     rows = []
     for rec in records:
@@ -200,18 +208,22 @@ def tidy_frame(records: list[dict[str, Any]]):
         prov = rec.get("provenance", {})
         step0 = rec.get("metrics_step0") or {}
         for metric, value in rec["metrics"].items():
+            info = metric_info(rec["task"], metric)
             rows.append({
-                "run_dir": rec["_run_dir"], "task": rec["task"], "model": ident["label"],
-                "family": ident["family"], "size": ident["size"], "pretrain": ident["pretrain"],
-                "backbone": rec["backbone"].get("name"), "checkpoint_sha256": rec["backbone"].get("sha256"),
-                "profile": rec["profile"], "seed": rec["seed"], "metric": metric, "value": float(value),
+                "run_dir": rec.get("_run_dir"), "path": rec.get("_path"), "task": rec["task"],
+                "model": ident["label"], "family": ident["family"], "size": ident["size"],
+                "pretrain": ident["pretrain"], "backbone": rec["backbone"].get("name"),
+                "checkpoint_sha256": rec["backbone"].get("sha256"), "profile": rec["profile"], "seed": rec["seed"],
+                "metric": metric, "value": float(value),
                 "value_step0": float(step0[metric]) if metric in step0 else None,
+                "unit": info.unit if info else None,
+                "higher_is_better": info.higher_is_better if info else None,
+                "main": info.main if info else None, "gated": info.gated if info else None,
+                "display": float(value) * (info.display_scale if info else 1.0),
                 "git_commit": prov.get("git_commit"), "wall_time_s": prov.get("wall_time_s"),
                 "written_at": rec.get("written_at"),
             })
-    cols = ["run_dir", "task", "model", "family", "size", "pretrain", "backbone", "checkpoint_sha256", "profile",
-            "seed", "metric", "value", "value_step0", "git_commit", "wall_time_s", "written_at"]
-    return pd.DataFrame(rows, columns=cols)
+    return pd.DataFrame(rows, columns=FRAME_COLUMNS)
 
 
 def load_paper_results():

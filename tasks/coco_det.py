@@ -1,4 +1,4 @@
-"""COCO detection + instance segmentation, ViTDet style, on mmdet 3.3 / mmengine.
+"""COCO detection + instance segmentation, ViTDet style, on mmdet 3.3.
 
 Model: backbone (4M / DeiT III / MAE through ``build_backbone``) -> tokens of
 the last block as a stride-16 map -> simple feature pyramid (ViTDet: deconv x4,
@@ -12,148 +12,78 @@ windowed blocks with relative position biases; 4M has an absolute sin-cos
 embedding and no rel-pos tables, and timm's ViTs have no windowed blocks, so
 global attention is the one choice that keeps the recipe identical for 4M,
 DeiT III and MAE. ``attention: window`` (4M only) is recorded in result.json.
+
+Data: the COCO 2017 layout, checked by ``fourm_eval.data.coco_check``.
+Metric: box / mask AP with pycocotools' COCOeval (``fourm_eval.metrics_coco``).
+Predictions: the COCO results format the evaluation server takes, one file per
+IoU type (``coco_results.bbox.json``, ``coco_results.segm.json``, RLE masks),
+plus ``meta.json`` naming the evaluated image ids.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from mmengine.evaluator import BaseMetric
+from mmengine.registry import METRICS
 
 from fourm_eval.errors import ConfigError
 
-from . import common
+from .base import Log, Metric, PreparedData, Task
 
-TASK = "coco-det"
-_REGISTERED = False
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over channels of an NCHW map."""
-
-    def __init__(self, num_features: int, eps: float = 1e-6, **_: Any):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+RESULT_FILES = {"bbox": "coco_results.bbox.json", "segm": "coco_results.segm.json"}
 
 
-def register() -> None:
-    """Register our backbone, neck and norm into mmdet's registries (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.model import BaseModule
+@METRICS.register_module(force=True)
+class FourmCocoMetric(BaseMetric):
+    """Box and mask AP at full precision (pycocotools' COCOeval; see fourm_eval.metrics_coco).
 
-    register_all_modules(init_default_scope=True)
-    common.register_mmengine_components()
-    MODELS.register_module("FourmLN2d", module=LayerNorm2d, force=True)
+    With ``predictions_dir`` every evaluation also writes its results in the COCO
+    results format (the last one stays: the final model's)."""
 
-    @MODELS.register_module(force=True)
-    class FourmEvalViT(BaseModule):
-        """Any fourm-eval backbone as an mmdet backbone: the last block's tokens as a (B, D, h, w) map."""
+    default_prefix = "coco"
 
-        def __init__(self, name: str, checkpoint: str | None = None, allow_pickle: bool = False,
-                     out_index: int = -1, **kwargs: Any):
-            super().__init__()
-            from fourm_eval.backbones import build_backbone
-            self.net = build_backbone(name, checkpoint=checkpoint, allow_pickle=allow_pickle, **kwargs)
-            self.out_index = out_index
-            # ViTDet reads the last block without the encoder's final norm: freeze what lies after
-            # the blocks (layer_id L+1 inside the backbone), so it is neither trained nor decayed
-            # and DDP sees no unused parameters.
-            for n, p in self.net.named_parameters():
-                if self.net.layer_id(n) == self.net.num_layers + 1:
-                    p.requires_grad_(False)
+    def __init__(self, ann_file: str, cat_ids: list[int], with_masks: bool = True,
+                 predictions_dir: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.ann_file = ann_file
+        self.cat_ids = list(cat_ids)
+        self.with_masks = with_masks
+        self.predictions_dir = predictions_dir
 
-        def init_weights(self) -> None:  # weights come from build_backbone; never re-initialise
-            pass
+    def process(self, data_batch: dict, data_samples: list) -> None:
+        from fourm_eval.metrics_coco import encode_masks, to_coco_results
+        for ds in data_samples:
+            pred = ds["pred_instances"]
+            masks = pred.get("masks") if self.with_masks else None
+            rles = encode_masks(masks.cpu().numpy()) if masks is not None else None
+            dets, segs = to_coco_results(ds["img_id"], pred["bboxes"].cpu().numpy(),
+                                         pred["scores"].cpu().numpy(), pred["labels"].cpu().numpy(),
+                                         self.cat_ids, rles)
+            self.results.append((ds["img_id"], dets, segs if rles is not None else None))
 
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-            rows, cols = self.net.grid_size(x)
-            t, = self.net.get_intermediate_layers(x, [self.out_index])
-            return (t.transpose(1, 2).reshape(t.shape[0], -1, rows, cols).contiguous(),)
+    def compute_metrics(self, results: list) -> dict[str, float]:
+        from fourm_eval.metrics_coco import evaluate
+        dets = [d for _, ds, _ in results for d in ds]
+        segs = [s for _, _, ss in results if ss is not None for s in ss] if self.with_masks else None
+        img_ids = sorted({int(i) for i, _, _ in results})
+        if self.predictions_dir:
+            write_predictions(Path(self.predictions_dir), dets, segs, img_ids)
+        return evaluate(self.ann_file, dets, segs, img_ids=img_ids)
 
-    @MODELS.register_module(force=True)
-    class SimpleFeaturePyramid(BaseModule):
-        """ViTDet's neck: multi-scale maps from the single stride-16 map."""
 
-        def __init__(self, in_channels: int, out_channels: int, scale_factors=(4.0, 2.0, 1.0, 0.5),
-                     num_outs: int = 5, init_cfg=None):
-            super().__init__(init_cfg=init_cfg)
-            self.stages = nn.ModuleList()
-            C = in_channels
-            for s in scale_factors:
-                if s == 4.0:
-                    layers: list[nn.Module] = [nn.ConvTranspose2d(C, C // 2, 2, 2), LayerNorm2d(C // 2), nn.GELU(),
-                                               nn.ConvTranspose2d(C // 2, C // 4, 2, 2)]
-                    dim = C // 4
-                elif s == 2.0:
-                    layers, dim = [nn.ConvTranspose2d(C, C // 2, 2, 2)], C // 2
-                elif s == 1.0:
-                    layers, dim = [], C
-                elif s == 0.5:
-                    layers, dim = [nn.MaxPool2d(2, 2)], C
-                else:
-                    raise ConfigError(f"unsupported pyramid scale {s}")
-                layers += [nn.Conv2d(dim, out_channels, 1, bias=False), LayerNorm2d(out_channels),
-                           nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels)]
-                self.stages.append(nn.Sequential(*layers))
-            self.num_outs = num_outs
-
-        def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            x = inputs[0]
-            outs = [stage(x) for stage in self.stages]
-            while len(outs) < self.num_outs:  # ViTDet's extra level: stride-2 subsampling of the coarsest map
-                outs.append(F.max_pool2d(outs[-1], 1, stride=2))
-            return tuple(outs)
-
-    from mmdet.registry import METRICS
-    from mmengine.evaluator import BaseMetric
-
-    @METRICS.register_module(force=True)
-    class FourmCocoMetric(BaseMetric):
-        """Box and mask AP at full precision (pycocotools' COCOeval; see fourm_eval.metrics_coco)."""
-
-        default_prefix = "coco"
-
-        def __init__(self, ann_file: str, cat_ids: list[int], with_masks: bool = True, **kwargs: Any):
-            super().__init__(**kwargs)
-            self.ann_file = ann_file
-            self.cat_ids = list(cat_ids)
-            self.with_masks = with_masks
-            self._gt = None
-
-        def process(self, data_batch: dict, data_samples: list) -> None:
-            from fourm_eval.metrics_coco import encode_masks, to_coco_results
-            for ds in data_samples:
-                pred = ds["pred_instances"]
-                masks = pred.get("masks") if self.with_masks else None
-                rles = encode_masks(masks.cpu().numpy()) if masks is not None else None
-                dets, segs = to_coco_results(ds["img_id"], pred["bboxes"].cpu().numpy(),
-                                             pred["scores"].cpu().numpy(), pred["labels"].cpu().numpy(),
-                                             self.cat_ids, rles)
-                self.results.append((ds["img_id"], dets, segs if rles is not None else None))
-
-        def compute_metrics(self, results: list) -> dict[str, float]:
-            from fourm_eval.metrics_coco import evaluate
-            dets = [d for _, ds, _ in results for d in ds]
-            segs = [s for _, _, ss in results if ss is not None for s in ss] if self.with_masks else None
-            return evaluate(self.ann_file, dets, segs, img_ids=[i for i, _, _ in results])
-
-    _REGISTERED = True
+def write_predictions(out: Path, dets: list[dict], segs: list[dict] | None, img_ids: list[int]) -> None:
+    from fourm_eval.results import atomic_write_json
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RESULT_FILES["bbox"], dets)
+    if segs is not None:
+        atomic_write_json(out / RESULT_FILES["segm"], segs)
+    atomic_write_json(out / "meta.json", {"format": "COCO results (one file per IoU type)",
+                                          "image_ids": img_ids})
 
 
 # ------------------------------------------------------------------ config
@@ -266,40 +196,111 @@ def build_pipelines(p: dict[str, Any]) -> tuple[list, list]:
     return train, test
 
 
-# --------------------------------------------------------------------- run
-METRIC_MAP = {f"coco/{src}_{n}": f"{dst}_{n}" for src, dst in (("box", "box"), ("mask", "mask"))
-              for n in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
-
-
 def _global_blocks(depth: int) -> list[int]:
     """ViTDet's global blocks: the last of each quarter (2, 5, 8, 11 for 12 blocks)."""
     return sorted({depth * k // 4 - 1 for k in range(1, 5)})
 
 
-def _schedule(p: dict[str, Any], n_train: int, world: int) -> dict[str, Any]:
-    sch = p["schedule"]
-    per_gpu = max(1, p["batch_size"] // world)
-    eff_batch = per_gpu * world
-    if sch["unit"] == "epoch":
-        max_iters = max(1, round(sch["length"] * n_train / eff_batch))
-    elif sch["unit"] == "iter":
-        max_iters = int(sch["length"])
-    else:
-        raise ConfigError(f"schedule.unit must be 'epoch' or 'iter', not {sch['unit']!r}")
-    val_every = sch.get("val_interval", max_iters)
-    val_every = max(1, round(val_every * max_iters) if isinstance(val_every, float) and val_every <= 1 else int(val_every))
-    ckpt_every = sch.get("checkpoint_interval", val_every)
-    ckpt_every = max(1, round(ckpt_every * max_iters) if isinstance(ckpt_every, float) and ckpt_every <= 1
-                     else int(ckpt_every))
-    return dict(per_gpu_batch=per_gpu, eff_batch=eff_batch, max_iters=max_iters, val_interval=val_every,
-                checkpoint_interval=ckpt_every, warmup=min(int(sch.get("warmup_iters", 0)), max_iters),
-                milestones=[int(m * max_iters) for m in sch.get("milestones", [])])
+# --------------------------------------------------------------------- task
+class CocoDet(Task):
+    name = "coco-det"
+    title = "COCO detection + instance segmentation (ViTDet-style Mask R-CNN, mmdet)"
+    data_kind = "coco"
+    metrics = tuple(
+        [Metric(f"box_{s}", main=s == "AP", gated=s in ("AP", "AP50"), description=f"box {s} (COCOeval)")
+         for s in STATS]
+        + [Metric(f"mask_{s}", main=s == "AP", gated=s == "AP", description=f"mask {s} (COCOeval)") for s in STATS])
+    requires = ("torch", "timm", "mmengine", "mmcv", "mmcv ops", "mmdet", "pycocotools")
+    prediction_format = ("COCO results json per IoU type (coco_results.bbox.json, coco_results.segm.json with RLE "
+                         "masks; original category ids), as the COCO evaluation server takes")
+    mm_scope = "mmdet"
+
+    # data
+    def make_mini(self, out: Path, seed: int = 0) -> Path:
+        from fourm_eval.data.coco_mini import make_mini_coco
+        return make_mini_coco(out, seed=seed)
+
+    def default_data_root(self) -> Path:
+        from fourm_eval.data.coco_mini import default_mini_coco
+        return default_mini_coco()
+
+    def data_identity(self, root: Path) -> dict[str, Any]:
+        from fourm_eval.data.coco_check import annotation_digest
+        return {"annotations_sha256": {s: annotation_digest(root, s) for s in ("train", "val")}}
+
+    def check_data(self, root: Path, p: dict[str, Any], *, skip_bad_images: bool, out_dir: Path | None,
+                   log: Log) -> PreparedData:
+        checks, classes, cat_ids = check_data(root, skip_bad_images, out_dir,
+                                              ann_sha256=self.data_identity(root)["annotations_sha256"], log=log)
+        n_train = min(checks["train"].n_images, int(p.get("train_subset") or 10**12))
+        record = {"root": str(root), "annotations_sha256": {s: c.ann_sha256 for s, c in checks.items()},
+                  "n_train_images": n_train, "n_val_images": checks["val"].n_images,
+                  "skipped_bad_images": sum(len(c.bad_images) for c in checks.values()), "classes": classes}
+        return PreparedData(root, n_train, checks["val"].n_images, record,
+                            private={"checks": checks, "classes": classes, "cat_ids": cat_ids})
+
+    # model and runner
+    def backbone_options(self, p: dict[str, Any], backbone: str, info: dict[str, Any]) -> dict[str, Any]:
+        attention = p.get("attention", "global")
+        if attention == "global":
+            return {}
+        if attention != "window":
+            raise ConfigError(f"attention must be 'global' or 'window', not {attention!r}")
+        if not backbone.startswith("4m"):
+            raise ConfigError("attention: window is implemented for 4M backbones only (timm's ViT has no "
+                              "windowed blocks); use attention: global for the baselines")
+        return {"window_size": int(p["window_size"]), "global_blocks": _global_blocks(info["num_layers"])}
+
+    def register_mm(self) -> None:
+        register()
+
+    def runner_parts(self, p: dict[str, Any], data: PreparedData, *, backbone_cfg: dict[str, Any],
+                     embed_dim: int, sched: dict[str, Any], seed: int, predictions_dir: Path) -> dict[str, Any]:
+        checks, classes, cat_ids = (data.private[k] for k in ("checks", "classes", "cat_ids"))
+        train_ann = checks["train"].used_ann_file or checks["train"].ann_file
+        val_ann = checks["val"].used_ann_file or checks["val"].ann_file
+        return datasets_and_model(p, backbone_cfg=backbone_cfg, embed_dim=embed_dim, data_root=data.root,
+                                  train_ann=train_ann, val_ann=val_ann, classes=classes, cat_ids=cat_ids,
+                                  predictions_dir=predictions_dir)
+
+    def verify_runner(self, runner: Any, data: PreparedData) -> None:
+        cat_ids = data.private["cat_ids"]
+        check_label_order(runner.train_dataloader.dataset, cat_ids, "train")
+        check_label_order(runner.val_dataloader.dataset, cat_ids, "val")
+
+    # metrics and predictions
+    def record_metrics(self, evaluator_out: dict[str, float]) -> dict[str, float]:
+        return {k.removeprefix("coco/"): float(v) for k, v in evaluator_out.items()}
+
+    def evaluate(self, predictions: Path, data_root: Path) -> dict[str, float]:
+        from fourm_eval.metrics_coco import evaluate_files
+        from fourm_eval.data.coco_check import annotation_file
+        return evaluate_files(predictions, annotation_file(Path(data_root), "val"), RESULT_FILES)
+
+    def footnote(self, record: dict[str, Any]) -> str:
+        c = record.get("config", {})
+        sch = c.get("schedule_resolved", {})
+        return (f"{self.name} / {record.get('profile')}: {c.get('detector', '?')} + ViTDet simple feature pyramid "
+                f"({c.get('attention', 'global')} attention); {c.get('image_size', '?')} px, large-scale jitter "
+                f"{c.get('lsj_scale', '?')}; {sch.get('max_iters', '?')} iterations at batch "
+                f"{sch.get('eff_batch', '?')}; full fine-tuning; layer decay {c.get('layer_decay', '?')}, drop path "
+                f"{c.get('drop_path', '?')}; box/mask AP by pycocotools COCOeval on the final model "
+                "(not best-on-val)")
 
 
-def build_runner_cfg(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int, data_root: Path,
-                     train_ann: Path, val_ann: Path, classes: list[str], cat_ids: list[int], work_dir: Path,
-                     seed: int, n_train: int, world: int, launcher: str) -> dict[str, Any]:
-    sched = _schedule(p, n_train, world)
+def register() -> None:
+    """mmdet's modules in its registries, and the shared mm modules (idempotent)."""
+    from mmdet.utils import register_all_modules
+
+    from . import mm  # noqa: F401 - the backbone adapter, neck, LN2d, optimiser constructor and hooks
+
+    register_all_modules(init_default_scope=True)
+
+
+def datasets_and_model(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int, data_root: Path,
+                       train_ann: Path, val_ann: Path, classes: list[str], cat_ids: list[int],
+                       predictions_dir: Path | None = None) -> dict[str, Any]:
+    """The task's part of the mmengine config: model, datasets, evaluator."""
     train_pipe, test_pipe = build_pipelines(p)
     meta = dict(classes=tuple(classes))
     subset = p.get("train_subset")
@@ -313,68 +314,14 @@ def build_runner_cfg(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int, d
                   backend_args=None)
     if p.get("val_subset"):
         val_ds["indices"] = int(p["val_subset"])
-    nw = int(p["num_workers"])
-    loader = lambda ds, bs, shuffle, sampler: dict(  # noqa: E731
-        batch_size=bs, num_workers=nw, persistent_workers=nw > 0, pin_memory=torch.cuda.is_available(),
-        sampler=dict(type=sampler, shuffle=shuffle, seed=seed) if sampler == "InfiniteSampler"
-        else dict(type=sampler, shuffle=shuffle), dataset=ds)
-    amp = p.get("amp", "auto")
-    use_bf16 = (amp == "bf16" or (amp == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
-    optim_wrapper = dict(
-        type="AmpOptimWrapper" if use_bf16 else "OptimWrapper",
-        optimizer=dict(type="AdamW", lr=float(p["lr"]), betas=tuple(p["betas"]), weight_decay=float(p["weight_decay"])),
-        constructor="LayerDecayOptimWrapperConstructor",
-        paramwise_cfg=dict(layer_decay_rate=float(p["layer_decay"]), backbone_attr="backbone.net",
-                           table_path=str(work_dir / "param_groups.csv")),
-        clip_grad=dict(max_norm=float(p["clip_grad"])) if p.get("clip_grad") else None)
-    if use_bf16:
-        optim_wrapper["dtype"] = "bfloat16"
-    schedulers: list[dict] = []
-    if sched["warmup"]:
-        schedulers.append(dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=sched["warmup"]))
-    if sched["milestones"]:
-        schedulers.append(dict(type="MultiStepLR", by_epoch=False, begin=0, end=sched["max_iters"],
-                               milestones=sched["milestones"], gamma=0.1))
-    hooks_custom = [dict(type="FiniteLossHook"), dict(type="CheckpointStateHook", keep=int(p.get("max_keep_ckpts", 2))),
-                    dict(type="EvalHistoryHook", out_file=str(work_dir / "eval_history.jsonl"))]
-    if p.get("eval_at_start", False):
-        hooks_custom.append(dict(type="EvalAtStartHook", out_file=str(work_dir / "eval_step0.json")))
-    cuda = torch.cuda.is_available()
-    return dict(
-        default_scope="mmdet",
-        work_dir=str(work_dir),
-        model=build_model_cfg(p, backbone_cfg, embed_dim, len(classes)),
-        train_dataloader=loader(train_ds, sched["per_gpu_batch"], True, "InfiniteSampler"),
-        val_dataloader=loader(val_ds, int(p.get("val_batch_size", 1)), False, "DefaultSampler"),
-        val_evaluator=dict(type="FourmCocoMetric", ann_file=str(val_ann), cat_ids=cat_ids, with_masks=True),
-        train_cfg=dict(type="IterBasedTrainLoop", max_iters=sched["max_iters"], val_interval=sched["val_interval"]),
-        val_cfg=dict(type="ValLoop"),
-        optim_wrapper=optim_wrapper,
-        param_scheduler=schedulers,
-        default_hooks=dict(
-            timer=dict(type="IterTimerHook"),
-            logger=dict(type="LoggerHook", interval=int(p.get("log_interval", 50)), log_metric_by_epoch=False),
-            param_scheduler=dict(type="ParamSchedulerHook"),
-            # keeps every checkpoint; CheckpointStateHook prunes old ones once a newer one is complete
-            checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=sched["checkpoint_interval"],
-                            max_keep_ckpts=-1, save_last=True),
-            sampler_seed=dict(type="DistSamplerSeedHook")),
-        custom_hooks=hooks_custom,
-        env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-                     dist_cfg=dict(backend="nccl" if cuda else "gloo")),
-        log_processor=dict(type="LogProcessor", window_size=int(p.get("log_interval", 50)), by_epoch=False),
-        visualizer=dict(type="Visualizer", vis_backends=[dict(type="LocalVisBackend")], name="fourm_eval_vis"),
-        log_level="INFO",
-        load_from=None,
-        resume=True,
-        launcher=launcher,
-        randomness=dict(seed=seed, deterministic=False),
-        _schedule=sched,
-    )
+    return dict(model=build_model_cfg(p, backbone_cfg, embed_dim, len(classes)), train_dataset=train_ds,
+                val_dataset=val_ds,
+                val_evaluator=dict(type="FourmCocoMetric", ann_file=str(val_ann), cat_ids=cat_ids, with_masks=True,
+                                   predictions_dir=str(predictions_dir) if predictions_dir else None))
 
 
 def check_data(root: Path, skip_bad_images: bool, out_dir: Path, ann_sha256: dict[str, str] | None = None,
-               log: Callable[[str], None] = print) -> tuple[dict[str, Any], list[str], list[int]]:
+               log: Log = print) -> tuple[dict[str, Any], list[str], list[int]]:
     """Check both splits; returns the checks, the class names and their category ids, label order.
 
     The one class order of a run is ascending category id: ``check_split`` rewrites any file that
@@ -408,126 +355,5 @@ def check_label_order(dataset: Any, cat_ids: list[int], split: str) -> None:
                            "the class order must be the same")
 
 
-def run(*, backbone: str = "4m", checkpoint: str | None = None, data_root: str | Path | None = None,
-        profile: str = "smoke", work_dir: str | Path | None = None, seed: int = 0, sets: list[str] | None = None,
-        skip_bad_images: bool = False, allow_pickle: bool = False, launcher: str = "none",
-        size: str | None = None, random_init: bool = False, num_heads: int | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune and evaluate on COCO; returns the result record (also written to result.json)."""
-    import os
 
-    from fourm_eval.backbones import backbone_info
-    from fourm_eval.checkpoints import resolve_checkpoint
-    from fourm_eval.data.coco_check import annotation_digest
-
-    from .runs import (RunDir, checkpoint_digest, resolve_backbone_name, rank_zero, write_result)
-
-    started = time.time()
-    p = common.apply_overrides(common.load_profile(TASK, profile), sets or [])
-    name, checkpoint = resolve_backbone_name(backbone, size, checkpoint, random_init)
-    ckpt_path = str(resolve_checkpoint(checkpoint)) if checkpoint else None
-    if num_heads is not None and not name.startswith("4m"):
-        raise ConfigError("--num-heads applies to 4M checkpoints without config metadata only")
-    info = backbone_info(name, ckpt_path, allow_pickle, num_heads=num_heads)
-    for note in info.get("load_notes") or []:
-        log(f"WARNING: {note}")
-    bsize, size_note = common.resolve_size(info["embed_dim"], info["num_layers"], size)
-    if size_note:
-        log(f"WARNING: {size_note}")
-        info["load_notes"] = list(info.get("load_notes") or []) + [size_note]
-    for key in ("layer_decay", "drop_path", "lr"):
-        p[key] = common.per_size(p[key], bsize)
-    p["model_size"] = bsize
-    if p.get("attention", "global") == "window" and not name.startswith("4m"):
-        raise ConfigError("attention: window is implemented for 4M backbones only (timm's ViT has no "
-                          "windowed blocks); use attention: global for the baselines")
-
-    if data_root is None:
-        from fourm_eval.data.coco_mini import default_mini_coco
-        data_root = default_mini_coco()
-        log(f"no --data-root: using the built-in mini COCO at {data_root}")
-    root = Path(data_root).expanduser().resolve()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    wd = RunDir.create(work_dir, TASK, name, p["profile"], seed)
-    identity = {"task": TASK, "backbone": name, "checkpoint": ckpt_path, "data_root": str(root),
-                "profile": p, "seed": seed, "world_size": world, "skip_bad_images": skip_bad_images,
-                "annotations_sha256": {s: annotation_digest(root, s) for s in ("train", "val")}}
-    if num_heads is not None:
-        identity["num_heads"] = int(num_heads)
-    wd.claim(identity)  # refuses a directory that holds a different run
-    done = wd.finished_result()
-    if done is not None:
-        log(f"{wd.path} already holds a finished run; result.json left as it is")
-        return done
-    checks, classes, cat_ids = check_data(root, skip_bad_images, wd.path / "data",
-                                          ann_sha256=identity["annotations_sha256"], log=log)
-    train_ann = checks["train"].used_ann_file or checks["train"].ann_file
-    val_ann = checks["val"].used_ann_file or checks["val"].ann_file
-
-    backbone_cfg = dict(name=name, checkpoint=ckpt_path, allow_pickle=allow_pickle,
-                        drop_path_rate=float(p["drop_path"]), grad_checkpointing=bool(p.get("grad_checkpointing")))
-    if num_heads is not None:
-        backbone_cfg["num_heads"] = int(num_heads)
-    if p.get("attention", "global") == "window":
-        backbone_cfg.update(window_size=int(p["window_size"]), global_blocks=_global_blocks(info["num_layers"]))
-    elif p.get("attention", "global") != "global":
-        raise ConfigError(f"attention must be 'global' or 'window', not {p['attention']!r}")
-    if not name.startswith("4m"):
-        backbone_cfg["img_size"] = int(p["image_size"])
-
-    register()
-    common.allow_mmengine_checkpoint_types()
-    from mmengine.config import Config
-    from mmengine.runner import Runner
-
-    n_train = min(checks["train"].n_images, int(p.get("train_subset") or 10**12))
-    cfg = build_runner_cfg(p, backbone_cfg=backbone_cfg, embed_dim=info["embed_dim"], data_root=root,
-                           train_ann=train_ann, val_ann=val_ann, classes=classes, cat_ids=cat_ids,
-                           work_dir=wd.path, seed=seed, n_train=n_train, world=world, launcher=launcher)
-    sched = cfg.pop("_schedule")
-    wrapper = common.init_distributed_cpu(launcher)
-    if wrapper:
-        cfg["model_wrapper_cfg"] = wrapper
-    resume_from = wd.resume_checkpoint()
-    if resume_from is not None:
-        cfg["resume"], cfg["load_from"] = True, str(resume_from)
-        log(f"resuming from the last checkpoint in {wd.path} ({resume_from.name})")
-    else:
-        cfg["resume"] = False
-    log(f"{TASK}: {name} ({info['params'] / 1e6:.1f}M params), {sched['max_iters']} iterations at batch "
-        f"{sched['eff_batch']}, {p['image_size']} px, layer decay {p['layer_decay']}, work dir {wd.path}")
-    runner = Runner.from_cfg(Config(cfg))
-    check_label_order(runner.train_dataloader.dataset, cat_ids, "train")  # builds the loops train() would build
-    check_label_order(runner.val_dataloader.dataset, cat_ids, "val")
-    runner.train()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # rank 0 has written the evaluation history; all ranks now agree on it
-    history = wd.eval_history()
-    if not history or history[-1]["iter"] != sched["max_iters"]:
-        runner.val_loop.run()
-        history = wd.eval_history()
-    final = history[-1]["metrics"]
-    step0 = wd.read_json("eval_step0.json")
-    rename = lambda m: {METRIC_MAP.get(k, k): v for k, v in m.items()}  # noqa: E731
-    record = None
-    if rank_zero():
-        record = write_result(
-            wd, task=TASK, profile=p["profile"], seed=seed, metrics=rename(final),
-            metrics_step0=rename(step0) if step0 else None,
-            backbone={"name": name, "family": info["family"], "checkpoint": ckpt_path,
-                      "sha256": checkpoint_digest(ckpt_path) if ckpt_path else None,
-                      "params": info["params"], "architecture": info["config"],
-                      "file_format": info.get("file_format"), "config_source": info.get("config_source"),
-                      "config_guessed": info.get("config_guessed") or {},
-                      "attention": p.get("attention", "global")},
-            warnings=list(info.get("load_notes") or []),
-            dataset={"root": str(root), "annotations_sha256": {s: c.ann_sha256 for s, c in checks.items()},
-                     "n_train_images": n_train, "n_val_images": checks["val"].n_images,
-                     "skipped_bad_images": sum(len(c.bad_images) for c in checks.values()),
-                     "classes": classes},
-            config={**p, "schedule_resolved": sched, "world_size": world},
-            eval_history=[{"iter": h["iter"], "metrics": rename(h["metrics"])} for h in history],
-            started=started)
-        log(f"box AP {final['coco/box_AP']:.4f}  AP50 {final['coco/box_AP50']:.4f}  "
-            f"mask AP {final['coco/mask_AP']:.4f}  -> {wd.path / 'result.json'}")
-    return record or {}
+TASK = CocoDet()

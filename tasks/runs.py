@@ -122,7 +122,7 @@ class RunDir:
         mmengine's ``last_checkpoint`` pointer is not trusted: a kill can land while
         ``torch.save`` is still writing (the pointer moves only afterwards). Incomplete
         files (unreadable zip central directory) are renamed ``*.incomplete`` and skipped."""
-        from .common import complete_checkpoints
+        from .state import complete_checkpoints
 
         done = complete_checkpoints(self.path)
         if rank_zero():
@@ -147,14 +147,16 @@ class RunDir:
 
 def write_result(wd: RunDir, *, task: str, profile: str, seed: int, metrics: dict[str, float],
                  metrics_step0: dict[str, float] | None, backbone: dict, dataset: dict, config: dict,
-                 eval_history: list[dict], started: float, warnings: list[str] | None = None) -> dict[str, Any]:
+                 eval_history: list[dict], started: float, warnings: list[str] | None = None,
+                 predictions: str | None = None) -> dict[str, Any]:
     logs = sorted(str(p.relative_to(wd.path)) for p in wd.path.glob("*/vis_data/scalars.json"))
     record = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "task": task, "profile": profile, "seed": seed,
         "status": "complete", "metrics": metrics, "metrics_step0": metrics_step0, "eval_history": eval_history,
         "backbone": backbone, "dataset": dataset, "config": config, "provenance": provenance(started),
         "warnings": list(warnings or []),
-        "files": {"scalars": logs, "param_groups": "param_groups.csv", "run": "run.json"},
+        "files": {"scalars": logs, "param_groups": "param_groups.csv", "run": "run.json",
+                  **({"predictions": predictions} if predictions else {})},
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(wd.path / "result.json", record)

@@ -15,7 +15,8 @@ import torch
 
 from fourm_eval.data.coco_check import DatasetError
 from fourm_eval.data.coco_mini import make_mini_coco
-from fourm_eval.tasks import coco_det, common
+from fourm_eval.tasks import coco_det
+from fourm_eval.tasks.profiles import load_profile
 
 # the mini dataset's circle / square / triangle get non-contiguous ids; "star" is declared, never annotated
 REMAP = {1: 17, 2: 90, 3: 1}
@@ -46,19 +47,18 @@ def _layout(src: Path, dst: Path, orders: dict[str, list[int]], names: dict[str,
 
 
 def _build(root: Path, work: Path):
-    """Data check, config and datasets exactly as ``coco_det.run`` makes them."""
+    """Data check, config parts and datasets exactly as the shared runner makes them for coco-det."""
     from mmdet.registry import DATASETS
 
-    p = common.load_profile(coco_det.TASK, "smoke")
-    checks, classes, cat_ids = coco_det.check_data(root, False, work / "data", log=lambda _: None)
-    coco_det.register()
-    cfg = coco_det.build_runner_cfg(
-        p, backbone_cfg=dict(name="4m-tiny"), embed_dim=64, data_root=root,
-        train_ann=checks["train"].used_ann_file or checks["train"].ann_file,
-        val_ann=checks["val"].used_ann_file or checks["val"].ann_file, classes=classes, cat_ids=cat_ids,
-        work_dir=work, seed=0, n_train=checks["train"].n_images, world=1, launcher="none")
-    train = DATASETS.build(cfg["train_dataloader"]["dataset"])
-    val = DATASETS.build(cfg["val_dataloader"]["dataset"])
+    task = coco_det.TASK
+    p = load_profile(task.name, "smoke")
+    data = task.check_data(root, p, skip_bad_images=False, out_dir=work / "data", log=lambda _: None)
+    cat_ids = data.private["cat_ids"]
+    task.register_mm()
+    cfg = task.runner_parts(p, data, backbone_cfg=dict(name="4m-tiny"), embed_dim=64, sched={}, seed=0,
+                            predictions_dir=work / "predictions")
+    train = DATASETS.build(cfg["train_dataset"])
+    val = DATASETS.build(cfg["val_dataset"])
     coco_det.check_label_order(train, cat_ids, "train")
     coco_det.check_label_order(val, cat_ids, "val")
     return cfg, cat_ids, train, val
@@ -129,7 +129,7 @@ def test_label_order_guard_names_the_mismatch(src, tmp_path):
 
     root = _layout(src, tmp_path / "coco", {"train": REVERSED, "val": REVERSED})
     cfg, cat_ids, _, _ = _build(root, tmp_path / "run")
-    raw = dict(cfg["val_dataloader"]["dataset"], ann_file=str(root / "annotations" / "instances_val2017.json"))
+    raw = dict(cfg["val_dataset"], ann_file=str(root / "annotations" / "instances_val2017.json"))
     with pytest.raises(DatasetError, match=r"val dataset .*category ids \[90, 17, 3, 1\].*\[1, 3, 17, 90\]"):
         coco_det.check_label_order(DATASETS.build(raw), cat_ids, "val")
 

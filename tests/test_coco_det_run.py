@@ -45,6 +45,12 @@ def test_smoke_profile_learns(tmp_path):
     assert len(rec["backbone"]["sha256"]) == 64 and rec["dataset"]["annotations_sha256"]["val"]
     assert rec["eval_history"][0]["iter"] == 0 and rec["eval_history"][-1]["iter"] == rec["config"]["schedule"]["length"]
     assert (tmp_path / "smoke" / "param_groups.csv").exists()
+    # the saved predictions re-score to exactly the recorded numbers, without the model
+    assert rec["files"]["predictions"] == "predictions"
+    ev = _run(["evaluate", "coco-det", "--predictions", str(tmp_path / "smoke" / "predictions"), "--data-root",
+               rec["dataset"]["root"], "--out", str(tmp_path / "rescored.json")], tmp_path)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads((tmp_path / "rescored.json").read_text())["metrics"] == rec["metrics"]
     # the report of this real run: three files, and Table 1 shows the record's numbers
     r3 = _run(["report", str(tmp_path / "smoke"), "--out", str(tmp_path / "report")], tmp_path)
     assert r3.returncode == 0, r3.stderr[-2000:]

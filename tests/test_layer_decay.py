@@ -5,13 +5,14 @@ import re
 
 import pytest
 
-from fourm_eval.tasks import coco_det, common
+from fourm_eval.tasks import coco_det, mm
+from fourm_eval.tasks.profiles import load_profile
 
 
 def _det_model(backbone: str, tmp_path):
     coco_det.register()
     from mmdet.registry import MODELS
-    p = common.load_profile("coco-det", "paper")
+    p = load_profile("coco-det", "paper")
     cfg = coco_det.build_model_cfg(p, dict(name=backbone), embed_dim=768, num_classes=3)
     from mmengine.config import ConfigDict
     return MODELS.build(ConfigDict(cfg))
@@ -58,7 +59,7 @@ def test_4m_b_table_matches_formula(tmp_path):
 
 def test_baseline_uses_its_own_layer_ids(tmp_path):
     model = _det_model("mae-b", tmp_path)
-    groups = common.layer_decay_groups(model, model.backbone.net, "backbone.net.", 1.0, 0.05, 0.5)
+    groups = mm.layer_decay_groups(model, model.backbone.net, "backbone.net.", 1.0, 0.05, 0.5)
     by_name = {n: g for g in groups for n in g["param_names"]}
     assert by_name["backbone.net.vit.blocks.0.attn.qkv.weight"]["layer_id"] == 1
     assert by_name["backbone.net.vit.cls_token"]["layer_id"] == 0

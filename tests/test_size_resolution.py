@@ -4,7 +4,7 @@ an architecture of no known size is a loud, recorded inference."""
 import pytest
 
 from fourm_eval.errors import ConfigError
-from fourm_eval.tasks.common import resolve_size
+from fourm_eval.tasks.profiles import resolve_size
 
 
 @pytest.mark.parametrize("shape,size", [((768, 12), "b"), ((1024, 24), "l"), ((2048, 24), "xl"),

@@ -53,13 +53,18 @@ class SplitCheck:
     used_ann_file: Path | None = None  # the cleaned copy, when images were skipped
 
 
-def annotation_digest(root: Path, split: str) -> str:
-    """sha256 of ``annotations/instances_{split}2017.json`` (cheap; no image is read)."""
+def annotation_file(root: Path, split: str) -> Path:
+    """``annotations/instances_{split}2017.json`` under ``root``; a named error when it is missing."""
     ann = Path(root) / "annotations" / f"instances_{split}2017.json"
     if not ann.is_file():
         raise DatasetError(f"{ann}: annotation file not found (expected the COCO 2017 layout "
                            "annotations/instances_{train,val}2017.json under the data root)")
-    return sha256_file(ann)
+    return ann
+
+
+def annotation_digest(root: Path, split: str) -> str:
+    """sha256 of ``annotations/instances_{split}2017.json`` (cheap; no image is read)."""
+    return sha256_file(annotation_file(root, split))
 
 
 def check_image(path: Path) -> str | None:

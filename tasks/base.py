@@ -1,0 +1,119 @@
+"""The task contract: everything shared code may know about a transfer task.
+
+A task is **one module** in this package that defines ``TASK = <a Task subclass
+instance>``, plus its profiles ``configs/<name>.{paper,short,smoke}.yaml``. The
+registry (``fourm_eval.tasks.get_task`` / ``all_tasks``) finds it; the CLI
+(``run``, ``evaluate``, ``data make-mini``, ``data check``), the shared runner,
+``doctor``, ``results``, ``report``, ``regress`` and the CI gate know tasks only
+through the attributes and methods below, never by name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One number a task reports, as stored in ``result.json``."""
+
+    name: str                      # the record's key, e.g. "box_AP"
+    unit: str = "fraction"         # "fraction" (tables show x100, "points"), or an SI unit such as "m"
+    higher_is_better: bool = True
+    main: bool = False             # a column of the paper-style table
+    gated: bool = False            # watched by the CI regression gate (`regress --update` default)
+    description: str = ""
+
+    @property
+    def display_scale(self) -> float:
+        return 100.0 if self.unit == "fraction" else 1.0
+
+
+@dataclass
+class PreparedData:
+    """What a task's data check hands to the shared runner."""
+
+    root: Path
+    n_train: int                   # training images actually used (after subsets and skips)
+    n_val: int
+    record: dict[str, Any]         # the record's ``dataset`` section (hashes, counts, classes, skips)
+    private: dict[str, Any] = field(default_factory=dict)  # task-only state (annotation files, class ids)
+
+
+class Task(ABC):
+    name: ClassVar[str]            # "coco-det": the CLI name, the record's ``task``
+    title: ClassVar[str]           # one line for listings
+    data_kind: ClassVar[str]       # short dataset name for `fourm-eval data make-mini|check KIND`
+    metrics: ClassVar[tuple[Metric, ...]]
+    requires: ClassVar[tuple[str, ...]]  # `doctor` check names this task needs (e.g. "mmdet", "mmcv ops")
+    prediction_format: ClassVar[str]     # one line: what the saved predictions are
+    mm_scope: ClassVar[str]        # the OpenMMLab default scope of its runner ("mmdet", "mmseg")
+
+    # ---------------------------------------------------------------- data
+    @abstractmethod
+    def make_mini(self, out: Path, seed: int = 0) -> Path:
+        """Write the deterministic synthetic mini dataset in the real on-disk layout."""
+
+    @abstractmethod
+    def default_data_root(self) -> Path:
+        """The built-in mini dataset (generated once, cached), used when no data root is given."""
+
+    @abstractmethod
+    def data_identity(self, root: Path) -> dict[str, Any]:
+        """Cheap fingerprints of the dataset (annotation hashes) for the run directory's identity."""
+
+    @abstractmethod
+    def check_data(self, root: Path, p: dict[str, Any], *, skip_bad_images: bool, out_dir: Path | None,
+                   log: Log) -> PreparedData:
+        """Validate the layout (named errors), and prepare what the runner needs."""
+
+    # ------------------------------------------------------- model, runner
+    def backbone_options(self, p: dict[str, Any], backbone: str, info: dict[str, Any]) -> dict[str, Any]:
+        """Extra ``build_backbone`` options the profile asks for (e.g. windowed attention); recorded."""
+        return {}
+
+    def register_mm(self) -> None:
+        """Import/register the OpenMMLab modules the task's config names (idempotent)."""
+
+    @abstractmethod
+    def runner_parts(self, p: dict[str, Any], data: PreparedData, *, backbone_cfg: dict[str, Any],
+                     embed_dim: int, sched: dict[str, Any], seed: int, predictions_dir: Path) -> dict[str, Any]:
+        """``model``, ``train_dataset``, ``val_dataset`` and ``val_evaluator`` configs for mmengine
+        (the shared runner wraps the datasets in loaders and adds loop, optimiser and hooks).
+
+        The evaluator writes the predictions of every validation into ``predictions_dir``
+        (the last one stays: the final model's)."""
+
+    def verify_runner(self, runner: Any, data: PreparedData) -> None:
+        """Checks on the built runner before training (e.g. the datasets' class order)."""
+
+    # ------------------------------------------------ metrics, predictions
+    @abstractmethod
+    def record_metrics(self, evaluator_out: dict[str, float]) -> dict[str, float]:
+        """Evaluator output -> the record's metric names and units (every ``metrics`` name)."""
+
+    @abstractmethod
+    def evaluate(self, predictions: Path, data_root: Path) -> dict[str, float]:
+        """Score a predictions file or folder in the task's standard format (ours or another
+        project's) with the task's metric; malformed input is a named error."""
+
+    @abstractmethod
+    def footnote(self, record: dict[str, Any]) -> str:
+        """The protocol footnote for a record (head, resolution, schedule, tuning mode)."""
+
+    # ------------------------------------------------------------ derived
+    def metric(self, name: str) -> Metric | None:
+        return next((m for m in self.metrics if m.name == name), None)
+
+    @property
+    def main_metrics(self) -> list[str]:
+        return [m.name for m in self.metrics if m.main]
+
+    @property
+    def gated_metrics(self) -> list[str]:
+        return [m.name for m in self.metrics if m.gated]

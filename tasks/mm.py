@@ -1,0 +1,332 @@
+"""The OpenMMLab pieces every task shares, registered once in mmengine's root
+registries (mmdet's and mmseg's registries are its children and find them):
+
+* ``FourmEvalViT``: any fourm-eval backbone as an mm backbone, returning the
+  tokens of the chosen blocks as (B, D, h, w) maps, with or without the
+  encoder's final norm;
+* ``SimpleFeaturePyramid`` (ViTDet) and ``FourmLN2d`` (LayerNorm over channels);
+* ``LayerDecayOptimWrapperConstructor``: AdamW groups from the backbone's own
+  ``layer_id()`` (never from parameter-name patterns), no weight decay on
+  biases, norms and embeddings, the resolved table written to the run dir;
+* hooks: evaluation before training (step 0), the evaluation history, a
+  finite-loss guard (the last checkpoint stays), and checkpoint state that is
+  loadable with ``weights_only=True`` and restores the RNG after a resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.hooks import Hook
+from mmengine.model import BaseModule
+from mmengine.optim import DefaultOptimWrapperConstructor
+from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+
+from fourm_eval.errors import ConfigError, FourmEvalError
+
+from .state import prune_checkpoints, rng_state, set_rng_state
+
+
+# ------------------------------------------------------------------ modules
+@MODELS.register_module("FourmLN2d", force=True)
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW map."""
+
+    def __init__(self, num_features: int, eps: float = 1e-6, **_: Any):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+@MODELS.register_module(force=True)
+class FourmEvalViT(BaseModule):
+    """A fourm-eval backbone (4M, DeiT III, MAE via ``build_backbone``) as an mm backbone.
+
+    ``out_indices``: 0-based blocks whose tokens are returned as (B, D, h, w) maps
+    (default: the last block). ``final_norm``: apply the encoder's final norm to
+    them. Without it (ViTDet, UperNet), the parameters after the blocks (layer id
+    L+1 inside the backbone) are frozen, so they are neither trained nor decayed and
+    DDP sees no unused parameters."""
+
+    def __init__(self, name: str, checkpoint: str | None = None, allow_pickle: bool = False,
+                 out_indices: Sequence[int] = (-1,), final_norm: bool = False, **kwargs: Any):
+        super().__init__()
+        from fourm_eval.backbones import build_backbone
+
+        self.net = build_backbone(name, checkpoint=checkpoint, allow_pickle=allow_pickle, **kwargs)
+        self.out_indices = [int(i) for i in out_indices]
+        self.final_norm = bool(final_norm)
+        if not self.final_norm:
+            for n, p in self.net.named_parameters():
+                if self.net.layer_id(n) == self.net.num_layers + 1:
+                    p.requires_grad_(False)
+
+    def init_weights(self) -> None:  # weights come from build_backbone; never re-initialise
+        pass
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows, cols = self.net.grid_size(x)
+        feats = self.net.get_intermediate_layers(x, self.out_indices, norm=self.final_norm)
+        return tuple(t.transpose(1, 2).reshape(t.shape[0], -1, rows, cols).contiguous() for t in feats)
+
+
+@MODELS.register_module(force=True)
+class SimpleFeaturePyramid(BaseModule):
+    """ViTDet's neck: multi-scale maps from the single stride-16 map."""
+
+    def __init__(self, in_channels: int, out_channels: int, scale_factors=(4.0, 2.0, 1.0, 0.5),
+                 num_outs: int = 5, init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        self.stages = nn.ModuleList()
+        C = in_channels
+        for s in scale_factors:
+            if s == 4.0:
+                layers: list[nn.Module] = [nn.ConvTranspose2d(C, C // 2, 2, 2), LayerNorm2d(C // 2), nn.GELU(),
+                                           nn.ConvTranspose2d(C // 2, C // 4, 2, 2)]
+                dim = C // 4
+            elif s == 2.0:
+                layers, dim = [nn.ConvTranspose2d(C, C // 2, 2, 2)], C // 2
+            elif s == 1.0:
+                layers, dim = [], C
+            elif s == 0.5:
+                layers, dim = [nn.MaxPool2d(2, 2)], C
+            else:
+                raise ConfigError(f"unsupported pyramid scale {s}")
+            layers += [nn.Conv2d(dim, out_channels, 1, bias=False), LayerNorm2d(out_channels),
+                       nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels)]
+            self.stages.append(nn.Sequential(*layers))
+        self.num_outs = num_outs
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = inputs[0]
+        outs = [stage(x) for stage in self.stages]
+        while len(outs) < self.num_outs:  # ViTDet's extra level: stride-2 subsampling of the coarsest map
+            outs.append(F.max_pool2d(outs[-1], 1, stride=2))
+        return tuple(outs)
+
+
+# -------------------------------------------------------------- layer decay
+def layer_decay_groups(model: torch.nn.Module, backbone: torch.nn.Module, backbone_prefix: str, base_lr: float,
+                       weight_decay: float, decay_rate: float) -> list[dict[str, Any]]:
+    """Parameter groups: lr = base_lr * decay**(L + 1 - layer_id), wd 0 for biases/norms/embeddings."""
+    L = backbone.num_layers
+    no_wd_names = backbone.no_weight_decay_names() if hasattr(backbone, "no_weight_decay_names") else set()
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(backbone_prefix):
+            rel = name[len(backbone_prefix):]
+            lid = backbone.layer_id(rel)
+            # biases and norm weights (1-d) and the token embeddings the backbone names
+            no_wd = p.ndim <= 1 or rel in no_wd_names
+        else:
+            lid = L + 1
+            no_wd = p.ndim <= 1
+        key = (lid, no_wd)
+        if key not in groups:
+            scale = decay_rate ** (L + 1 - lid)
+            groups[key] = {"params": [], "param_names": [], "layer_id": lid, "lr_scale": scale,
+                           "lr": base_lr * scale, "weight_decay": 0.0 if no_wd else weight_decay}
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def write_group_table(groups: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer_id", "lr_scale", "lr", "weight_decay", "n_tensors", "n_params", "examples"])
+        for g in groups:
+            w.writerow([g["layer_id"], f"{g['lr_scale']:.6g}", f"{g['lr']:.6g}", g["weight_decay"],
+                        len(g["params"]), sum(p.numel() for p in g["params"]), " ".join(g["param_names"][:3])])
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module(force=True)
+class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
+    """AdamW groups from ``backbone.layer_id``; see :func:`layer_decay_groups`."""
+
+    def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None):
+        paramwise_cfg = dict(paramwise_cfg or {})
+        self.decay_rate = float(paramwise_cfg.pop("layer_decay_rate"))
+        self.backbone_attr = paramwise_cfg.pop("backbone_attr", "backbone.net")
+        self.table_path = paramwise_cfg.pop("table_path", None)
+        super().__init__(optim_wrapper_cfg, None)
+
+    def __call__(self, model: torch.nn.Module):
+        from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
+
+        if hasattr(model, "module"):
+            model = model.module
+        net = model
+        for part in self.backbone_attr.split("."):
+            net = getattr(net, part)
+        cfg = copy.deepcopy(self.optim_wrapper_cfg)
+        opt_cfg = copy.deepcopy(self.optimizer_cfg)  # the base class moved it out of the wrapper cfg
+        groups = layer_decay_groups(model, net, self.backbone_attr + ".", opt_cfg["lr"],
+                                    opt_cfg.get("weight_decay", 0.0), self.decay_rate)
+        if self.table_path:
+            write_group_table(groups, Path(self.table_path))
+        for g in groups:
+            g.pop("param_names")
+        opt_cfg["params"] = groups
+        optimizer = OPTIMIZERS.build(opt_cfg)
+        return OPTIM_WRAPPERS.build(cfg, default_args=dict(optimizer=optimizer))
+
+
+# -------------------------------------------------------------------- hooks
+@HOOKS.register_module(force=True)
+class EvalAtStartHook(Hook):
+    """Evaluate the untrained model once, before the first iteration (kept across resumes)."""
+    priority = "LOW"
+
+    def __init__(self, out_file: str):
+        self.out_file = out_file
+
+    def before_train(self, runner) -> None:
+        from fourm_eval.results import atomic_write_json
+        if Path(self.out_file).exists() or runner.iter > 0:
+            return
+        metrics = runner.val_loop.run()
+        if runner.rank == 0:
+            atomic_write_json(self.out_file, {k: float(v) for k, v in (metrics or {}).items()})
+
+
+@HOOKS.register_module(force=True)
+class EvalHistoryHook(Hook):
+    """Append every periodic evaluation (iteration, metrics) to a JSON-lines file."""
+    priority = "LOW"
+
+    def __init__(self, out_file: str):
+        self.out_file = out_file
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        if runner.rank != 0 or not metrics:
+            return
+        with open(self.out_file, "a") as f:
+            f.write(json.dumps({"iter": runner.iter, "metrics": {k: float(v) for k, v in metrics.items()}}) + "\n")
+
+
+class NonFiniteLossError(FourmEvalError):
+    """Training produced a NaN or infinite loss."""
+
+
+@HOOKS.register_module(force=True)
+class FiniteLossHook(Hook):
+    """Stop with a clear error when the loss is NaN/inf; the last checkpoint stays on disk."""
+    priority = "HIGHEST"
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if not outputs:
+            return
+        bad = {k: float(v) for k, v in outputs.items()
+               if torch.is_tensor(v) and v.numel() == 1 and not torch.isfinite(v).all()}
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {runner.iter + 1}: {bad}. The last checkpoint in "
+                f"{runner.work_dir} is kept; lower the learning rate (--set lr=...) or check the data, "
+                "then run the same command again to resume from it.")
+
+
+@HOOKS.register_module(force=True)
+class CheckpointStateHook(Hook):
+    """Make mmengine checkpoints loadable with ``weights_only=True`` and resumable bit-for-bit.
+
+    * mmengine's message hub pickles ``HistoryBuffer`` objects whose state holds bound
+      methods (unpickling them needs ``getattr``, which a weights-only load rightly
+      refuses); they are stored as plain arrays and rebuilt on load;
+    * python / numpy / torch RNG states are saved, and restored after a resume once the
+      train loop has skipped the batches already seen;
+    * mmengine prunes old checkpoints *before* writing the new one, so a kill while saving
+      could leave none; CheckpointHook keeps all, and old ones are pruned here, after the
+      newer checkpoint is complete."""
+    priority = "LOWEST"
+
+    def __init__(self, keep: int = 2) -> None:
+        self._pending = None
+        self.keep = keep
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if runner.rank == 0:
+            prune_checkpoints(Path(runner.work_dir), self.keep)
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        from mmengine.logging import HistoryBuffer
+        hub = checkpoint.get("message_hub", {})
+        scalars = hub.get("log_scalars", {})
+        for key, buf in list(scalars.items()):
+            if isinstance(buf, HistoryBuffer):
+                log, count = buf.data
+                scalars[key] = {"__history_buffer__": True, "log": np.asarray(log).tolist(),
+                                "count": np.asarray(count).tolist(), "max_length": int(buf.max_length)}
+        checkpoint.setdefault("meta", {})["rng_state"] = rng_state()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        from mmengine.logging import HistoryBuffer
+        scalars = checkpoint.get("message_hub", {}).get("log_scalars", {})
+        for key, val in list(scalars.items()):
+            if isinstance(val, dict) and val.get("__history_buffer__"):
+                scalars[key] = HistoryBuffer(val["log"], val["count"], val["max_length"])
+        self._pending = checkpoint.get("meta", {}).get("rng_state")
+
+    def before_train(self, runner) -> None:
+        # The train loop skips the batches already seen by drawing them (their augmentation
+        # consumes random numbers), then draws the next batch before any per-iteration hook
+        # runs. So the saved state is put back inside the iterator, right after the skip.
+        state, self._pending = self._pending, None
+        loop = runner.train_loop
+        if state and getattr(loop, "_iter", 0) > 0 and hasattr(loop, "dataloader_iterator"):
+            loop.dataloader_iterator = _RestoreRngAfter(loop.dataloader_iterator, loop._iter,
+                                                        lambda: set_rng_state(state))
+
+
+class BeforeTrainCheck(Hook):
+    """Run a check once the runner has built its loops in its own order, before any training
+    or step-0 evaluation (building a loop early would change the order of random draws)."""
+    priority = "VERY_HIGH"
+
+    def __init__(self, check: Any) -> None:
+        self.check = check
+
+    def before_train(self, runner) -> None:
+        self.check(runner)
+
+
+class _RestoreRngAfter:
+    """Iterator proxy: calls ``restore`` just before the (n_skip + 1)-th item is drawn."""
+
+    def __init__(self, it: Any, n_skip: int, restore: Any):
+        self._it, self._n_skip, self._restore, self._n = it, n_skip, restore, 0
+
+    def __iter__(self) -> "_RestoreRngAfter":
+        return self
+
+    def __next__(self) -> Any:
+        if self._n == self._n_skip and self._restore is not None:
+            self._restore()
+            self._restore = None
+        self._n += 1
+        return next(self._it)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._it, name)
+
+
+__all__ = ["BeforeTrainCheck", "CheckpointStateHook", "EvalAtStartHook", "EvalHistoryHook", "FiniteLossHook", "FourmEvalViT",
+           "LayerDecayOptimWrapperConstructor", "LayerNorm2d", "NonFiniteLossError", "SimpleFeaturePyramid",
+           "layer_decay_groups", "write_group_table"]

@@ -1,0 +1,98 @@
+"""Run state on disk and in the process: checkpoint files, RNG state, the weights-only
+allow-list for mmengine's checkpoints, and CPU process groups.
+
+* mmengine 0.10.7 reloads its checkpoints with plain ``torch.load``, which torch >= 2.6
+  runs with ``weights_only=True``. Instead of disabling that, the few non-tensor types
+  mmengine stores are allow-listed for the weights-only unpickler.
+* A checkpoint is complete when its zip central directory (written last by
+  ``torch.save``) reads; incomplete ones are never resumed from.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def complete_checkpoints(work_dir: Path) -> list[Path]:
+    """``iter_N.pth`` files whose zip central directory reads, newest first."""
+    import zipfile
+
+    found = []
+    for f in work_dir.glob("iter_*.pth"):
+        m = re.fullmatch(r"iter_(\d+)\.pth", f.name)
+        if not m:
+            continue
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            continue
+        found.append((int(m.group(1)), f))
+    return [f for _, f in sorted(found, reverse=True)]
+
+
+def prune_checkpoints(work_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in complete_checkpoints(work_dir)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """python / numpy / torch RNG state in plain types (loadable with weights_only=True)."""
+    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+            "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate((3, tuple(s["python"]), s["python_pos"]))
+    np.random.set_state(("MT19937", np.asarray(s["numpy"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(s["torch"])
+
+
+def allow_mmengine_checkpoint_types() -> None:
+    """Let ``torch.load(weights_only=True)`` read mmengine's own training checkpoints."""
+    import collections
+
+    safe: list[Any] = [collections.OrderedDict, collections.defaultdict, np.dtype, np.ndarray,
+                       np.core.multiarray._reconstruct if hasattr(np, "core") else None]
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+        safe += [_reconstruct, scalar]
+    except ImportError:  # numpy < 2
+        pass
+    safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool", "uint8", "uint32")]
+    torch.serialization.add_safe_globals([s for s in safe if s is not None])
+
+
+def init_distributed_cpu(launcher: str) -> dict[str, Any] | None:
+    """mmengine's launchers pin a CUDA device; on CPU-only machines start gloo ourselves.
+
+    Returns a model_wrapper_cfg for the runner (DDP without device_ids) or None on GPUs."""
+    if launcher == "none" or torch.cuda.is_available():
+        return None
+    import torch.distributed as dist
+    from mmengine.model import MMDistributedDataParallel
+    from mmengine.registry import MODEL_WRAPPERS
+
+    if launcher == "slurm" and "RANK" not in os.environ:
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    if "CPUDistributedDataParallel" not in MODEL_WRAPPERS.module_dict:
+        @MODEL_WRAPPERS.register_module()
+        class CPUDistributedDataParallel(MMDistributedDataParallel):
+            def __init__(self, module, device_ids=None, **kwargs):  # CPU modules take no device_ids
+                super().__init__(module=module, device_ids=None, **kwargs)
+    return dict(type="CPUDistributedDataParallel", broadcast_buffers=False, find_unused_parameters=False)
