@@ -18,7 +18,8 @@ $(STAMP): scripts/setup.sh requirements/stack.txt pyproject.toml
 
 # the main job: COCO detection + instance segmentation, smoke profile (built-in mini COCO, tiny 4M, CPU, ~4 min)
 demo: setup
-	$(VENV)/bin/fourm-eval run coco-det --profile smoke --work-dir runs/demo/coco-det-smoke
+	@$(VENV)/bin/fourm-eval run coco-det --profile smoke --work-dir runs/demo/coco-det-smoke
+	@$(VENV)/bin/fourm-eval report runs/demo/coco-det-smoke --out runs/demo/report
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -288,15 +288,19 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
                  None, "--num-heads", help="Heads of a 4M .pth without config metadata (else guessed as dim/64, "
                                            "with a warning in the record)."),
              random_init: bool = typer.Option(False, "--random-init", help="Train a baseline from random init."),
-             launcher: str = typer.Option("none", help="none, pytorch (torchrun) or slurm (srun).")) -> None:
+             launcher: str = typer.Option("none", help="none, pytorch (torchrun) or slurm (srun)."),
+             verbose: bool = typer.Option(False, "--verbose", "-v",
+                                          help="Also show mmengine's log (environment, config, iteration lines) "
+                                               "on the console; it is always in the run directory.")) -> None:
     """Fine-tune a backbone on a task and evaluate it; writes WORK_DIR/result.json and the predictions."""
+    from .console import RunConsole
     from .tasks import get_task
     from .tasks.runner import run
 
     run(get_task(task), backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
         work_dir=work_dir, seed=seed, sets=list(set_), skip_bad_images=skip_bad_images,
         allow_pickle=allow_pickle, launcher=launcher, size=model_size, random_init=random_init,
-        num_heads=num_heads, log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
+        num_heads=num_heads, console=RunConsole(verbose=verbose))
 
 
 @app.command("evaluate")

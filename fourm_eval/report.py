@@ -163,21 +163,31 @@ def make_plots(records: list[dict[str, Any]], table: Table1, scaling_df) -> dict
         by_task.setdefault(rec["task"], []).append(rec)
     for task, recs in by_task.items():
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+        drawn_loss = drawn_val = False
         for rec in recs:
             name = f"{model_identity(rec)['label']} s{rec['seed']}"
             loss = analysis.read_train_loss(rec["_run_dir"])
             if loss:
                 a1.plot([i for i, _ in loss], [v for _, v in loss], label=name, lw=1)
+                drawn_loss = True
             metric = main_metric.get(task)
-            hist = [(h["iter"], h["metrics"][metric] * 100) for h in rec.get("eval_history", [])
+            scale = all_tasks()[task].metric(metric).display_scale if metric else 1.0
+            hist = [(h["iter"], h["metrics"][metric] * scale) for h in rec.get("eval_history", [])
                     if metric in h.get("metrics", {})]
             if hist:
                 a2.plot([i for i, _ in hist], [v for _, v in hist], marker="o", label=name, lw=1)
+                drawn_val = True
         a1.set_title(f"{task}: train loss")
-        a1.set_xlabel("iteration")
         a2.set_title(f"{task}: val {main_metric.get(task, '?')}")
-        a2.set_xlabel("iteration")
-        a2.legend(fontsize=6)
+        for ax, drawn, why in ((a1, drawn_loss, "no training-loss scalars in these runs\n"
+                                               "(mmengine's vis_data/scalars.json is missing)"),
+                               (a2, drawn_val, "no evaluation history in these records")):
+            if drawn:
+                ax.set_xlabel("iteration")
+                ax.legend(fontsize=6)
+            else:  # say so in words instead of drawing empty axes
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=9, transform=ax.transAxes)
         plots[f"curves_{task}"] = _png(fig)
     if scaling_df is not None and not scaling_df.empty:
         tasks = sorted(set(scaling_df.task))
@@ -284,13 +294,17 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
              "points (metric x 100), mean ± sample std over seeds with the seed count; **bold** = best of its "
              "size and profile; [paper x] = the published number for the same model (4m-transfer protocol; "
              "† = not yet verified against the paper).")
-    sections.append(("Transfer results (4M Table 1 layout)", [("p", intro), ("table", (h1, r1))]))
+    sections.append(("Transfer results (4M Table 1 layout)", [("p", intro), ("table", (h1, r1, (
+        "Your runs: the main metric of each task in points, mean ± std over seeds (n), best per size in bold, "
+        "the published number in brackets, Δ to DeiT III / MAE of the same size.")))]))
     for protocol, (piv, sources) in pubs.items():
         hdr = list(piv.columns)
         rows = [[str(v) for v in r] for r in piv.itertuples(index=False)]
         sections.append((f"Published numbers, protocol `{protocol}`", [
             ("p", "† marks numbers whose `verified` column is 'no' (not yet checked against the paper). "
-                  "Sources: " + "; ".join(sources)), ("table", (hdr, rows))]))
+                  "Sources: " + "; ".join(sources)),
+            ("table", (hdr, rows, f"Published scores (points) under the {protocol} protocol, per model, size "
+                                  "and pre-training data; not measured by this suite."))]))
     sections.append(("Figures", [("img", (name, f"figures/{name}.png")) for name in plots if name != "scaling"]))
     # scaling
     sc_rows = [[r["family"], r["pretrain"], r["task"], r["metric"], f"{r['B']:.1f}", f"{r['L']:.1f}", f"{r['XL']:.1f}",
@@ -301,10 +315,13 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
     sections.append(("Overfitting analysis: model scaling", [
         ("p", "Method: " + analysis.METHODS["scaling"]),
         ("table", (["family", "pretrain", "task", "metric", "B", "L", "XL", "expected XL", "XL − expected",
-                    "shortfall", "source"], sc_rows)),
+                    "shortfall", "source"], sc_rows,
+                   "Observed XL score vs the XL score the B -> L trend predicts (log-linear in encoder parameters), "
+                   "in points; shortfall = more than the stated threshold below the trend.")),
         ("p", "Data scale at fixed size: 4M-7 COYO700M minus 4M-7 CC12M (points). A larger gain at XL than at "
               "B and L is what overfitting of the smaller CC12M at XL predicts."),
-        ("table", (["task", "metric", "B", "L", "XL", "XL gain > B and L"], de_rows)),
+        ("table", (["task", "metric", "B", "L", "XL", "XL gain > B and L"], de_rows,
+                   "Score with COYO700M minus score with CC12M pre-training, per size (points).")),
         ("img", ("scaling", "figures/scaling.png"))]))
     ft_rows = []
     for rec, a in ft:
@@ -318,7 +335,9 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
     sections.append(("Overfitting analysis: fine-tuning", [
         ("p", "Method: " + analysis.METHODS["finetune"]),
         ("table", (["backbone", "task", "profile", "seed", "metric", "peak iter", "peak", "final", "gap (points)",
-                    "train-loss slope after peak", "overfitting"], ft_rows))]))
+                    "train-loss slope after peak", "overfitting"], ft_rows,
+                   "Per run: best validation score during fine-tuning vs the final one, and whether the training "
+                   "loss kept falling after the peak."))]))
     if pre:
         items: list[tuple[str, Any]] = [("p", "Method: " + analysis.METHODS["pretrain"])]
         for path, res in pre:
@@ -327,7 +346,9 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
                     for m, i in res["modalities"].items()]
             items.append(("p", f"`{path}` (x axis: {res['x']}). Modalities that overfit, first to last: "
                                + (", ".join(res["overfit_order"]) or "none")))
-            items.append(("table", (["modality", "held-out set", f"onset ({res['x']})", "confirmed at"], rows)))
+            items.append(("table", (["modality", "held-out set", f"onset ({res['x']})", "confirmed at"], rows,
+                                    "Per target modality: where the held-out loss starts to rise while the "
+                                    "training loss still falls.")))
         sections.append(("Overfitting analysis: pre-training", items))
     notes = _footnotes(records)
     if bad:
@@ -357,7 +378,9 @@ def _render_md(sections: list[tuple[str, list[tuple[str, Any]]]]) -> str:
             if kind == "p":
                 parts += [payload, ""]
             elif kind == "table":
-                parts += [_md_table(*payload), ""]
+                if len(payload) > 2:
+                    parts += [f"*{payload[2]}*", ""]
+                parts += [_md_table(payload[0], payload[1]), ""]
             elif kind == "img":
                 parts += [f"![{payload[0]}]({payload[1]})", ""]
             elif kind == "list":
@@ -367,7 +390,8 @@ def _render_md(sections: list[tuple[str, list[tuple[str, Any]]]]) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;
 margin:.5em 0 1.5em}td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px}th{background:#eee}
-img{max-width:100%;border:1px solid #ddd;margin:.5em 0}code{background:#f4f4f4}"""
+img{max-width:100%;border:1px solid #ddd;margin:.5em 0}code{background:#f4f4f4}
+caption{caption-side:top;text-align:left;font-size:13px;color:#444;padding:2px 0}"""
 
 
 def _inline_md(text: str) -> str:
@@ -378,15 +402,18 @@ def _inline_md(text: str) -> str:
 
 
 def _render_html(sections: list[tuple[str, list[tuple[str, Any]]]], plots: dict[str, bytes]) -> str:
-    body = ["<h1>fourm-eval report</h1>"]
-    for title, items in sections:
-        body.append(f"<h2>{html.escape(title)}</h2>")
+    body = ["<h1>fourm-eval report</h1>", "<nav><h2>Contents</h2><ol class='toc'>"
+            + "".join(f"<li><a href='#s{i}'>{html.escape(t)}</a></li>" for i, (t, _) in enumerate(sections))
+            + "</ol></nav>"]
+    for i, (title, items) in enumerate(sections):
+        body.append(f"<h2 id='s{i}'>{html.escape(title)}</h2>")
         for kind, payload in items:
             if kind == "p":
                 body.append(f"<p>{_inline_md(payload)}</p>")
             elif kind == "table":
-                header, rows = payload
-                body.append("<table class='results'><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                header, rows = payload[0], payload[1]
+                cap = f"<caption>{html.escape(payload[2])}</caption>" if len(payload) > 2 else ""
+                body.append(f"<table class='results'>{cap}<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
                             + "</tr>" + "".join("<tr>" + "".join(f"<td>{_inline_md(c)}</td>" for c in r) + "</tr>"
                                                 for r in rows) + "</table>")
             elif kind == "img":

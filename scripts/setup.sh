@@ -28,13 +28,30 @@ MMDET_VERSION=$(sed -n 's/^mmdet==//p' requirements/stack.txt)
 MMSEG_VERSION=$(sed -n 's/^mmsegmentation==//p' requirements/stack.txt)
 MMCV_CACHE="$CACHE_ROOT/wheels/torch-$TORCH_VERSION"
 
-step() { printf '\n==> %s\n' "$*"; }
-die() { printf '\nsetup failed: %s\n' "$*" >&2; exit 1; }
+# Quiet by default: one line per step with its time; the full output of pip, apt and the
+# compiler goes to a log file under the cache, whose path is printed when a step fails.
+mkdir -p "$CACHE_ROOT/logs"
+LOG="$CACHE_ROOT/logs/setup-$(date +%Y%m%d-%H%M%S).log"
+: > "$LOG"
+die() { printf 'setup failed: %s\n  full log: %s\n' "$*" "$LOG" >&2; exit 1; }
+# run_step "what" cmd...: runs cmd with its output in the log; prints "what ... done (12 s)"
+run_step() {
+  local what=$1; shift
+  local t0=$SECONDS
+  printf '%s ... ' "$what"
+  printf '\n==> %s\n$ %s\n' "$what" "$*" >> "$LOG"
+  if "$@" >> "$LOG" 2>&1; then
+    printf 'done (%d s)\n' $((SECONDS - t0))
+  else
+    printf 'FAILED (%d s)\n' $((SECONDS - t0))
+    tail -n 25 "$LOG" | sed 's/^/  | /' >&2
+    die "$what"
+  fi
+}
 
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found; fourm-eval needs Python 3.11 (set PYTHON=...)"
 if [ ! -x "$VENV/bin/python" ]; then
-  step "creating virtual environment $VENV"
-  "$PYTHON" -m venv "$VENV"
+  run_step "creating virtual environment $VENV" "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
@@ -47,18 +64,8 @@ assert torch.__version__.split("+")[0] == "$TORCH_VERSION", torch.__version__
 assert torchvision.__version__.split("+")[0] == "$TORCHVISION_VERSION"
 PYEOF
 then
-  step "installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION"
-  "${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
-fi
-
-# mmcv's setup.py imports pkg_resources (gone in setuptools>=70); ninja makes
-# the C++ build use all cores.
-if ! has <<PYEOF
-import pkg_resources, wheel, ninja
-PYEOF
-then
-  step "installing build tools"
-  "${PIP[@]}" install -q "setuptools<70" wheel ninja
+  run_step "installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION" \
+    "${PIP[@]}" install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 
 mmcv_ok() {
@@ -71,9 +78,34 @@ PYEOF
 }
 
 install_mmcv_wheel() {
-  "${PIP[@]}" install -q --no-deps --force-reinstall "$1"
+  run_step "installing mmcv $MMCV_VERSION from $1" "${PIP[@]}" install --no-deps --force-reinstall "$1"
   # mmcv's runtime dependencies, minus opencv-python (the headless build avoids GUI libs)
-  "${PIP[@]}" install -q addict packaging Pillow pyyaml yapf opencv-python-headless "mmengine==$(sed -n 's/^mmengine==//p' requirements/stack.txt)"
+  run_step "installing mmcv's dependencies" "${PIP[@]}" install addict packaging Pillow pyyaml yapf \
+    opencv-python-headless "mmengine==$(sed -n 's/^mmengine==//p' requirements/stack.txt)"
+}
+
+# mmcv is compiled in a throw-away build environment, never in the project's venv: its setup.py
+# needs setuptools<70 (pkg_resources), which would put the venv in conflict with torch's
+# setuptools requirement. The build environment sees the project's torch through a .pth file.
+build_mmcv() {
+  local build=$1
+  local benv="$build/buildenv"
+  "$PYTHON" -m venv "$benv" || return 1
+  local site bsite
+  site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || return 1
+  bsite=$("$benv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || return 1
+  echo "$site" > "$bsite/zz-project-venv.pth"  # after the build env's own packages: its setuptools wins
+  "$benv/bin/python" -m pip --disable-pip-version-check install "setuptools<70" wheel ninja || return 1
+  "$benv/bin/python" -c 'import torch, pkg_resources, ninja' || return 1
+  "$benv/bin/python" -m pip --disable-pip-version-check download --no-deps --no-binary :all: \
+    --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build" || return 1
+  tar -xzf "$build"/mmcv-"$MMCV_VERSION".tar.gz -C "$build" || return 1
+  local src="$build/mmcv-$MMCV_VERSION"
+  # torch >= 2.14 headers need C++20; mmcv 2.1.0 hard-codes C++17.
+  sed -i 's/-std=c++17/-std=c++20/g' "$src/setup.py"
+  PATH="$benv/bin:$PATH" MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    "$benv/bin/python" -m pip --disable-pip-version-check wheel --no-deps --no-build-isolation \
+    -w "$build/dist" "$src"
 }
 
 if ! mmcv_ok; then
@@ -84,21 +116,14 @@ if ! mmcv_ok; then
     if [ -n "$cand" ]; then wheel=$cand; break; fi
   done
   if [ -n "$wheel" ]; then
-    step "installing mmcv $MMCV_VERSION from $wheel"
     install_mmcv_wheel "$wheel"
     mmcv_ok || die "the mmcv wheel $wheel does not load its compiled ops with torch $TORCH_VERSION; remove it (or unset FOURM_EVAL_WHEELHOUSE) to build from source"
   else
-    step "building mmcv $MMCV_VERSION with compiled ops from source (11-16 min on 2 cores; done once, cached in $MMCV_CACHE)"
     build=$(mktemp -d)
     trap 'rm -rf "$build"' EXIT
-    "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build"
-    tar -xzf "$build"/mmcv-"$MMCV_VERSION".tar.gz -C "$build"
-    src="$build/mmcv-$MMCV_VERSION"
-    # torch >= 2.14 headers need C++20; mmcv 2.1.0 hard-codes C++17.
-    sed -i 's/-std=c++17/-std=c++20/g' "$src/setup.py"
     mkdir -p "$MMCV_CACHE"
-    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-      "${PIP[@]}" wheel --no-deps --no-build-isolation -w "$build/dist" "$src"
+    run_step "building mmcv $MMCV_VERSION with compiled ops in a throw-away build environment (11-16 min on 2 cores; once, cached in $MMCV_CACHE)" \
+      build_mmcv "$build"
     built=$(ls "$build"/dist/mmcv-"$MMCV_VERSION"-*.whl)
     # write the cache atomically so an interrupted build never leaves a broken wheel
     cp "$built" "$MMCV_CACHE/.partial.whl" && mv "$MMCV_CACHE/.partial.whl" "$MMCV_CACHE/$(basename "$built")"
@@ -113,23 +138,23 @@ assert m.version("mmdet") == "$MMDET_VERSION"
 assert m.version("mmsegmentation") == "$MMSEG_VERSION"
 PYEOF
 then
-  step "installing mmdet $MMDET_VERSION and mmsegmentation $MMSEG_VERSION (no-deps, see docs/stack)"
-  "${PIP[@]}" install -q --no-deps "mmdet==$MMDET_VERSION" "mmsegmentation==$MMSEG_VERSION"
+  run_step "installing mmdet $MMDET_VERSION and mmsegmentation $MMSEG_VERSION (no-deps, see docs/stack.md)" \
+    "${PIP[@]}" install --no-deps "mmdet==$MMDET_VERSION" "mmsegmentation==$MMSEG_VERSION"
 fi
 
 # The report test opens report.html in a real headless browser (Debian's chromium).
 if ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    step "installing chromium (headless browser for the report test)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+    run_step "installing chromium (headless browser for the report test)" \
+      sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium'
   else
     printf '\nwarning: chromium is not installed and cannot be installed here (needs apt-get as root);\n'
     printf 'the report-in-a-browser test will fail until it is (apt-get install chromium).\n'
   fi
 fi
 
-step "installing fourm-eval and its Python dependencies"
-"${PIP[@]}" install -q -e ".[test]"
+run_step "installing fourm-eval and its Python dependencies" "${PIP[@]}" install -e ".[test]"
+run_step "checking that installed packages agree (pip check)" "${PIP[@]}" check
 
-step "checking the stack"
 "$VENV/bin/fourm-eval" doctor --brief || die "the stack is installed but 'fourm-eval doctor' reports a problem (above)"
+echo "setup complete: $VENV (log: $LOG)"

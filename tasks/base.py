@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 Log = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,9 @@ class Task(ABC):
 
     @abstractmethod
     def check_data(self, root: Path, p: dict[str, Any], *, skip_bad_images: bool, out_dir: Path | None,
-                   log: Log) -> PreparedData:
-        """Validate the layout (named errors), and prepare what the runner needs."""
+                   log: Log, progress: Progress | None = None) -> PreparedData:
+        """Validate the layout (named errors), and prepare what the runner needs.
+        ``progress(label, done, total)`` reports long checks (every image decodes)."""
 
     # ------------------------------------------------------- model, runner
     def backbone_options(self, p: dict[str, Any], backbone: str, info: dict[str, Any]) -> dict[str, Any]:

@@ -26,13 +26,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from mmengine.evaluator import BaseMetric
 from mmengine.registry import METRICS
 
 from fourm_eval.errors import ConfigError
 
-from .base import Log, Metric, PreparedData, Task
+from .base import Log, Metric, PreparedData, Progress, Task
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULT_FILES = {"bbox": "coco_results.bbox.json", "segm": "coco_results.segm.json"}
@@ -229,9 +228,10 @@ class CocoDet(Task):
         return {"annotations_sha256": {s: annotation_digest(root, s) for s in ("train", "val")}}
 
     def check_data(self, root: Path, p: dict[str, Any], *, skip_bad_images: bool, out_dir: Path | None,
-                   log: Log) -> PreparedData:
+                   log: Log, progress: Progress | None = None) -> PreparedData:
         checks, classes, cat_ids = check_data(root, skip_bad_images, out_dir,
-                                              ann_sha256=self.data_identity(root)["annotations_sha256"], log=log)
+                                              ann_sha256=self.data_identity(root)["annotations_sha256"], log=log,
+                                              progress=progress)
         n_train = min(checks["train"].n_images, int(p.get("train_subset") or 10**12))
         record = {"root": str(root), "annotations_sha256": {s: c.ann_sha256 for s, c in checks.items()},
                   "n_train_images": n_train, "n_val_images": checks["val"].n_images,
@@ -321,7 +321,7 @@ def datasets_and_model(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int,
 
 
 def check_data(root: Path, skip_bad_images: bool, out_dir: Path, ann_sha256: dict[str, str] | None = None,
-               log: Log = print) -> tuple[dict[str, Any], list[str], list[int]]:
+               log: Log = print, progress: Progress | None = None) -> tuple[dict[str, Any], list[str], list[int]]:
     """Check both splits; returns the checks, the class names and their category ids, label order.
 
     The one class order of a run is ascending category id: ``check_split`` rewrites any file that
@@ -333,12 +333,13 @@ def check_data(root: Path, skip_bad_images: bool, out_dir: Path, ann_sha256: dic
 
     checks = {}
     for split in ("train", "val"):
-        log(f"checking {root} ({split}2017) ...")
-        checks[split] = check_split(root, split, skip_bad_images, out_dir,
+        label = f"checking {split}2017"
+        cb = (lambda i, n, label=label: progress(label, i, n)) if progress else None
+        checks[split] = check_split(root, split, skip_bad_images, out_dir, progress=cb,
                                     ann_sha256=(ann_sha256 or {}).get(split))
         c = checks[split]
-        log(f"  {c.n_images} images, {c.n_annotations} annotations"
-            + (f", {len(c.bad_images)} unusable image(s) skipped" if c.bad_images else ""))
+        log(f"{root / (split + '2017')}: {c.n_images} images, {c.n_annotations} annotations, every image decodes"
+            + (f"; {len(c.bad_images)} unusable image(s) skipped" if c.bad_images else ""))
     check_same_categories(checks["train"], checks["val"])
     cats = checks["val"].categories  # sorted by id, as in the annotation files mmdet reads
     return checks, [c["name"] for c in cats], [c["id"] for c in cats]

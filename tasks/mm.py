@@ -295,6 +295,89 @@ class CheckpointStateHook(Hook):
                                                         lambda: set_rng_state(state))
 
 
+@HOOKS.register_module(force=True)
+class IsolateEvalRngHook(Hook):
+    """Every evaluation leaves the global random streams as it found them.
+
+    An evaluation draws random numbers (a DataLoader iterator takes its base seed from
+    torch's global generator, even without workers), and the checkpoint written just
+    before it holds the state from before those draws. A run resumed from that checkpoint
+    therefore skipped them and left the uninterrupted run's trajectory. With evaluations
+    isolated, a run's numbers do not depend on where it was interrupted."""
+    priority = "VERY_HIGH"
+
+    def __init__(self) -> None:
+        self._saved: dict[str, Any] | None = None
+
+    def before_val_epoch(self, runner) -> None:
+        self._saved = rng_state()
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        if self._saved is not None:
+            set_rng_state(self._saved)
+            self._saved = None
+
+
+@HOOKS.register_module(force=True)
+class ResumeMissedEvalHook(Hook):
+    """After a resume at an evaluation iteration whose evaluation never finished (the run was
+    killed during it, or between the checkpoint and it), run that evaluation first, so the
+    record's history is the uninterrupted run's. Isolated, it changes no random stream."""
+    priority = "LOW"
+
+    def __init__(self, history_file: str, val_interval: int, max_iters: int) -> None:
+        self.history_file, self.val_interval, self.max_iters = history_file, val_interval, max_iters
+
+    def before_train(self, runner) -> None:
+        it = runner.iter
+        if it == 0 or it % self.val_interval or it >= self.max_iters:
+            return
+        done = set()
+        path = Path(self.history_file)
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    done.add(int(json.loads(line)["iter"]))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue
+        if it not in done:
+            runner.val_loop.run()
+
+
+class FaultInjectionHook(Hook):
+    """Kills the process (SIGKILL, as a preemption does) at a named point, for resume tests:
+    ``after_checkpoint:N`` (iteration N's checkpoint is complete), ``during_eval:N`` (inside
+    the evaluation at iteration N), ``after_iter:N``. Enabled only by FOURM_EVAL_KILL_AT."""
+    priority = "LOWEST"
+
+    def __init__(self, spec: str) -> None:
+        where, _, n = spec.partition(":")
+        if where not in ("after_checkpoint", "during_eval", "after_iter") or not n.isdigit():
+            raise ConfigError(f"FOURM_EVAL_KILL_AT={spec!r}: expected after_checkpoint:N, during_eval:N "
+                              "or after_iter:N")
+        self.where, self.n = where, int(n)
+
+    @staticmethod
+    def _kill() -> None:
+        import os
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if runner.iter + 1 != self.n:
+            return
+        if self.where == "after_iter":
+            self._kill()
+        if self.where == "after_checkpoint":
+            from .state import complete_checkpoints
+            if (Path(runner.work_dir) / f"iter_{self.n}.pth") in complete_checkpoints(Path(runner.work_dir)):
+                self._kill()
+
+    def after_val_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self.where == "during_eval" and runner.iter == self.n:
+            self._kill()
+
+
 class BeforeTrainCheck(Hook):
     """Run a check once the runner has built its loops in its own order, before any training
     or step-0 evaluation (building a loop early would change the order of random draws)."""
@@ -305,6 +388,44 @@ class BeforeTrainCheck(Hook):
 
     def before_train(self, runner) -> None:
         self.check(runner)
+
+
+class ConsoleProgressHook(Hook):
+    """Feeds a ``fourm_eval.console.RunConsole``: the training phase (loss, lr, it/s, ETA) and
+    each evaluation (batches, then a one-line summary of the main metrics)."""
+    priority = "VERY_LOW"  # after the step-0 evaluation, which runs in another hook's before_train
+
+    def __init__(self, console: Any, max_iters: int, summarize: Any) -> None:
+        self.console, self.max_iters, self.summarize = console, max_iters, summarize
+
+    def before_train(self, runner) -> None:
+        self.console.start("train", "training", self.max_iters, completed=runner.iter)
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        info = []
+        loss = (outputs or {}).get("loss")
+        if loss is not None:
+            info.append(f"loss {float(loss):.4f}")
+        try:
+            lrs = runner.optim_wrapper.get_lr()["lr"]
+            info.append(f"lr {max(lrs):.2e}")
+        except (AttributeError, KeyError, TypeError, ValueError):
+            pass
+        self.console.advance("train", runner.iter + 1, "  ".join(info))
+
+    def after_train(self, runner) -> None:
+        self.console.finish("train")
+
+    def before_val_epoch(self, runner) -> None:
+        self.console.start("val", f"evaluating at iteration {runner.iter}", len(runner.val_loop.dataloader),
+                           plain_lines=False)
+
+    def after_val_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self.console.advance("val", batch_idx + 1)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        when = "before training" if runner.iter == 0 else f"at iteration {runner.iter}"
+        self.console.finish("val", f"evaluation {when}: {self.summarize(metrics or {})}")
 
 
 class _RestoreRngAfter:
@@ -327,6 +448,7 @@ class _RestoreRngAfter:
         return getattr(self._it, name)
 
 
-__all__ = ["BeforeTrainCheck", "CheckpointStateHook", "EvalAtStartHook", "EvalHistoryHook", "FiniteLossHook", "FourmEvalViT",
+__all__ = ["BeforeTrainCheck", "CheckpointStateHook", "ConsoleProgressHook", "FaultInjectionHook",
+           "IsolateEvalRngHook", "ResumeMissedEvalHook", "EvalAtStartHook", "EvalHistoryHook", "FiniteLossHook", "FourmEvalViT",
            "LayerDecayOptimWrapperConstructor", "LayerNorm2d", "NonFiniteLossError", "SimpleFeaturePyramid",
            "layer_decay_groups", "write_group_table"]

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from fourm_eval.errors import ConfigError
+from fourm_eval.console import RunConsole
+from fourm_eval.errors import ConfigError, FourmEvalWarning
 
 from .base import Task
 from .profiles import apply_overrides, load_profile, resolve_interval, resolve_per_size, resolve_size
+from .runs import rank_zero
 
 PREDICTIONS_DIR = "predictions"
 
@@ -74,7 +77,10 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         schedulers.append(dict(type="MultiStepLR", by_epoch=False, begin=0, end=sched["max_iters"],
                                milestones=sched["milestones"], gamma=0.1))
     hooks = [dict(type="FiniteLossHook"), dict(type="CheckpointStateHook", keep=int(p.get("max_keep_ckpts", 2))),
-             dict(type="EvalHistoryHook", out_file=str(work_dir / "eval_history.jsonl"))]
+             dict(type="EvalHistoryHook", out_file=str(work_dir / "eval_history.jsonl")),
+             dict(type="IsolateEvalRngHook"),
+             dict(type="ResumeMissedEvalHook", history_file=str(work_dir / "eval_history.jsonl"),
+                  val_interval=sched["val_interval"], max_iters=sched["max_iters"])]
     if p.get("eval_at_start", False):
         hooks.append(dict(type="EvalAtStartHook", out_file=str(work_dir / "eval_step0.json")))
     cuda = torch.cuda.is_available()
@@ -124,12 +130,38 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
         profile: str = "smoke", work_dir: str | Path | None = None, seed: int = 0, sets: list[str] | None = None,
         skip_bad_images: bool = False, allow_pickle: bool = False, launcher: str = "none",
         size: str | None = None, random_init: bool = False, num_heads: int | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        console: RunConsole | None = None) -> dict[str, Any]:
     """Fine-tune and evaluate ``task``; returns the result record (also written to result.json)."""
+    console = console or RunConsole()
+    if not rank_zero():  # one voice per run: other ranks only log to the run directory
+        from fourm_eval.console import _devnull
+        console = RunConsole(out=_devnull(), force_plain=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", FourmEvalWarning)  # printed by the console and kept in the record
+        try:
+            record, wd = _run(task, backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
+                              work_dir=work_dir, seed=seed, sets=sets, skip_bad_images=skip_bad_images,
+                              allow_pickle=allow_pickle, launcher=launcher, size=size, random_init=random_init,
+                              num_heads=num_heads, console=console)
+        finally:
+            console.close()
+    if wd is not None and caught and rank_zero():
+        with open(wd / "library-warnings.log", "a") as f:
+            for w in caught:
+                f.write(f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})\n")
+    return record
+
+
+def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | Path | None, profile: str,
+         work_dir: str | Path | None, seed: int, sets: list[str] | None, skip_bad_images: bool, allow_pickle: bool,
+         launcher: str, size: str | None, random_init: bool, num_heads: int | None,
+         console: RunConsole) -> tuple[dict[str, Any], Path | None]:
     from fourm_eval.backbones import backbone_info
     from fourm_eval.checkpoints import resolve_checkpoint
+    from fourm_eval.results import device_description
 
-    from .runs import RunDir, checkpoint_digest, rank_zero, resolve_backbone_name, write_result
+    from .runs import RunDir, checkpoint_digest, resolve_backbone_name, write_result
     from .state import allow_mmengine_checkpoint_types, init_distributed_cpu
 
     started = time.time()
@@ -138,17 +170,16 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
     if num_heads is not None and not name.startswith("4m"):
         raise ConfigError("--num-heads applies to 4M checkpoints without config metadata only")
     info = backbone_info(name, ckpt_path, allow_pickle, num_heads=num_heads)
-    warnings = list(info.get("load_notes") or [])
+    warns = list(info.get("load_notes") or [])
     p, size_note = resolve_run_profile(task, profile, sets, info, size)
     if size_note:
-        warnings.append(size_note)
-    for note in warnings:
-        log(f"WARNING: {note}")
+        warns.append(size_note)
+    for note in warns:
+        console.warn(note)
     options = task.backbone_options(p, name, info)
 
     if data_root is None:
         data_root = task.default_data_root()
-        log(f"no --data-root: using the built-in mini {task.data_kind} dataset at {data_root}")
     root = Path(data_root).expanduser().resolve()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     wd = RunDir.create(work_dir, task.name, name, p["profile"], seed)
@@ -160,9 +191,11 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
     wd.claim(identity)  # refuses a directory that holds a different run
     done = wd.finished_result()
     if done is not None:
-        log(f"{wd.path} already holds a finished run; result.json left as it is")
-        return done
-    data = task.check_data(root, p, skip_bad_images=skip_bad_images, out_dir=wd.path / "data", log=log)
+        console.line(f"{wd.path} already holds a finished run; result.json left as it is")
+        return done, None
+    sha = checkpoint_digest(ckpt_path) if ckpt_path else None
+    data = task.check_data(root, p, skip_bad_images=skip_bad_images, out_dir=wd.path / "data", log=console.line,
+                           progress=_progress(console))
 
     backbone_cfg = dict(name=name, checkpoint=ckpt_path, allow_pickle=allow_pickle,
                         drop_path_rate=float(p["drop_path"]), grad_checkpointing=bool(p.get("grad_checkpointing")),
@@ -173,7 +206,7 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
         backbone_cfg["img_size"] = int(p["image_size"])
 
     task.register_mm()
-    from . import mm  # noqa: F401 - registers the shared modules, optimiser constructor and hooks
+    from . import mm
     allow_mmengine_checkpoint_types()
     from mmengine.config import Config
     from mmengine.runner import Runner
@@ -189,40 +222,99 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
     resume_from = wd.resume_checkpoint()
     if resume_from is not None:
         cfg["resume"], cfg["load_from"] = True, str(resume_from)
-        log(f"resuming from the last checkpoint in {wd.path} ({resume_from.name})")
     else:
         cfg["resume"] = False
-    log(f"{task.name}: {name} ({info['params'] / 1e6:.1f}M params), {sched['max_iters']} iterations at batch "
-        f"{sched['eff_batch']}, {p['image_size']} px, layer decay {p['layer_decay']}, work dir {wd.path}")
-    runner = Runner.from_cfg(Config(cfg))
-    runner.register_hook(mm.BeforeTrainCheck(lambda r: task.verify_runner(r, data)))
-    loaded = _loaded_backbone(runner)
-    runner.train()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # rank 0 has written the evaluation history; all ranks now agree on it
-    history = wd.eval_history()
-    if not history or history[-1]["iter"] != sched["max_iters"] or not _has_predictions(pred_dir):
-        runner.val_loop.run()
+    console.header([
+        ("task", f"{task.name}: {task.title}"),
+        ("backbone", f"{name}, {info['params'] / 1e6:.1f}M params, "
+                     + (f"{ckpt_path} (sha256 {sha[:12]})" if ckpt_path else "random init")),
+        ("data", f"{root}: {data.n_train} training / {data.n_val} validation images"),
+        ("profile", f"{p['profile']} ({p['profile_file']}), seed {seed}, model size {p['model_size']}"),
+        ("schedule", f"{sched['max_iters']} iterations at batch {sched['eff_batch']} ({world} process(es)), "
+                     f"{p['image_size']} px, lr {p['lr']}, layer decay {p['layer_decay']}"),
+        ("device", device_description()),
+        ("work dir", str(wd.path) + (f" (resuming from {resume_from.name})" if resume_from else "")),
+    ])
+    with console.quiet_libraries():
+        runner = Runner.from_cfg(Config(cfg))
+        runner.register_hook(mm.BeforeTrainCheck(lambda r: task.verify_runner(r, data)))
+        runner.register_hook(mm.ConsoleProgressHook(console, sched["max_iters"],
+                                                    lambda m: _summary(task, task.record_metrics(m))))
+        if os.environ.get("FOURM_EVAL_KILL_AT"):  # preemption tests only
+            runner.register_hook(mm.FaultInjectionHook(os.environ["FOURM_EVAL_KILL_AT"]))
+        loaded = _loaded_backbone(runner)
+        runner.train()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 has written the evaluation history; all ranks now agree on it
         history = wd.eval_history()
+        if not history or history[-1]["iter"] != sched["max_iters"] or not _has_predictions(pred_dir):
+            runner.val_loop.run()
+            history = wd.eval_history()
     final = task.record_metrics(history[-1]["metrics"])
-    step0 = wd.read_json("eval_step0.json")
-    record = None
+    step0_raw = wd.read_json("eval_step0.json")
+    step0 = task.record_metrics(step0_raw) if step0_raw else None
+    record: dict[str, Any] = {}
     if rank_zero():
         record = write_result(
-            wd, task=task.name, profile=p["profile"], seed=seed, metrics=final,
-            metrics_step0=task.record_metrics(step0) if step0 else None,
-            backbone={"name": name, "family": info["family"], "checkpoint": ckpt_path,
-                      "sha256": checkpoint_digest(ckpt_path) if ckpt_path else None,
+            wd, task=task.name, profile=p["profile"], seed=seed, metrics=final, metrics_step0=step0,
+            backbone={"name": name, "family": info["family"], "checkpoint": ckpt_path, "sha256": sha,
                       "params": info["params"], "architecture": info["config"],
                       "file_format": info.get("file_format"), "config_source": info.get("config_source"),
                       "config_guessed": info.get("config_guessed") or {}, "options": options, **loaded},
-            warnings=warnings, dataset=data.record,
+            warnings=warns, dataset=data.record,
             config={**p, "schedule_resolved": sched, "world_size": world},
             eval_history=[{"iter": h["iter"], "metrics": task.record_metrics(h["metrics"])} for h in history],
             predictions=PREDICTIONS_DIR, started=started)
-        shown = [m.name for m in task.metrics if m.main or m.gated]
-        log("  ".join(f"{m} {final[m]:.4f}" for m in shown if m in final) + f"  -> {wd.path / 'result.json'}")
-    return record or {}
+        _closing_table(console, task, final, step0, started, wd.path, record)
+    return record, wd.path
+
+
+def _progress(console: RunConsole) -> Callable[[str, int, int], None]:
+    """A (label, done, total) callback for data checks: one short-lived phase per label."""
+    open_: set[str] = set()
+
+    def cb(label: str, done: int, total: int) -> None:
+        if label not in open_:
+            console.start(label, label, total, plain_lines=False)
+            open_.add(label)
+        console.advance(label, done)
+        if done >= total:
+            console.finish(label)
+            open_.discard(label)
+    return cb
+
+
+def _summary(task: Task, metrics: dict[str, float]) -> str:
+    shown = [m for m in task.metrics if (m.main or m.gated) and m.name in metrics]
+    return "  ".join(f"{m.name} {metrics[m.name]:.4f}" for m in shown) or "(no metrics)"
+
+
+def _closing_table(console: RunConsole, task: Task, final: dict[str, float], step0: dict[str, float] | None,
+                   started: float, wd: Path, record: dict[str, Any]) -> None:
+    from fourm_eval.results import peak_memory_mb
+
+    rows = []
+    for m in task.metrics:
+        if not (m.main or m.gated) or m.name not in final:
+            continue
+        s0 = (step0 or {}).get(m.name)
+        change = "" if s0 is None else f"{final[m.name] - s0:+.4f}"
+        rows.append([m.name, "-" if s0 is None else f"{s0:.4f}", f"{final[m.name]:.4f}", change,
+                     "higher is better" if m.higher_is_better else "lower is better"])
+    console.table(f"{task.name}: after training vs step 0", ["metric", "step 0", "final", "change", ""], rows)
+    mem = peak_memory_mb()
+    logs = record.get("files", {}).get("scalars") or []
+    log_files = sorted(str(p) for p in wd.glob("*/*.log"))
+    console.header([
+        ("wall time", f"{time.time() - started:.0f} s (this invocation)"),
+        ("peak memory", ", ".join(f"{k.replace('_mb', '')} {v:.0f} MB" for k, v in mem.items())),
+        ("result", str(wd / "result.json")),
+        ("predictions", f"{wd / PREDICTIONS_DIR}  (re-score: fourm-eval evaluate {task.name} --predictions "
+                        f"{wd / PREDICTIONS_DIR} --data-root ...)"),
+        ("logs", ", ".join(log_files[-1:] + [str(wd / s) for s in logs[-1:]]) or str(wd)),
+    ])
+    if record.get("warnings"):
+        console.warn(f"{len(record['warnings'])} warning(s) recorded in result.json: see its 'warnings'")
 
 
 def _has_predictions(pred_dir: Path) -> bool:

@@ -46,16 +46,21 @@ def prune_checkpoints(work_dir: Path, keep: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """python / numpy / torch RNG state in plain types (loadable with weights_only=True)."""
-    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-            "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
-            "torch": torch.get_rng_state()}
+    """python / numpy / torch (and CUDA) RNG state in plain types (loadable with weights_only=True)."""
+    out = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+           "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return out
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
     random.setstate((3, tuple(s["python"]), s["python_pos"]))
     np.random.set_state(("MT19937", np.asarray(s["numpy"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
     torch.set_rng_state(s["torch"])
+    if s.get("torch_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["torch_cuda"])
 
 
 def allow_mmengine_checkpoint_types() -> None:

@@ -4,7 +4,6 @@ and an architecture read from tensor shapes is never silent.
 Ground truth: the official fixture output (tests/data) and tests/reference_impl.py,
 a literal implementation of the checkpoint doc validated on that output."""
 
-import json
 import struct
 import warnings
 from pathlib import Path

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -63,27 +62,52 @@ def test_smoke_profile_learns(tmp_path):
     assert r2.returncode == 0 and "already holds a finished run" in r2.stdout
 
 
-def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_coco):
-    base = ["run", "coco-det", "--data-root", str(tiny_coco), *QUICK, "--set", "schedule.length=12",
-            "--set", "schedule.val_interval=12"]
-    ref = _run(base + ["--work-dir", str(tmp_path / "ref")], tmp_path)
+# periodic validation and checkpoints, as real runs have: a kill can land after a validation
+RESUMABLE = ["--set", "schedule.length=12", "--set", "schedule.val_interval=4", "--set", "eval_at_start=true",
+             "--set", "schedule.checkpoint_interval=4"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_coco):
+    tmp = tmp_path_factory.mktemp("ref")
+    base = ["run", "coco-det", "--data-root", str(tiny_coco), *QUICK, *RESUMABLE]
+    ref = _run(base + ["--work-dir", str(tmp / "ref")], tmp)
     assert ref.returncode == 0, ref.stderr[-3000:]
+    return base, tmp / "ref", ref
+
+
+def test_console_without_a_terminal(reference_run):
+    """A non-TTY console (CI, Slurm logs): plain progress lines and the closing table, no mmengine
+    chatter, which is in the run directory's log instead."""
+    _, wd, ref = reference_run
+    out = ref.stdout
+    assert "training: 12/12  loss" in out and "it/s" in out and "ETA" in out
+    assert "evaluation before training: box_AP" in out and "evaluation at iteration 12: box_AP" in out
+    assert "after training vs step 0" in out and "│ box_AP " in out and f"result       {wd / 'result.json'}" in out
+    assert "mmengine - INFO" not in out and "Config:" not in out and "loading annotations" not in out
+    assert len(out.splitlines()) < 60, out
+    log = next(wd.glob("*/*.log")).read_text()
+    assert "Iter(train) [12/12]" in log and "Config:" in log
+
+
+@pytest.mark.parametrize("kill_at", ["after_checkpoint:4", "during_eval:4", "after_iter:6"],
+                         ids=["right-after-a-checkpoint", "during-the-validation-after-it", "between-checkpoints"])
+def test_killed_run_resumes_to_the_same_numbers(reference_run, tmp_path, kill_at):
+    """Preempted at any point, the same command resumes and ends with the uninterrupted run's numbers
+    and evaluation history."""
+    base, ref_dir, _ = reference_run
     wd = tmp_path / "killed"
-    p = subprocess.Popen(FOURM_EVAL + base + ["--work-dir", str(wd)], env=_env(tmp_path), cwd=tmp_path,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (wd / "iter_4.pth").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed = subprocess.run(FOURM_EVAL + base + ["--work-dir", str(wd)], capture_output=True, text=True,
+                            env={**_env(tmp_path), "FOURM_EVAL_KILL_AT": kill_at}, cwd=tmp_path, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (wd / "result.json").exists()
     again = _run(base + ["--work-dir", str(wd)], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from the last checkpoint" in again.stdout
-    a = json.loads((tmp_path / "ref" / "result.json").read_text())["metrics"]
-    b = json.loads((wd / "result.json").read_text())["metrics"]
-    assert a == b
+    assert "(resuming from iter_" in again.stdout
+    a = json.loads((ref_dir / "result.json").read_text())
+    b = json.loads((wd / "result.json").read_text())
+    assert a["metrics"] == b["metrics"]
+    assert a["eval_history"] == b["eval_history"]  # the validation the kill interrupted was redone
 
 
 def test_work_dir_with_a_different_run_is_refused(tmp_path, tiny_coco):

@@ -32,3 +32,9 @@ def test_wheel_contains_top_level_folders_and_works(tmp_path):
                        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "(1, 4, 128) 12"
+
+
+def test_environment_has_no_conflicts():
+    """The set-up environment is consistent (mmcv was built elsewhere; nothing was downgraded here)."""
+    r = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

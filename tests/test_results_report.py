@@ -110,3 +110,41 @@ print(json.dumps(info))
     for alt, complete, w, h in info["images"]:
         assert complete and w > 100 and h > 100, alt  # decoded, not a broken image
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def _long_dark_rows(img, x0: int, x1: int) -> int:
+    """Rows of the image region [x0, x1) that are mostly dark: the spines of a drawn axes box."""
+    px = img.convert("L").load()
+    w = x1 - x0
+    return sum(1 for y in range(img.height) if sum(px[x, y] < 100 for x in range(x0, x1)) > 0.6 * w)
+
+
+def test_panel_without_data_says_so_in_the_browser(tmp_path):
+    """Records without training scalars: the loss panel is words, not empty axes (screenshot of the
+    rendered report), while the validation panel beside it is a real plot."""
+    root = tmp_path / "runs"
+    for s in (0, 1):
+        write_record(root, f"4m-b-s{s}", seed=s, metrics={"box_AP": 0.3 + s / 100, "mask_AP": 0.25})
+    out = tmp_path / "report"
+    assert runner.invoke(app, ["report", str(root), "--out", str(out)]).exit_code == 0
+    shot = tmp_path / "curves.png"
+    code = f"""
+from playwright.sync_api import sync_playwright
+with sync_playwright() as p:
+    b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"])
+    page = b.new_page(viewport={{"width": 1400, "height": 900}})
+    page.goto("file://{out / 'report.html'}")
+    page.wait_for_load_state("load")
+    assert page.locator("nav ol.toc li").count() >= 5
+    assert page.locator("table.results caption").count() == page.locator("table.results").count()
+    page.locator("img[alt='curves_coco-det']").screenshot(path="{shot}")
+    b.close()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from PIL import Image
+    img = Image.open(shot)
+    half = img.width // 2
+    assert _long_dark_rows(img, 0, half) == 0  # no axes box: the empty panel is text
+    assert _long_dark_rows(img, half, img.width) >= 2  # the validation curve's axes are drawn
