@@ -289,6 +289,8 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
                                            "with a warning in the record)."),
              random_init: bool = typer.Option(False, "--random-init", help="Train a baseline from random init."),
              launcher: str = typer.Option("none", help="none, pytorch (torchrun) or slurm (srun)."),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan (profile, data, subsets, "
+                                                                      "schedule, time estimate) and stop."),
              verbose: bool = typer.Option(False, "--verbose", "-v",
                                           help="Also show mmengine's log (environment, config, iteration lines) "
                                                "on the console; it is always in the run directory.")) -> None:
@@ -300,7 +302,7 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
     run(get_task(task), backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
         work_dir=work_dir, seed=seed, sets=list(set_), skip_bad_images=skip_bad_images,
         allow_pickle=allow_pickle, launcher=launcher, size=model_size, random_init=random_init,
-        num_heads=num_heads, console=RunConsole(verbose=verbose))
+        num_heads=num_heads, console=RunConsole(verbose=verbose), dry_run=dry_run)
 
 
 @app.command("evaluate")

@@ -144,7 +144,7 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: 
         type=det_type,
         data_preprocessor=dict(type="DetDataPreprocessor", mean=[123.675, 116.28, 103.53],
                                std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_mask=True,
-                               pad_size_divisor=p["image_size"]),
+                               pad_size_divisor=p["image_size"], pad_value=0),  # 0 after normalisation
         backbone=dict(type="FourmEvalViT", **backbone_cfg),
         neck=dict(type="SimpleFeaturePyramid", in_channels=embed_dim, out_channels=ch, num_outs=5),
         rpn_head=dict(type="RPNHead", in_channels=ch, feat_channels=ch, num_convs=2,
@@ -183,7 +183,8 @@ def build_pipelines(p: dict[str, Any]) -> tuple[list, list]:
         dict(type="RandomCrop", crop_type="absolute_range", crop_size=(s, s), recompute_bbox=True,
              allow_negative_crop=True),
         dict(type="FilterAnnotations", min_gt_bbox_wh=(1e-2, 1e-2)),
-        dict(type="Pad", size=(s, s), pad_val=dict(img=(114, 114, 114))),
+        # no Pad here: train and test are padded alike by the data preprocessor, to s x s with 0
+        # after normalisation (ViTDet's rule)
         dict(type="PackDetInputs"),
     ]
     test = [
@@ -229,13 +230,18 @@ class CocoDet(Task):
 
     def check_data(self, root: Path, p: dict[str, Any], *, skip_bad_images: bool, out_dir: Path | None,
                    log: Log, progress: Progress | None = None) -> PreparedData:
+        subsets = {s: p.get(f"{s}_subset") for s in ("train", "val")}
         checks, classes, cat_ids = check_data(root, skip_bad_images, out_dir,
                                               ann_sha256=self.data_identity(root)["annotations_sha256"], log=log,
-                                              progress=progress)
-        n_train = min(checks["train"].n_images, int(p.get("train_subset") or 10**12))
+                                              progress=progress, subsets=subsets,
+                                              subset_seed=int(p.get("subset_seed", 0)))
+        n_train = checks["train"].n_images
         record = {"root": str(root), "annotations_sha256": {s: c.ann_sha256 for s, c in checks.items()},
                   "n_train_images": n_train, "n_val_images": checks["val"].n_images,
-                  "skipped_bad_images": sum(len(c.bad_images) for c in checks.values()), "classes": classes}
+                  "skipped_bad_images": sum(len(c.bad_images) for c in checks.values()), "classes": classes,
+                  "subsets": {s: {"n": len(c.subset_ids), "seed": int(p.get("subset_seed", 0)),
+                                  "ids_file": f"data/{s}_subset_ids.json"}
+                              for s, c in checks.items() if c.subset_ids is not None}}
         return PreparedData(root, n_train, checks["val"].n_images, record,
                             private={"checks": checks, "classes": classes, "cat_ids": cat_ids})
 
@@ -303,17 +309,13 @@ def datasets_and_model(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int,
     """The task's part of the mmengine config: model, datasets, evaluator."""
     train_pipe, test_pipe = build_pipelines(p)
     meta = dict(classes=tuple(classes))
-    subset = p.get("train_subset")
+    # subsets (train_subset / val_subset) are already in the annotation files: seeded, recorded by id
     train_ds = dict(type="CocoDataset", data_root=str(data_root), ann_file=str(train_ann),
                     data_prefix=dict(img="train2017/"), metainfo=meta,
                     filter_cfg=dict(filter_empty_gt=True, min_size=1), pipeline=train_pipe, backend_args=None)
-    if subset:
-        train_ds["indices"] = int(subset)
     val_ds = dict(type="CocoDataset", data_root=str(data_root), ann_file=str(val_ann),
                   data_prefix=dict(img="val2017/"), metainfo=meta, test_mode=True, pipeline=test_pipe,
                   backend_args=None)
-    if p.get("val_subset"):
-        val_ds["indices"] = int(p["val_subset"])
     return dict(model=build_model_cfg(p, backbone_cfg, embed_dim, len(classes)), train_dataset=train_ds,
                 val_dataset=val_ds,
                 val_evaluator=dict(type="FourmCocoMetric", ann_file=str(val_ann), cat_ids=cat_ids, with_masks=True,
@@ -321,7 +323,8 @@ def datasets_and_model(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int,
 
 
 def check_data(root: Path, skip_bad_images: bool, out_dir: Path, ann_sha256: dict[str, str] | None = None,
-               log: Log = print, progress: Progress | None = None) -> tuple[dict[str, Any], list[str], list[int]]:
+               log: Log = print, progress: Progress | None = None, subsets: dict[str, int | None] | None = None,
+               subset_seed: int = 0) -> tuple[dict[str, Any], list[str], list[int]]:
     """Check both splits; returns the checks, the class names and their category ids, label order.
 
     The one class order of a run is ascending category id: ``check_split`` rewrites any file that
@@ -336,7 +339,8 @@ def check_data(root: Path, skip_bad_images: bool, out_dir: Path, ann_sha256: dic
         label = f"checking {split}2017"
         cb = (lambda i, n, label=label: progress(label, i, n)) if progress else None
         checks[split] = check_split(root, split, skip_bad_images, out_dir, progress=cb,
-                                    ann_sha256=(ann_sha256 or {}).get(split))
+                                    ann_sha256=(ann_sha256 or {}).get(split),
+                                    subset=(subsets or {}).get(split), subset_seed=subset_seed)
         c = checks[split]
         log(f"{root / (split + '2017')}: {c.n_images} images, {c.n_annotations} annotations, every image decodes"
             + (f"; {len(c.bad_images)} unusable image(s) skipped" if c.bad_images else ""))

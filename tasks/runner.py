@@ -130,8 +130,12 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
         profile: str = "smoke", work_dir: str | Path | None = None, seed: int = 0, sets: list[str] | None = None,
         skip_bad_images: bool = False, allow_pickle: bool = False, launcher: str = "none",
         size: str | None = None, random_init: bool = False, num_heads: int | None = None,
-        console: RunConsole | None = None) -> dict[str, Any]:
-    """Fine-tune and evaluate ``task``; returns the result record (also written to result.json)."""
+        console: RunConsole | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """Fine-tune and evaluate ``task``; returns the result record (also written to result.json).
+    ``dry_run``: resolve and print the plan (profile, data, subsets, schedule, time estimate) only."""
+    from .state import launcher_env
+
+    launcher_env(launcher)  # rank and world size before the schedule, the run directory and the console
     console = console or RunConsole()
     if not rank_zero():  # one voice per run: other ranks only log to the run directory
         from fourm_eval.console import _devnull
@@ -143,7 +147,7 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
             record, wd = _run(task, backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
                               work_dir=work_dir, seed=seed, sets=sets, skip_bad_images=skip_bad_images,
                               allow_pickle=allow_pickle, launcher=launcher, size=size, random_init=random_init,
-                              num_heads=num_heads, console=console)
+                              num_heads=num_heads, console=console, dry_run=dry_run)
         finally:
             console.close()
     if wd is not None and caught and rank_zero():
@@ -156,7 +160,7 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
 def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | Path | None, profile: str,
          work_dir: str | Path | None, seed: int, sets: list[str] | None, skip_bad_images: bool, allow_pickle: bool,
          launcher: str, size: str | None, random_init: bool, num_heads: int | None,
-         console: RunConsole) -> tuple[dict[str, Any], Path | None]:
+         console: RunConsole, dry_run: bool = False) -> tuple[dict[str, Any], Path | None]:
     from fourm_eval.backbones import backbone_info
     from fourm_eval.checkpoints import resolve_checkpoint
     from fourm_eval.results import device_description
@@ -181,7 +185,10 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     if data_root is None:
         data_root = task.default_data_root()
     root = Path(data_root).expanduser().resolve()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1")) if launcher != "none" else 1
+    if dry_run:
+        _dry_run(task, p, root, name, info, world, seed, console)
+        return {}, None
     wd = RunDir.create(work_dir, task.name, name, p["profile"], seed)
     identity = {"task": task.name, "backbone": name, "checkpoint": ckpt_path, "data_root": str(root),
                 "profile": p, "seed": seed, "world_size": world, "skip_bad_images": skip_bad_images,
@@ -267,6 +274,34 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
             predictions=PREDICTIONS_DIR, started=started)
         _closing_table(console, task, final, step0, started, wd.path, record)
     return record, wd.path
+
+
+def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[str, Any], world: int, seed: int,
+             console: RunConsole) -> None:
+    """The plan of a run without running it: the data is checked (nothing is written)."""
+    data = task.check_data(root, p, skip_bad_images=False, out_dir=None, log=console.line,
+                           progress=_progress(console))
+    sched = schedule(p, data.n_train, world)
+    images = sched["max_iters"] * sched["eff_batch"]
+    rows = [("task", f"{task.name} ({p['profile_file']})"),
+            ("backbone", f"{name}, {info['params'] / 1e6:.1f}M params, model size {p['model_size']}"),
+            ("data", f"{root}: {data.n_train} training / {data.n_val} validation images"),
+            ("subsets", ", ".join(f"{k}: {v['n']} images, seed {v['seed']}" for k, v in
+                                  (data.record.get("subsets") or {}).items()) or "none (all images)"),
+            ("schedule", f"{sched['max_iters']} iterations x batch {sched['eff_batch']} ({sched['per_gpu_batch']} per "
+                         f"process x {world}) = {images} training images ({images / max(data.n_train, 1):.1f} "
+                         f"epochs); warm-up {sched['warmup']}, lr steps at {sched['milestones']}"),
+            ("optimiser", f"AdamW lr {p['lr']}, weight decay {p['weight_decay']}, layer decay {p['layer_decay']}, "
+                          f"drop path {p['drop_path']}"),
+            ("evaluation", f"every {sched['val_interval']} iterations, checkpoints every "
+                           f"{sched['checkpoint_interval']}")]
+    est = p.get("s_per_image_estimate")
+    if est:
+        hours = images * float(est) / 3600
+        rows.append(("time estimate", f"about {hours:.1f} h ({images} images x {est} s/image, the profile's "
+                                      "s_per_image_estimate; see its comment for the source)"))
+    console.header(rows)
+    console.line("dry run: nothing was trained or written")
 
 
 def _progress(console: RunConsole) -> Callable[[str, int, int], None]:

@@ -78,6 +78,57 @@ def allow_mmengine_checkpoint_types() -> None:
     torch.serialization.add_safe_globals([s for s in safe if s is not None])
 
 
+def launcher_env(launcher: str) -> tuple[int, int]:
+    """(rank, world size) of this process, from the launcher's own variables, set before anything
+    else reads them: the schedule (per-process batch, iterations), the run directory (one writer)
+    and the record. torchrun sets RANK / WORLD_SIZE itself; under Slurm they are derived from
+    SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (mmengine would set them only when its runner is
+    built, too late), and MASTER_ADDR from the first host of SLURM_NODELIST (``scontrol``)."""
+    if launcher == "slurm":
+        missing = [v for v in ("SLURM_PROCID", "SLURM_NTASKS") if v not in os.environ]
+        if missing:
+            from fourm_eval.errors import ConfigError
+            raise ConfigError(f"--launcher slurm, but {', '.join(missing)} is not set: start the command with "
+                              "srun (or sbatch + srun)")
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = _first_slurm_host()
+        os.environ.setdefault("MASTER_PORT", "29500")
+    elif launcher == "pytorch":
+        missing = [v for v in ("RANK", "WORLD_SIZE") if v not in os.environ]
+        if missing:
+            from fourm_eval.errors import ConfigError
+            raise ConfigError(f"--launcher pytorch, but {', '.join(missing)} is not set: start the command with "
+                              "torchrun")
+    elif launcher != "none":
+        from fourm_eval.errors import ConfigError
+        raise ConfigError(f"--launcher must be none, pytorch or slurm, not {launcher!r}")
+    if launcher == "none":
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def _first_slurm_host() -> str:
+    import subprocess
+
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        from fourm_eval.errors import ConfigError
+        raise ConfigError(f"cannot resolve the Slurm node list {nodes!r} with scontrol ({e}); set MASTER_ADDR") \
+            from None
+    hosts = out.stdout.split()
+    if out.returncode or not hosts:
+        from fourm_eval.errors import ConfigError
+        raise ConfigError(f"scontrol show hostnames {nodes} failed ({out.stderr.strip()[:200]}); set MASTER_ADDR")
+    return hosts[0]
+
+
 def init_distributed_cpu(launcher: str) -> dict[str, Any] | None:
     """mmengine's launchers pin a CUDA device; on CPU-only machines start gloo ourselves.
 
@@ -88,11 +139,7 @@ def init_distributed_cpu(launcher: str) -> dict[str, Any] | None:
     from mmengine.model import MMDistributedDataParallel
     from mmengine.registry import MODEL_WRAPPERS
 
-    if launcher == "slurm" and "RANK" not in os.environ:
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    launcher_env(launcher)
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
     if "CPUDistributedDataParallel" not in MODEL_WRAPPERS.module_dict:

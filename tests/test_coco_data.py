@@ -105,3 +105,45 @@ def test_categories_out_of_id_order_get_a_sorted_copy(mini, tmp_path):
     assert [x["id"] for x in copy["categories"]] == [1, 2, 3]
     assert copy["images"] == data["images"] and copy["annotations"] == data["annotations"]
     assert check_split(mini, "val", False, None).used_ann_file is None  # a check only writes nothing
+
+
+def test_subset_is_seeded_random_and_recorded(tmp_path):
+    """train_subset / val_subset: a seeded random choice of image ids (not the file's first N),
+    written into the run directory with the ids."""
+    import json
+
+    from fourm_eval.data.coco_check import check_split
+    from fourm_eval.data.coco_mini import make_mini_coco
+
+    root = make_mini_coco(tmp_path / "coco", n_train=30, n_val=4, seed=4, size_range=(64, 80))
+    a = check_split(root, "train", False, tmp_path / "a", subset=10, subset_seed=0)
+    b = check_split(root, "train", False, tmp_path / "b", subset=10, subset_seed=0)
+    c = check_split(root, "train", False, tmp_path / "c", subset=10, subset_seed=1)
+    all_ids = sorted(im["id"] for im in json.loads((root / "annotations" / "instances_train2017.json")
+                                                    .read_text())["images"])
+    assert a.subset_ids == b.subset_ids and a.subset_ids != c.subset_ids and len(a.subset_ids) == 10
+    assert a.subset_ids != all_ids[:10] or c.subset_ids != all_ids[:10]
+    assert a.n_images == 10
+    used = json.loads(a.used_ann_file.read_text())
+    assert sorted(im["id"] for im in used["images"]) == a.subset_ids
+    assert {x["image_id"] for x in used["annotations"]} <= set(a.subset_ids)
+    ids = json.loads((tmp_path / "a" / "train_subset_ids.json").read_text())
+    assert ids["image_ids"] == a.subset_ids and ids["seed"] == 0
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from fourm_eval.data.coco_mini import make_mini_coco
+
+    root = make_mini_coco(tmp_path / "coco", n_train=12, n_val=4, seed=4, size_range=(64, 80))
+    r = subprocess.run([sys.executable, "-m", "fourm_eval.cli", "run", "coco-det", "--profile", "short", "--dry-run",
+                        "--data-root", str(root), "--set", "train_subset=6", "--work-dir", str(tmp_path / "w")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "subsets        train: 6 images, seed 0" in out
+    assert "10000 iterations x batch 8 (8 per process x 1) = 80000 training images" in out
+    assert "AdamW lr 1.25e-05" in out and "time estimate  about 6.7 h" in out
+    assert not (tmp_path / "w").exists()

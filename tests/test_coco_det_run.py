@@ -200,3 +200,38 @@ def test_pth_without_metadata_is_recorded(tmp_path, tiny_coco):
     rec4 = json.loads((tmp_path / "told" / "result.json").read_text())
     assert rec4["backbone"]["architecture"]["num_heads"] == 4
     assert "num_heads" not in rec4["backbone"]["config_guessed"]
+
+
+def test_slurm_launch_two_processes(tmp_path, tiny_coco):
+    """Two processes started the way srun starts them (Slurm variables, scontrol on PATH): world size 2,
+    half the total batch per process, iterations of the total batch, one writer, a true record."""
+    import socket
+
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && echo 127.0.0.1 && exit 0\nexit 1\n')
+    (stub / "scontrol").chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    wd = tmp_path / "slurm"
+    args = FOURM_EVAL + ["run", "coco-det", "--data-root", str(tiny_coco), *QUICK, "--set", "batch_size=4",
+                         "--set", "schedule.unit=epoch", "--set", "schedule.length=1",
+                         "--set", "schedule.val_interval=100%", "--set", "schedule.checkpoint_interval=100%",
+                         "--launcher", "slurm", "--work-dir", str(wd)]
+    env = {k: v for k, v in _env(tmp_path).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    procs = [subprocess.Popen(args, env={**env, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                                         "SLURM_NODELIST": "node[1]", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                                         "PATH": f"{stub}:{os.environ['PATH']}"},
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    rec = json.loads((wd / "result.json").read_text())
+    sched = rec["config"]["schedule_resolved"]
+    assert rec["config"]["world_size"] == 2
+    assert sched["per_gpu_batch"] == 2 and sched["eff_batch"] == 4
+    assert sched["max_iters"] == round(1 * rec["dataset"]["n_train_images"] / 4)
+    assert "after training vs step 0" in outs[0][0] and outs[1][0].strip() == ""  # rank 1 stays quiet
+    assert len(list(wd.glob("run.json"))) == 1 and not list(wd.glob(".*.partial"))

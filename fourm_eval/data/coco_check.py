@@ -51,6 +51,7 @@ class SplitCheck:
     ann_sha256: str
     bad_images: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     used_ann_file: Path | None = None  # the cleaned copy, when images were skipped
+    subset_ids: list[int] | None = None  # the seeded random subset's image ids, when a subset was asked for
 
 
 def annotation_file(root: Path, split: str) -> Path:
@@ -141,7 +142,7 @@ def _validate_structure(path: Path, data: dict[str, Any]) -> None:
 
 def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | None,
                 progress: Callable[[int, int], None] | None = None, workers: int | None = None,
-                ann_sha256: str | None = None) -> SplitCheck:
+                ann_sha256: str | None = None, subset: int | None = None, subset_seed: int = 0) -> SplitCheck:
     """Validate one split; ``ann_sha256`` skips re-hashing an annotation file already hashed.
 
     ``categories`` of the result are sorted by id; with ``out_dir``, ``used_ann_file`` is set
@@ -153,6 +154,17 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
     _validate_structure(ann, data)
     if not img_dir.is_dir():
         raise DatasetError(f"{img_dir}: image folder not found (expected {split}2017/ next to annotations/)")
+    subset_ids = None
+    if subset is not None and int(subset) < len(data["images"]):
+        # a seeded random subset (not the first N, which follow the file's order), chosen before the
+        # image check so that only the images used are decoded; the ids are written beside the copy
+        import numpy as np
+        all_ids = sorted(im["id"] for im in data["images"])
+        pick = np.random.default_rng(int(subset_seed)).choice(len(all_ids), size=int(subset), replace=False)
+        subset_ids = sorted(all_ids[i] for i in pick)
+        keep = set(subset_ids)
+        data["images"] = [im for im in data["images"] if im["id"] in keep]
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
     files = [img_dir / im["file_name"] for im in data["images"]]
     workers = workers or min(8, (os.cpu_count() or 2))
     bad: list[tuple[str, str]] = []
@@ -183,9 +195,15 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
         result.n_images, result.n_annotations = len(data["images"]), len(data["annotations"])
     # the copy mmdet reads: without the bad images, categories in id order (see the module docstring);
     # no out_dir is a check only (``fourm-eval data check``), which writes nothing
-    if (bad or reorder) and out_dir is not None:
+    if subset_ids is not None:
+        result.subset_ids = [i for i in subset_ids if i in {im["id"] for im in data["images"]}]
+    if (bad or reorder or subset_ids is not None) and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         result.used_ann_file = atomic_write_json(out_dir / f"instances_{split}2017.cleaned.json", data)
+        if subset_ids is not None:
+            atomic_write_json(out_dir / f"{split}_subset_ids.json",
+                              {"split": split, "n": len(result.subset_ids), "seed": int(subset_seed),
+                               "image_ids": result.subset_ids})
     return result
 
 
