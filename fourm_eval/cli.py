@@ -430,8 +430,8 @@ def report(dirs: list[Path] = typer.Argument(..., help="Run directories (searche
 
     records, bad = _load(dirs)
     paths = write_report(records, out, bad=bad, pretrain_logs=list(pretrain_log))
-    for kind, p in paths.items():
-        console.print(f"{kind}: {p}")
+    print(f"report of {len(records)} run(s): {paths['html']}  (open in a browser; also {paths['md'].name}, "
+          f"{paths['tex'].name} in {out})")
 
 
 @analyze_app.command("scaling")

@@ -75,9 +75,11 @@ class RunConsole:
         if self._progress is None:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                      TimeRemainingColumn(), console=self.console, transient=False)
+            # the fixed-width columns first, the loss / lr text last: on a narrow terminal only it is cut
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24),
+                                      MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                                      TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                      console=self.console, transient=False)
             self._progress.start()
         self._tasks[key] = self._progress.add_task(label, total=total, completed=completed, info="")
 
