@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fourm_eval.errors import ConfigError
+
 
 def complete_checkpoints(work_dir: Path) -> list[Path]:
     """``iter_N.pth`` files whose zip central directory reads, newest first."""
@@ -87,7 +89,6 @@ def launcher_env(launcher: str) -> tuple[int, int]:
     if launcher == "slurm":
         missing = [v for v in ("SLURM_PROCID", "SLURM_NTASKS") if v not in os.environ]
         if missing:
-            from fourm_eval.errors import ConfigError
             raise ConfigError(f"--launcher slurm, but {', '.join(missing)} is not set: start the command with "
                               "srun (or sbatch + srun)")
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
@@ -99,11 +100,9 @@ def launcher_env(launcher: str) -> tuple[int, int]:
     elif launcher == "pytorch":
         missing = [v for v in ("RANK", "WORLD_SIZE") if v not in os.environ]
         if missing:
-            from fourm_eval.errors import ConfigError
             raise ConfigError(f"--launcher pytorch, but {', '.join(missing)} is not set: start the command with "
                               "torchrun")
     elif launcher != "none":
-        from fourm_eval.errors import ConfigError
         raise ConfigError(f"--launcher must be none, pytorch or slurm, not {launcher!r}")
     if launcher == "none":
         return 0, 1
@@ -119,12 +118,10 @@ def _first_slurm_host() -> str:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as e:
-        from fourm_eval.errors import ConfigError
         raise ConfigError(f"cannot resolve the Slurm node list {nodes!r} with scontrol ({e}); set MASTER_ADDR") \
             from None
     hosts = out.stdout.split()
     if out.returncode or not hosts:
-        from fourm_eval.errors import ConfigError
         raise ConfigError(f"scontrol show hostnames {nodes} failed ({out.stderr.strip()[:200]}); set MASTER_ADDR")
     return hosts[0]
 

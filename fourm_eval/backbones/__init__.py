@@ -81,7 +81,7 @@ def backbone_info(name: str, checkpoint: str | Path | None = None, allow_pickle:
     import torch
 
     from ..checkpoints import detect_format, resolve_checkpoint
-    from .fourm import config_for_file, read_fourm_file
+    from .fourm import config_for_file, guess_notes, read_fourm_file
 
     extra: dict[str, Any] = {}
     if name.lower() == "4m":
@@ -94,11 +94,8 @@ def backbone_info(name: str, checkpoint: str | Path | None = None, allow_pickle:
         with torch.device("meta"):
             bb = FourMBackbone(cfg)
         extra = {"file_format": detect_format(path), "config_source": cfg._provenance,  # type: ignore[attr-defined]
-                 "config_guessed": dict(cfg._guessed), "load_notes": notes}  # type: ignore[attr-defined]
-        if cfg._guessed:  # type: ignore[attr-defined]
-            extra["load_notes"] = notes + [f"{path}: architecture values the file does not determine (config "
-                                           f"from {cfg._provenance}), guessed: "  # type: ignore[attr-defined]
-                                           + "; ".join(f"{k} = {v}" for k, v in cfg._guessed.items())]  # type: ignore[attr-defined]
+                 "config_guessed": dict(cfg._guessed),  # type: ignore[attr-defined]
+                 "load_notes": notes + guess_notes(cfg, str(path))}
     else:
         with torch.device("meta"):
             bb = build_backbone(name, **({"num_heads": num_heads} if num_heads and name.startswith("4m") else {}))

@@ -680,12 +680,17 @@ def load_fourm_backbone(checkpoint: str | Path, allow_pickle: bool = False, expe
     model.file_format = detect_format(path)
     model.config_source = cfg._provenance  # type: ignore[attr-defined]
     model.config_guessed = dict(cfg._guessed)  # type: ignore[attr-defined]
-    if cfg._guessed:  # type: ignore[attr-defined]
-        notes.append(f"{path}: architecture values the file does not determine (config from "
-                     f"{cfg._provenance}), guessed: "  # type: ignore[attr-defined]
-                     + "; ".join(f"{k} = {v}" for k, v in model.config_guessed.items()))
-    model.load_notes = notes
+    model.load_notes = notes + guess_notes(cfg, str(path))
     return model
+
+
+def guess_notes(cfg: FourMConfig, source: str) -> list[str]:
+    """The record's warning for the architecture values a file did not determine (none: [])."""
+    guessed = getattr(cfg, "_guessed", {})
+    if not guessed:
+        return []
+    return [f"{source}: architecture values the file does not determine (config from "
+            f"{getattr(cfg, '_provenance', '?')}), guessed: " + "; ".join(f"{k} = {v}" for k, v in guessed.items())]
 
 
 def build_fourm(name: str = "4m", checkpoint: str | Path | None = None, allow_pickle: bool = False,
