@@ -206,9 +206,6 @@ def load_pickled_state_dict(path: Path, allow_pickle: bool, key: str | None = No
     return obj
 
 
-FORMATS = ("safetensors", "torch-zip", "pickle")
-
-
 def _safetensors_structure(path: Path, head: bytes, size: int) -> str:
     """'valid', 'damaged' (a safetensors start that does not fit the file) or 'no'.
 

@@ -233,11 +233,6 @@ def bench_backbone(sizes: str = typer.Option("224,1024", help="Input sizes to me
         json_out.write_text(json.dumps({"results": [r.__dict__ for r in res], "ratios": rat}, indent=2))
 
 
-def _task_names() -> str:
-    from .tasks import all_tasks
-    return ", ".join(all_tasks())
-
-
 @app.command("tasks")
 @friendly
 def tasks_cmd(names: bool = typer.Option(False, "--names", help="Only the names, one per line (for scripts)."),

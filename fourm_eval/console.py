@@ -11,7 +11,6 @@ printed at their full width, never wrapped.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import sys
 import time
@@ -67,7 +66,7 @@ class RunConsole:
         """A phase of ``total`` steps. Plain output prints a line at most every 5% of it
         (``plain_lines``), or nothing until its summary (short phases: data checks, evaluations)."""
         if self.plain:
-            self._plain_state[key] = {"total": total, "done": completed, "t0": time.time(), "c0": completed,
+            self._plain_state[key] = {"total": total, "t0": time.time(), "c0": completed,
                                       "last": completed, "label": label, "lines": plain_lines}  # type: ignore[dict-item]
             if plain_lines:
                 self.line(f"{label}: {completed}/{total}")
@@ -88,7 +87,6 @@ class RunConsole:
             st = self._plain_state.get(key)
             if st is None:
                 return
-            st["done"] = done
             if not st["lines"]:
                 return
             step = max(1, int(st["total"]) // 20)
@@ -144,8 +142,3 @@ def _devnull() -> TextIO:
         _DEVNULL = open(os.devnull, "w")
     return _DEVNULL
 
-
-def capture() -> tuple[RunConsole, io.StringIO]:
-    """A plain console writing into a buffer (tests)."""
-    buf = io.StringIO()
-    return RunConsole(out=buf, force_plain=True), buf

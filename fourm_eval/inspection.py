@@ -27,7 +27,7 @@ def inspect_checkpoint(spec: str | Path, allow_pickle: bool = False, num_heads: 
                                   split_keys)
 
     path = resolve_checkpoint(spec)
-    shapes, meta, getter = read_fourm_file(path, allow_pickle=allow_pickle)
+    shapes, meta, getter, fmt = read_fourm_file(path, allow_pickle=allow_pickle)
     if not any(k.startswith(("encoder.", "encoder_embeddings.")) for k in shapes):
         raise CheckpointError(f"{path}: no 4M encoder keys ('encoder.N.*', 'encoder_embeddings.*'); "
                               f"first keys: {sorted(shapes)[:5]}")
@@ -48,8 +48,7 @@ def inspect_checkpoint(spec: str | Path, allow_pickle: bool = False, num_heads: 
     expected = model.expected_state_keys("")
     missing = [k for k in expected if k not in shapes]
     mismatched = [k for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
-    from .checkpoints import detect_format, read_safetensors_header
-    fmt = detect_format(path)  # read_fourm_file above has refused unknown kinds
+    from .checkpoints import read_safetensors_header
     if fmt == "safetensors":
         dtypes = Counter(t.dtype for t in read_safetensors_header(path).tensors.values())
     else:

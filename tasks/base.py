@@ -119,3 +119,8 @@ class Task(ABC):
     @property
     def gated_metrics(self) -> list[str]:
         return [m.name for m in self.metrics if m.gated]
+
+    @property
+    def headline_metrics(self) -> list[Metric]:
+        """What a run's console shows: the main and the gated metrics."""
+        return [m for m in self.metrics if m.main or m.gated]

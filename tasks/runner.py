@@ -187,7 +187,7 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     root = Path(data_root).expanduser().resolve()
     world = int(os.environ.get("WORLD_SIZE", "1")) if launcher != "none" else 1
     if dry_run:
-        _dry_run(task, p, root, name, info, world, seed, console)
+        _dry_run(task, p, root, name, info, world, console)
         return {}, None
     wd = RunDir.create(work_dir, task.name, name, p["profile"], seed)
     identity = {"task": task.name, "backbone": name, "checkpoint": ckpt_path, "data_root": str(root),
@@ -276,7 +276,7 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     return record, wd.path
 
 
-def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[str, Any], world: int, seed: int,
+def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[str, Any], world: int,
              console: RunConsole) -> None:
     """The plan of a run without running it: the data is checked (nothing is written)."""
     data = task.check_data(root, p, skip_bad_images=False, out_dir=None, log=console.line,
@@ -320,7 +320,7 @@ def _progress(console: RunConsole) -> Callable[[str, int, int], None]:
 
 
 def _summary(task: Task, metrics: dict[str, float]) -> str:
-    shown = [m for m in task.metrics if (m.main or m.gated) and m.name in metrics]
+    shown = [m for m in task.headline_metrics if m.name in metrics]
     return "  ".join(f"{m.name} {metrics[m.name]:.4f}" for m in shown) or "(no metrics)"
 
 
@@ -329,8 +329,8 @@ def _closing_table(console: RunConsole, task: Task, final: dict[str, float], ste
     from fourm_eval.results import peak_memory_mb
 
     rows = []
-    for m in task.metrics:
-        if not (m.main or m.gated) or m.name not in final:
+    for m in task.headline_metrics:
+        if m.name not in final:
             continue
         s0 = (step0 or {}).get(m.name)
         change = "" if s0 is None else f"{final[m.name] - s0:+.4f}"

@@ -80,7 +80,7 @@ def backbone_info(name: str, checkpoint: str | Path | None = None, allow_pickle:
     'shapes') and, for shapes, what was guessed; these go into result records."""
     import torch
 
-    from ..checkpoints import detect_format, resolve_checkpoint
+    from ..checkpoints import resolve_checkpoint
     from .fourm import config_for_file, guess_notes, read_fourm_file
 
     extra: dict[str, Any] = {}
@@ -89,11 +89,11 @@ def backbone_info(name: str, checkpoint: str | Path | None = None, allow_pickle:
             raise ConfigError("backbone '4m' needs a checkpoint")
         path = resolve_checkpoint(checkpoint)
         notes: list[str] = []
-        shapes, meta, getter = read_fourm_file(path, allow_pickle=allow_pickle, notes=notes)
+        shapes, meta, getter, fmt = read_fourm_file(path, allow_pickle=allow_pickle, notes=notes)
         cfg = config_for_file(shapes, meta, str(path), getter=getter, num_heads=num_heads)
         with torch.device("meta"):
             bb = FourMBackbone(cfg)
-        extra = {"file_format": detect_format(path), "config_source": cfg._provenance,  # type: ignore[attr-defined]
+        extra = {"file_format": fmt, "config_source": cfg._provenance,  # type: ignore[attr-defined]
                  "config_guessed": dict(cfg._guessed),  # type: ignore[attr-defined]
                  "load_notes": notes + guess_notes(cfg, str(path))}
     else:

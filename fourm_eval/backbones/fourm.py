@@ -628,10 +628,10 @@ def config_for_file(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any], so
 
 
 def read_fourm_file(path: Path, allow_pickle: bool = False, notes: list[str] | None = None
-                    ) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], Any]:
-    """Return (shapes, parsed metadata, tensor getter) without loading all tensors.
+                    ) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], Any, str]:
+    """Return (shapes, parsed metadata, tensor getter, file kind) without loading all tensors.
 
-    The file's kind comes from its content (``checkpoints.detect_format``)."""
+    The file's kind comes from its content (``checkpoints.require_known_format``)."""
     from ..checkpoints import (load_pickled_state_dict, parse_metadata, read_safetensors_header,
                                require_known_format)
 
@@ -645,20 +645,20 @@ def read_fourm_file(path: Path, allow_pickle: bool = False, notes: list[str] | N
             from safetensors import safe_open
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return {k: f.get_tensor(k) for k in keys}
-        return shapes, meta, getter
+        return shapes, meta, getter, fmt
     sd = load_pickled_state_dict(path, allow_pickle=allow_pickle, notes=notes)
     sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    return {k: tuple(v.shape) for k, v in sd.items()}, {}, (lambda keys: {k: sd[k] for k in keys})
+    return {k: tuple(v.shape) for k, v in sd.items()}, {}, (lambda keys: {k: sd[k] for k in keys}), fmt
 
 
 def load_fourm_backbone(checkpoint: str | Path, allow_pickle: bool = False, expect: dict[str, Any] | None = None,
                         num_heads: int | None = None, **kwargs: Any) -> FourMBackbone:
     """Build a FourMBackbone whose architecture comes from the checkpoint file."""
-    from ..checkpoints import detect_format, resolve_checkpoint
+    from ..checkpoints import resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     notes: list[str] = []
-    shapes, meta, getter = read_fourm_file(path, allow_pickle=allow_pickle, notes=notes)
+    shapes, meta, getter, fmt = read_fourm_file(path, allow_pickle=allow_pickle, notes=notes)
     if not any(k.startswith("encoder_embeddings.") or k.startswith("encoder.") for k in shapes):
         raise CheckpointError(f"{path}: no 4M encoder weights (keys 'encoder.N.*', "
                               f"'encoder_embeddings.rgb@224.*'); found e.g. {sorted(shapes)[:5]}. "
@@ -677,7 +677,7 @@ def load_fourm_backbone(checkpoint: str | Path, allow_pickle: bool = False, expe
     sd = getter(needed)
     model.load_fourm_state_dict(sd, source=str(path))
     model.source = str(path)
-    model.file_format = detect_format(path)
+    model.file_format = fmt
     model.config_source = cfg._provenance  # type: ignore[attr-defined]
     model.config_guessed = dict(cfg._guessed)  # type: ignore[attr-defined]
     model.load_notes = notes + guess_notes(cfg, str(path))
