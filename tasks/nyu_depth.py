@@ -297,9 +297,9 @@ class NyuDepth(Task):
         Metric("delta1", main=True, gated=True, description="share of pixels with max(p/g, g/p) < 1.25"),
         Metric("delta2", description="share of pixels with max(p/g, g/p) < 1.25^2"),
         Metric("delta3", description="share of pixels with max(p/g, g/p) < 1.25^3"),
-        Metric("abs_rel", higher_is_better=False, gated=True, description="mean |p - g| / g"),
+        Metric("abs_rel", unit="ratio", higher_is_better=False, gated=True, description="mean |p - g| / g"),
         Metric("rmse", unit="m", higher_is_better=False, description="root mean squared error (metres), per image"),
-        Metric("log10", unit="log10", higher_is_better=False, description="mean |log10 p - log10 g|"),
+        Metric("log10", unit="log10 units", higher_is_better=False, description="mean |log10 p - log10 g|"),
     )
     requires = ("torch", "timm", "mmengine", "mmcv", "mmcv ops", "mmsegmentation")
     prediction_format = ("one 16-bit PNG per test image, depth in millimetres (0 = none), at the image's full size, "
