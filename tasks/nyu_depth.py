@@ -414,7 +414,7 @@ class NyuDepth(Task):
         return (f"{self.name} / {record.get('profile')}: {head_txt}, softplus output in metres, {c.get('loss', '?')} "
                 f"loss; {c.get('image_size', '?')} px crops ({', '.join(aug)}), tested at short side "
                 f"{c.get('image_size', '?')}; {sch.get('max_iters', '?')} iterations at batch {sch.get('eff_batch', '?')}"
-                f", {c.get('schedule', {}).get('policy', 'step')} schedule; full fine-tuning; layer decay "
+                f", {c.get('schedule', {}).get('decay', 'step')} decay; full fine-tuning; layer decay "
                 f"{c.get('layer_decay', '?')}, drop path {c.get('drop_path', '?')}; Eigen crop, ground truth in "
                 "(0.001, 10] m, per-image mean; final model (not best-on-test)")
 

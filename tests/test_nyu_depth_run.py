@@ -17,7 +17,7 @@ from fourm_eval.data.nyu_mini import make_mini_nyu
 
 FOURM_EVAL = [sys.executable, "-m", "fourm_eval.cli"]
 # a few-second configuration of the real pipeline
-QUICK = ["--set", "image_size=32", "--set", "batch_size=2", "--set", "schedule.warmup_iters=1",
+QUICK = ["--set", "image_size=32", "--set", "batch_size=2", "--set", "schedule.warmup_epochs=0.5",
          "--set", "schedule.length=2", "--set", "schedule.val_interval=2", "--set", "schedule.checkpoint_interval=2",
          "--set", "log_interval=1", "--set", "eval_at_start=false", "--set", "val_batch_size=2"]
 
@@ -54,7 +54,7 @@ def test_smoke_profile_learns(smoke):
     assert m["abs_rel"] < m0["abs_rel"] and m["abs_rel"] < base["metrics"]["abs_rel"]
     assert set(m) == {"delta1", "delta2", "delta3", "abs_rel", "rmse", "log10"}
     assert rec["status"] == "complete" and rec["config"]["head"] == "convnext" and rec["config"]["loss"] == "silog"
-    assert rec["config"]["schedule_resolved"]["policy"] == "cosine"
+    assert rec["config"]["schedule_resolved"]["decay"] == "cosine"
     assert rec["eval_history"][0]["iter"] == 0 and rec["eval_history"][-1]["iter"] == 400
     assert rec["dataset"]["n_val_images"] == 60 and len(rec["dataset"]["files_sha256"]) == 64
     assert "Traceback" not in r.stderr
