@@ -19,7 +19,8 @@ app = typer.Typer(help="fourm-eval: transfer evaluation of 4M encoders and ViT b
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 bench_app = typer.Typer(help="Benchmarks (speed, memory).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-data_app = typer.Typer(help="Datasets: generate the built-in mini datasets, validate a layout.",
+data_app = typer.Typer(help="Datasets: generate the built-in mini datasets, convert official releases, "
+                                "validate a layout.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 results_app = typer.Typer(help="Collect, validate and export result.json records.", no_args_is_help=True)
@@ -338,6 +339,26 @@ def data_make_mini(kind: str = typer.Argument(..., help="Task name or its data k
     t = get_task(kind)
     path = t.make_mini(out, seed=seed)
     console.print(f"mini {t.data_kind} dataset for {t.name} written to {path}", highlight=False)
+
+
+@data_app.command("convert")
+@friendly
+def data_convert(kind: str = typer.Argument(..., help="Task name or its data kind (see `fourm-eval tasks`)."),
+                 paths: list[Path] = typer.Argument(..., help="SOURCES... OUT: the dataset's official release "
+                                                              "files, then the output folder (must not exist).")
+                 ) -> None:
+    """Convert a dataset's official release files into the layout the task reads."""
+    from .errors import ConfigError
+    from .tasks import get_task
+
+    t = get_task(kind)
+    if len(paths) < 2:
+        raise ConfigError("expected one or more source files and then the output folder")
+    *sources, out = paths
+    path = t.convert([s.expanduser() for s in sources], out.expanduser(),
+                     log=lambda m: console.print(m, highlight=False, markup=False))
+    console.print(f"{t.data_kind} data for {t.name} written to {path}; check it with `fourm-eval data check "
+                  f"{t.data_kind} {path}`", highlight=False)
 
 
 @data_app.command("check")

@@ -74,6 +74,13 @@ class Task(ABC):
         """Validate the layout (named errors), and prepare what the runner needs.
         ``progress(label, done, total)`` reports long checks (every image decodes)."""
 
+    def convert(self, sources: list[Path], out: Path, log: Log) -> Path:
+        """Write the task's layout under ``out`` from the dataset's official release files
+        (``fourm-eval data convert KIND SOURCES... OUT``). Most datasets need none."""
+        from fourm_eval.errors import ConfigError
+        raise ConfigError(f"{self.name}: there is no converter for its data ({self.data_kind}); the data is read "
+                          "in its official layout as released (see `fourm-eval data check`)")
+
     # ------------------------------------------------------- model, runner
     def backbone_options(self, p: dict[str, Any], backbone: str, info: dict[str, Any]) -> dict[str, Any]:
         """Extra ``build_backbone`` options the profile asks for (e.g. windowed attention); recorded."""

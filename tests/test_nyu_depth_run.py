@@ -1,0 +1,145 @@
+"""`fourm-eval run nyu-depth` end to end: the smoke profile learns, predictions re-score exactly,
+`evaluate` names bad prediction folders, both heads and both losses run, the baselines run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fourm_eval.data.nyu import read_depth_mm, write_depth_mm
+from fourm_eval.data.nyu_mini import make_mini_nyu
+
+FOURM_EVAL = [sys.executable, "-m", "fourm_eval.cli"]
+# a few-second configuration of the real pipeline
+QUICK = ["--set", "image_size=32", "--set", "batch_size=2", "--set", "schedule.warmup_epochs=0.5",
+         "--set", "schedule.length=2", "--set", "schedule.val_interval=2", "--set", "schedule.checkpoint_interval=2",
+         "--set", "log_interval=1", "--set", "eval_at_start=false", "--set", "val_batch_size=2"]
+
+
+def _env(tmp: Path) -> dict:
+    return {**os.environ, "FOURM_EVAL_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def _run(args, tmp, **kw):
+    return subprocess.run(FOURM_EVAL + args, capture_output=True, text=True, env=_env(tmp), cwd=tmp,
+                          timeout=kw.pop("timeout", 900), **kw)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The acceptance command as a user types it: built-in mini data, default tiny 4M, smoke profile."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    r = _run(["run", "nyu-depth", "--profile", "smoke", "--work-dir", str(tmp / "run")], tmp, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp, tmp / "run", json.loads((tmp / "run" / "result.json").read_text()), r
+
+
+@pytest.fixture(scope="module")
+def tiny_nyu(tmp_path_factory):
+    return make_mini_nyu(tmp_path_factory.mktemp("nyu"), n_train=4, n_test=2, size=(48, 64), seed=2)
+
+
+def test_smoke_profile_learns(smoke):
+    tmp, wd, rec, r = smoke
+    m, m0 = rec["metrics"], rec["metrics_step0"]
+    base = rec["dataset"]["train_median_baseline"]
+    assert m["delta1"] >= m0["delta1"] + 0.1, (m["delta1"], m0["delta1"])
+    assert m["delta1"] > base["metrics"]["delta1"], (m["delta1"], base)
+    assert m["abs_rel"] < m0["abs_rel"] and m["abs_rel"] < base["metrics"]["abs_rel"]
+    assert set(m) == {"delta1", "delta2", "delta3", "abs_rel", "rmse", "log10"}
+    assert rec["status"] == "complete" and rec["config"]["head"] == "convnext" and rec["config"]["loss"] == "silog"
+    assert rec["config"]["schedule_resolved"]["decay"] == "cosine"
+    assert rec["eval_history"][0]["iter"] == 0 and rec["eval_history"][-1]["iter"] == 400
+    assert rec["dataset"]["n_val_images"] == 60 and len(rec["dataset"]["files_sha256"]) == 64
+    assert "Traceback" not in r.stderr
+
+
+def test_predictions_are_full_size_16bit_and_rescore_exactly(smoke):
+    tmp, wd, rec, _ = smoke
+    root = Path(rec["dataset"]["root"])
+    pred_dir = wd / rec["files"]["predictions"]
+    images = sorted((root / "images" / "test").iterdir())
+    assert sorted(p.name for p in pred_dir.iterdir()) == [p.stem + ".png" for p in images]
+    for img in images[:5]:
+        with Image.open(img) as im:
+            size = im.size
+        pred = read_depth_mm(pred_dir / f"{img.stem}.png")  # checks 16-bit grayscale
+        assert (pred.shape[1], pred.shape[0]) == size and 500 < np.median(pred) < 9000
+    ev = _run(["evaluate", "nyu-depth", "--predictions", str(pred_dir), "--data-root", str(root),
+               "--out", str(tmp / "rescored.json")], tmp)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads((tmp / "rescored.json").read_text())["metrics"] == rec["metrics"]
+
+
+def test_evaluate_names_bad_prediction_folders(smoke, tmp_path):
+    from fourm_eval.data.nyu import NyuDataError
+    from fourm_eval.tasks import get_task
+
+    _, wd, rec, _ = smoke
+    root = Path(rec["dataset"]["root"])
+    task = get_task("nyu-depth")
+
+    def broken(how):
+        d = tmp_path / how
+        shutil.copytree(wd / "predictions", d)
+        first = sorted(d.iterdir())[0]
+        if how == "missing":
+            first.unlink()
+        elif how == "extra":
+            shutil.copy(first, d / "not_a_test_image.png")
+        elif how == "8bit":
+            Image.fromarray(np.full((120, 160), 3, np.uint8)).save(first)
+        elif how == "size":
+            write_depth_mm(first, np.full((60, 80), 3000, np.uint16))
+        return d
+
+    for how, msg in (("missing", "no prediction for 1 of the 60"), ("extra", "for no test image"),
+                     ("8bit", "8-bit PNG"), ("size", "at the image's full size")):
+        with pytest.raises(NyuDataError, match=msg):
+            task.evaluate(broken(how), root)
+    r = _run(["evaluate", "nyu-depth", "--predictions", str(tmp_path / "missing"), "--data-root", str(root)],
+             tmp_path)
+    assert r.returncode == 2 and "no prediction for" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_report_shows_the_nyu_column_and_a_finished_run_is_kept(smoke):
+    tmp, wd, rec, _ = smoke
+    r = _run(["report", str(wd), "--out", str(tmp / "report")], tmp)
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp / "report" / "report.md").read_text()
+    assert "nyu-depth delta1" in md and f"| {rec['metrics']['delta1'] * 100:.1f} (n=1) |" in md
+    assert "| 4M-7 | B | CC12M |" in md and "| 92.0 |" in md  # the published NYUv2 number beside it
+    r2 = _run(["run", "nyu-depth", "--profile", "smoke", "--work-dir", str(wd)], tmp)
+    assert r2.returncode == 0 and "already holds a finished run" in r2.stdout
+
+
+@pytest.mark.parametrize("head,loss", [("dpt", "berhu"), ("convnext", "berhu"), ("dpt", "silog")])
+def test_both_heads_and_both_losses_run(tmp_path, tiny_nyu, head, loss):
+    r = _run(["run", "nyu-depth", "--data-root", str(tiny_nyu), *QUICK, "--set", f"head={head}",
+              "--set", f"loss={loss}", "--work-dir", str(tmp_path / "w")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / "w" / "result.json").read_text())
+    assert rec["config"]["head"] == head and rec["config"]["loss"] == loss
+    assert 0 <= rec["metrics"]["delta1"] <= 1 and np.isfinite(rec["metrics"]["rmse"])
+    assert len(list((tmp_path / "w" / "predictions").iterdir())) == 2
+
+
+@pytest.mark.parametrize("backbone", ["deit3", "mae"])
+def test_baselines_run_through_the_same_command(tmp_path, tiny_nyu, backbone):
+    r = _run(["run", "nyu-depth", "--backbone", backbone, "--random-init", "--data-root", str(tiny_nyu), *QUICK,
+              "--set", "head=dpt", "--work-dir", str(tmp_path / backbone)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / backbone / "result.json").read_text())
+    assert rec["backbone"]["name"] == f"{backbone}-b" and "delta1" in rec["metrics"]
+    # DPT reads the last block of each quarter of the 12 ViT blocks; the layer-decay table covers them all
+    from mmengine.config import Config
+    dumped = Config.fromfile(str(next((tmp_path / backbone).glob("*.py"))))   # mmengine's config of the run
+    assert list(dumped.model.backbone.out_indices) == [2, 5, 8, 11]
+    rows = (tmp_path / backbone / "param_groups.csv").read_text().splitlines()
+    assert {int(r.split(",")[0]) for r in rows[1:]} == set(range(14))
