@@ -139,18 +139,5 @@ def make_mini_coco(out: str | Path, n_train: int = 240, n_val: int = 60, seed: i
 
 def default_mini_coco() -> Path:
     """The cached default mini dataset (generated on first use)."""
-    from ..paths import cache_dir
-
-    import os
-    import shutil
-
-    out = cache_dir() / "data" / f"coco-mini-v{MINI_VERSION}"
-    if not (out / "MINI_COCO").exists():
-        # build aside and rename, so concurrent processes (distributed ranks) never see a partial copy
-        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-        make_mini_coco(tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    from ..paths import cached_build
+    return cached_build(f"coco-mini-v{MINI_VERSION}", "MINI_COCO", make_mini_coco)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -143,18 +141,8 @@ def make_mini_nyu(out: str | Path, n_train: int = 240, n_test: int = 60, seed: i
 
 def default_mini_nyu() -> Path:
     """The cached default mini dataset (generated on first use)."""
-    from ..paths import cache_dir
-
-    out = cache_dir() / "data" / f"nyu-mini-v{MINI_VERSION}"
-    if not (out / MARKER).exists():
-        # build aside and rename, so concurrent processes (distributed ranks) never see a partial copy
-        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-        make_mini_nyu(tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    from ..paths import cached_build
+    return cached_build(f"nyu-mini-v{MINI_VERSION}", MARKER, make_mini_nyu)
 
 
 __all__ = ["MINI_VERSION", "default_mini_nyu", "make_mini_nyu", "render_scene"]
