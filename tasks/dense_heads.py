@@ -70,8 +70,10 @@ class ConvNeXtTokenHead(nn.Module):
         k, c = self.sub, self.channels
         y = self.proj(x.permute(0, 2, 3, 1))               # (B, h, w, k*k*C): group p = r*k + col
         y = y.reshape(b, h, w, k, k, c)                    # (B, h, w, r, col, C)
-        y = y.permute(0, 5, 1, 3, 2, 4)                    # (B, C, h, r, w, col)
-        return y.reshape(b, c, h * k, w * k)
+        y = y.permute(0, 1, 3, 2, 4, 5).reshape(b, h * k, w * k, c)  # (B, H, W, C), pixel (i*k + r, j*k + col)
+        # returned as NCHW in channels-last memory: the ConvNeXt blocks work channels-last inside, and
+        # PyTorch's depth-wise convolution is about 10x faster on CPU in that layout (backward pass)
+        return y.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor, out_size: Sequence[int] | None = None) -> torch.Tensor:
         y = self.final(self.blocks(self.tokens_to_map(x)))

@@ -43,8 +43,19 @@ def schedule(p: dict[str, Any], n_train: int, world: int) -> dict[str, Any]:
     val_every = resolve_interval(sch.get("val_interval", max_iters), max_iters, "schedule.val_interval")
     ckpt_every = resolve_interval(sch.get("checkpoint_interval", val_every), max_iters,
                                   "schedule.checkpoint_interval")
+    if "warmup_epochs" in sch:  # a warm-up given in epochs of the training set, at this run's batch
+        if "warmup_iters" in sch:
+            raise ConfigError("schedule: give warmup_iters or warmup_epochs, not both")
+        warmup = round(float(sch["warmup_epochs"]) * n_train / eff_batch)
+    else:
+        warmup = int(sch.get("warmup_iters", 0))
+    decay = sch.get("decay", "step")
+    if decay not in ("step", "cosine"):
+        raise ConfigError(f"schedule.decay must be 'step' (lr x0.1 at the milestones) or 'cosine', not {decay!r}")
+    if decay == "cosine" and sch.get("milestones"):
+        raise ConfigError("schedule: milestones apply to decay 'step' only, not to 'cosine'")
     return dict(per_gpu_batch=per_gpu, eff_batch=eff_batch, max_iters=max_iters, val_interval=val_every,
-                checkpoint_interval=ckpt_every, warmup=min(int(sch.get("warmup_iters", 0)), max_iters),
+                checkpoint_interval=ckpt_every, warmup=min(warmup, max_iters), decay=decay,
                 milestones=[int(m * max_iters) for m in sch.get("milestones", [])])
 
 
@@ -76,6 +87,10 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
     if sched["milestones"]:
         schedulers.append(dict(type="MultiStepLR", by_epoch=False, begin=0, end=sched["max_iters"],
                                milestones=sched["milestones"], gamma=0.1))
+    if sched.get("decay") == "cosine" and sched["warmup"] < sched["max_iters"]:
+        # half a cosine from the end of the warm-up to 0 at the last iteration
+        schedulers.append(dict(type="CosineAnnealingLR", by_epoch=False, begin=sched["warmup"],
+                               end=sched["max_iters"], eta_min=0.0))
     hooks = [dict(type="FiniteLossHook"), dict(type="CheckpointStateHook", keep=int(p.get("max_keep_ckpts", 2))),
              dict(type="EvalHistoryHook", out_file=str(work_dir / "eval_history.jsonl")),
              dict(type="IsolateEvalRngHook"),
@@ -290,7 +305,9 @@ def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[st
                                   (data.record.get("subsets") or {}).items()) or "none (all images)"),
             ("schedule", f"{sched['max_iters']} iterations x batch {sched['eff_batch']} ({sched['per_gpu_batch']} per "
                          f"process x {world}) = {images} training images ({images / max(data.n_train, 1):.1f} "
-                         f"epochs); warm-up {sched['warmup']}, lr steps at {sched['milestones']}"),
+                         f"epochs); warm-up {sched['warmup']}, "
+                         + ("cosine decay to 0" if sched.get("decay") == "cosine" else
+                            f"lr steps at {sched['milestones']}")),
             ("optimiser", f"AdamW lr {p['lr']}, weight decay {p['weight_decay']}, layer decay {p['layer_decay']}, "
                           f"drop path {p['drop_path']}"),
             ("evaluation", f"every {sched['val_interval']} iterations, checkpoints every "
