@@ -76,7 +76,9 @@ class ConvNeXtTokenHead(nn.Module):
         return y.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor, out_size: Sequence[int] | None = None) -> torch.Tensor:
-        y = self.final(self.blocks(self.tokens_to_map(x)))
+        # contiguous NCHW out (the blocks run channels-last): consumers that read raw memory as NCHW
+        # (mmcv ops) must never see a channels-last view
+        y = self.final(self.blocks(self.tokens_to_map(x))).contiguous()
         if out_size is not None:
             y = F.interpolate(y, size=tuple(int(s) for s in out_size), mode=self.interpolate_mode,
                               align_corners=False)
@@ -127,7 +129,7 @@ def register_mmseg() -> None:
             y = self.head.blocks(self.head.tokens_to_map(x))
             if self.dropout is not None:
                 y = self.dropout(y)
-            return self.head.final(y)
+            return self.head.final(y).contiguous()  # NCHW memory, as ConvNeXtTokenHead.forward
 
     MODELS.register_module("FourmConvNeXtHead", module=FourmConvNeXtHead, force=True)
     _REGISTERED = True

@@ -60,6 +60,7 @@ def test_shapes_and_upsampling(out_ch):
     head = ConvNeXtTokenHead(16, out_ch, decoder_dim=64, preds_per_patch=16, depth=2)
     x = torch.randn(3, 16, 4, 6)   # a 64 x 96 image in 16-px patches
     assert head(x).shape == (3, out_ch, 16, 24)                     # stride 4
+    assert head(x).is_contiguous()    # NCHW memory, whatever layout the blocks use inside
     assert head(x, out_size=(64, 96)).shape == (3, out_ch, 64, 96)
     assert head(x, out_size=(50, 70)).shape == (3, out_ch, 50, 70)
 
@@ -108,6 +109,6 @@ def test_mmseg_decode_head_wraps_it():
                              preds_per_patch=16, depth=1))
     assert not hasattr(head, "conv_seg")
     feats = (torch.randn(2, 16, 3, 4),)
-    assert head(feats).shape == (2, 6, 12, 16)
+    assert head(feats).shape == (2, 6, 12, 16) and head(feats).is_contiguous()
     n = sum(p.numel() for p in head.parameters())
     assert n == sum(p.numel() for p in head.head.parameters())

@@ -1,0 +1,267 @@
+"""ADE20K: the mIoU / mAcc / aAcc metric against hand computations and an independent confusion
+matrix; the label-PNG predictions and their named errors; the layout check and its named errors;
+the mini dataset."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fourm_eval.data.ade_check import check_split
+from fourm_eval.data.ade_mini import MINI_CLASSES, make_mini_ade20k
+from fourm_eval.data.coco_check import DatasetError
+from fourm_eval.metrics_seg import (PredictionsError, evaluate_folder, image_areas, reduce_zero_label, summarize,
+                                    write_prediction_png)
+
+K = 150
+
+
+# ------------------------------------------------------------------ metric
+def test_metric_matches_a_hand_computed_confusion_matrix():
+    """Two images, classes 0..3 of 5, ignore pixels, a class predicted but never labelled, a class
+    absent everywhere. Confusion (rows = label, cols = prediction), over both images:
+
+        label 0: pred 0 x3, pred 1 x1          label 1: pred 1 x2, pred 2 x1
+        label 3: pred 3 x1, pred 0 x1          (class 2 never labelled, class 4 absent everywhere)
+    """
+    p1 = np.array([[0, 0, 1], [1, 1, 2], [9, 9, 9]])
+    g1 = np.array([[0, 0, 0], [1, 1, 1], [255, 255, 255]])    # last row ignored (whatever is predicted)
+    p2 = np.array([[0, 3]])
+    g2 = np.array([[0, 3]])
+    p3 = np.array([[0]])
+    g3 = np.array([[3]])
+    total = sum(image_areas(p, g, 5) for p, g in ((p1, g1), (p2, g2), (p3, g3)))
+    # intersect / union / pred / label per class, by hand from the matrix above
+    assert total[0].tolist() == [3, 2, 0, 1, 0]
+    assert total[2].tolist() == [4, 3, 1, 1, 0]                    # column sums
+    assert total[3].tolist() == [4, 3, 0, 2, 0]                    # row sums
+    assert total[1].tolist() == [5, 4, 1, 2, 0]                    # pred + label - intersect
+    s = summarize(total)
+    # IoU: 3/5, 2/4, 0/1, 1/2; class 4 (no union) left out -> mean over 4 classes
+    assert s["mIoU"] == pytest.approx((3 / 5 + 2 / 4 + 0 + 1 / 2) / 4, abs=1e-12)
+    # Acc: 3/4, 2/3, 1/2 over the labelled classes 0, 1, 3
+    assert s["mAcc"] == pytest.approx((3 / 4 + 2 / 3 + 1 / 2) / 3, abs=1e-12)
+    assert s["aAcc"] == pytest.approx(6 / 9, abs=1e-12)
+    assert s["classes_in_miou"] == 4 and s["classes_in_macc"] == 3
+    assert s["per_class_iou"][4] is None
+
+
+def _confusion(pred, label, k, ignore=255):
+    m = label != ignore
+    return np.bincount(label[m] * k + np.where((pred[m] >= 0) & (pred[m] < k), pred[m], k * k)
+                       .clip(max=k * k), minlength=k * k + 1)[:k * k].reshape(k, k)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metric_agrees_with_an_independent_confusion_matrix(seed):
+    """Random images of random sizes, a random subset of the 150 classes present, in any order."""
+    rng = np.random.default_rng(seed)
+    present = rng.choice(K, size=int(rng.integers(2, 12)), replace=False)
+    conf = np.zeros((K, K), dtype=np.int64)
+    total = np.zeros((4, K))
+    for _ in range(4):
+        h, w = (int(v) for v in rng.integers(5, 40, size=2))
+        label = rng.choice(np.append(present, 255), size=(h, w))
+        pred = np.where(rng.random((h, w)) < 0.6, label, rng.choice(present, size=(h, w)))
+        pred[label == 255] = rng.integers(0, K)
+        conf += _confusion(pred, label, K)
+        total += image_areas(pred, label, K)
+    inter = np.diag(conf).astype(float)
+    union = conf.sum(0) + conf.sum(1) - inter
+    keep = union > 0
+    labelled = conf.sum(1) > 0
+    s = summarize(total)
+    assert s["mIoU"] == pytest.approx(np.mean(inter[keep] / union[keep]), abs=1e-12)
+    assert s["mAcc"] == pytest.approx(np.mean(inter[labelled] / conf.sum(1)[labelled]), abs=1e-12)
+    assert s["aAcc"] == pytest.approx(inter.sum() / conf.sum(), abs=1e-12)
+    assert s["classes_in_miou"] == keep.sum()
+
+
+def test_reduce_zero_label_and_no_class_predictions():
+    raw = np.array([[0, 1, 150]], dtype=np.uint8)
+    assert reduce_zero_label(raw).tolist() == [[255, 0, 149]]
+    # prediction value 0 ("no class") is read as -1: wrong wherever a class is labelled, counted nowhere
+    a = image_areas(np.array([[-1, -1]]), np.array([[0, 1]]), 3)
+    assert a[0].sum() == 0 and a[2].sum() == 0 and a[3].tolist() == [1, 1, 0]
+
+
+# ------------------------------------------------------------- predictions
+def _gt_folder(tmp_path, shapes):
+    gt = {}
+    d = tmp_path / "gt"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(shapes):
+        p = d / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 151, size=(h, w)).astype(np.uint8), mode="L").save(p)
+        gt[f"img{i}"] = p
+    return gt
+
+
+def test_prediction_pngs_round_trip_to_the_metric(tmp_path):
+    gt = _gt_folder(tmp_path, [(7, 9), (12, 5)])
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    total = np.zeros((4, K))
+    for stem, path in gt.items():
+        label = reduce_zero_label(np.asarray(Image.open(path)))
+        pred = np.where(label == 255, 3, label)
+        pred[0, 0] = 149
+        write_prediction_png(pred_dir / f"{stem}.png", pred)
+        stored = np.asarray(Image.open(pred_dir / f"{stem}.png"))
+        assert stored.dtype == np.uint8 and stored.min() >= 1 and stored.max() <= 150  # ADE20K's 1..150
+        assert (stored.astype(int) - 1 == pred).all()
+        total += image_areas(pred, label, K)
+    assert evaluate_folder(pred_dir, gt, K) == summarize(total)
+
+
+@pytest.mark.parametrize("problem,match", [
+    ("missing", "have no prediction: img1"),
+    ("extra", "match no validation image: stray"),
+    ("size", "must have the image's size"),
+    ("corrupt", "does not decode"),
+    ("rgb", "single-channel 8-bit"),
+    ("value", "values \\[151\\] above 150"),
+    ("nofolder", "predictions folder not found"),
+])
+def test_bad_predictions_are_named_errors(tmp_path, problem, match):
+    gt = _gt_folder(tmp_path, [(6, 8), (6, 8)])
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    for stem in gt:
+        Image.fromarray(np.ones((6, 8), np.uint8), mode="L").save(pred_dir / f"{stem}.png")
+    target = pred_dir / "img1.png"
+    if problem == "missing":
+        target.unlink()
+    elif problem == "extra":
+        shutil.copy(pred_dir / "img0.png", pred_dir / "stray.png")
+    elif problem == "size":
+        Image.fromarray(np.ones((6, 9), np.uint8), mode="L").save(target)
+    elif problem == "corrupt":
+        target.write_bytes(target.read_bytes()[:30])
+    elif problem == "rgb":
+        Image.fromarray(np.ones((6, 8, 3), np.uint8)).save(target)
+    elif problem == "value":
+        Image.fromarray(np.full((6, 8), 151, np.uint8), mode="L").save(target)
+    elif problem == "nofolder":
+        shutil.rmtree(pred_dir)
+    with pytest.raises(PredictionsError, match=match):
+        evaluate_folder(pred_dir, gt, K)
+
+
+# --------------------------------------------------------------- data check
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    return make_mini_ade20k(tmp_path_factory.mktemp("ade") / "ADEChallengeData2016", n_train=6, n_val=4, seed=5)
+
+
+def _copy(mini, tmp_path):
+    out = tmp_path / "ADEChallengeData2016"
+    shutil.copytree(mini, out)
+    return out
+
+
+def test_mini_dataset_layout_and_determinism(mini, tmp_path):
+    again = make_mini_ade20k(tmp_path / "again", n_train=6, n_val=4, seed=5)
+    for sub in ("images/training", "images/validation", "annotations/training", "annotations/validation"):
+        a, b = sorted((mini / sub).iterdir()), sorted((again / sub).iterdir())
+        assert [p.name for p in a] == [p.name for p in b] and a
+        assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    values = set()
+    for p in (mini / "annotations" / "validation").iterdir():
+        im = Image.open(p)
+        assert im.mode == "L" and im.size == Image.open(mini / "images" / "validation" / (p.stem + ".jpg")).size
+        values |= set(np.unique(np.asarray(im)).tolist())
+    assert values - {0} <= set(MINI_CLASSES) and len(values - {0}) >= 3
+    assert Image.open(mini / "images" / "training" / "ADE_train_00000001.jpg").mode == "L"  # a grayscale JPEG
+    c = check_split(mini, "val", skip_bad_images=False, out_dir=tmp_path / "lists")
+    assert c.n_images == 4 and (tmp_path / "lists" / "val_files.txt").read_text().split() == c.stems
+    assert {v + 1 for v in c.classes_present} <= set(MINI_CLASSES)
+
+
+def _break(root, problem):
+    img = root / "images" / "validation" / "ADE_val_00000002.jpg"
+    ann = root / "annotations" / "validation" / "ADE_val_00000002.png"
+    if problem == "no annotation":
+        ann.unlink()
+    elif problem == "no image":
+        img.unlink()
+    elif problem == "label > 150":
+        a = np.asarray(Image.open(ann)).copy()
+        a[0, :3] = 200
+        Image.fromarray(a, mode="L").save(ann)
+    elif problem == "size mismatch":
+        Image.open(ann).crop((0, 0, 50, 40)).save(ann)
+    elif problem == "corrupt image":
+        img.write_bytes(img.read_bytes()[:400])
+    elif problem == "corrupt annotation":
+        ann.write_bytes(b"not a png")
+    elif problem == "rgb annotation":
+        Image.open(ann).convert("RGB").save(ann)
+    return img, ann
+
+
+@pytest.mark.parametrize("problem,match,names", [
+    ("no annotation", "no annotation", "img"),
+    ("no image", "no image", "ann"),
+    ("label > 150", r"label values \[200\] above 150", "ann"),
+    ("size mismatch", "must be the same size", "ann"),
+    ("corrupt image", "does not decode", "img"),
+    ("corrupt annotation", "annotation does not decode", "ann"),
+    ("rgb annotation", "mode RGB", "ann"),
+])
+def test_bad_samples_are_named_errors_or_skipped(mini, tmp_path, problem, match, names):
+    root = _copy(mini, tmp_path)
+    img, ann = _break(root, problem)
+    with pytest.raises(DatasetError, match=match) as e:
+        check_split(root, "val", skip_bad_images=False)
+    assert str(img if names == "img" else ann) in str(e.value) and "--skip-bad-images" in str(e.value)
+    c = check_split(root, "val", skip_bad_images=True, out_dir=tmp_path / "lists")
+    assert c.n_images == 3 and len(c.bad) == 1 and "ADE_val_00000002" not in c.stems
+    assert "ADE_val_00000002" not in (tmp_path / "lists" / "val_files.txt").read_text()
+
+
+def test_missing_folder_is_a_named_error(mini, tmp_path):
+    root = _copy(mini, tmp_path)
+    shutil.rmtree(root / "annotations" / "training")
+    with pytest.raises(DatasetError, match=r"annotations/training: annotation folder not found"):
+        check_split(root, "train", skip_bad_images=True)
+
+
+def test_cli_data_check_and_evaluate_print_named_errors(mini, tmp_path):
+    """No traceback: the CLI prints the named error and exits 2."""
+    root = _copy(mini, tmp_path)
+    _break(root, "label > 150")
+    r = subprocess.run([sys.executable, "-m", "fourm_eval.cli", "data", "check", "ade20k", str(root)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "above 150" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "ADE_val_00000001.png").write_bytes(b"garbage")
+    r = subprocess.run([sys.executable, "-m", "fourm_eval.cli", "evaluate", "ade20k-seg", "--predictions",
+                        str(pred), "--data-root", str(mini)], capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "have no prediction" in out and "Traceback" not in out
+
+
+def test_meta_json_limits_evaluation_to_the_run_images(mini, tmp_path):
+    """A run's own predictions name their images (a subset, or bad files skipped); scoring follows them."""
+    from fourm_eval.tasks import get_task
+
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    ann = mini / "annotations" / "validation"
+    stems = sorted(p.stem for p in ann.iterdir())[:2]
+    for s in stems:
+        shutil.copy(ann / f"{s}.png", pred / f"{s}.png")  # the ground truth itself as prediction
+    (pred / "meta.json").write_text(json.dumps({"stems": stems}))
+    m = get_task("ade20k-seg").evaluate(pred, mini)
+    # a perfect prediction except for the ignored "other" pixels (stored 0 -> no class, never scored)
+    assert m["mIoU"] == 1.0 and m["aAcc"] == 1.0 and m["mAcc"] == 1.0
+    (pred / "meta.json").write_text(json.dumps({"stems": stems + ["nope"]}))
+    with pytest.raises(PredictionsError, match="nope"):
+        get_task("ade20k-seg").evaluate(pred, mini)

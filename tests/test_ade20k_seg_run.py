@@ -1,0 +1,137 @@
+"""`fourm-eval run ade20k-seg` end to end on generated data: the smoke acceptance (learning,
+re-scoring, report), the UperNet head, the baselines, and the cosine schedule."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fourm_eval.data.ade_mini import make_mini_ade20k
+
+FOURM_EVAL = [sys.executable, "-m", "fourm_eval.cli"]
+# a few-second configuration of the real pipeline (sliding windows included: 64 px windows, stride 43)
+QUICK = ["--set", "image_size=64", "--set", "test_scale=[256,64]", "--set", "slide_stride=43",
+         "--set", "batch_size=2", "--set", "schedule.length=3", "--set", "schedule.val_interval=3",
+         "--set", "schedule.checkpoint_interval=3", "--set", "log_interval=1", "--set", "eval_at_start=false",
+         "--set", "val_subset=3"]
+
+
+def _env(tmp: Path) -> dict:
+    return {**os.environ, "FOURM_EVAL_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def _run(args, tmp, **kw):
+    return subprocess.run(FOURM_EVAL + args, capture_output=True, text=True, env=_env(tmp), cwd=tmp,
+                          timeout=kw.pop("timeout", 900), **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_ade(tmp_path_factory):
+    return make_mini_ade20k(tmp_path_factory.mktemp("ade") / "ADEChallengeData2016", n_train=6, n_val=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The acceptance command: default smoke profile, built-in mini ADE20K, default 4M."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    r = _run(["run", "ade20k-seg", "--profile", "smoke", "--work-dir", str(tmp / "smoke")], tmp, timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp, tmp / "smoke", json.loads((tmp / "smoke" / "result.json").read_text())
+
+
+def test_smoke_profile_learns(smoke_run):
+    _, wd, rec = smoke_run
+    miou, miou0 = rec["metrics"]["mIoU"], rec["metrics_step0"]["mIoU"]
+    assert miou >= 0.2 and miou >= 2 * miou0, (miou, miou0)
+    assert 0 <= rec["metrics"]["aAcc"] <= 1 and 0 <= rec["metrics"]["mAcc"] <= 1
+    assert rec["status"] == "complete" and rec["config"]["head"] == "convnext"
+    assert rec["backbone"]["options"] == {"out_indices": [3], "final_norm": False}
+    assert rec["eval_history"][0]["iter"] == 0 and rec["eval_history"][-1]["iter"] == rec["config"]["schedule"]["length"]
+    assert rec["dataset"]["classes_present"]["val"] and len(rec["dataset"]["classes"]) == 150
+
+
+def test_smoke_predictions_are_ade20k_pngs_and_rescore_exactly(smoke_run):
+    tmp, wd, rec = smoke_run
+    root = Path(rec["dataset"]["root"])
+    pred = wd / "predictions"
+    vals = sorted((root / "images" / "validation").iterdir())
+    assert sorted(p.stem for p in pred.glob("*.png")) == [p.stem for p in vals]
+    for img in vals[:5]:
+        p = Image.open(pred / f"{img.stem}.png")
+        a = np.asarray(p)
+        assert p.mode == "L" and p.size == Image.open(img).size and a.min() >= 1 and a.max() <= 150
+    ev = _run(["evaluate", "ade20k-seg", "--predictions", str(pred), "--data-root", str(root),
+               "--out", str(tmp / "rescored.json")], tmp)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads((tmp / "rescored.json").read_text())["metrics"] == rec["metrics"]
+
+
+def test_smoke_report_and_rerun(smoke_run):
+    tmp, wd, rec = smoke_run
+    r = _run(["report", str(wd), "--out", str(tmp / "report")], tmp)
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp / "report" / "report.md").read_text()
+    assert f"| {rec['metrics']['mIoU'] * 100:.1f} (n=1) |" in md and "ade20k-seg" in md
+    r2 = _run(["run", "ade20k-seg", "--profile", "smoke", "--work-dir", str(wd)], tmp)
+    assert r2.returncode == 0 and "already holds a finished run" in r2.stdout
+
+
+def test_upernet_head_runs_and_rescores(tmp_path, tiny_ade):
+    r = _run(["run", "ade20k-seg", "--data-root", str(tiny_ade), *QUICK, "--set", "head=upernet",
+              "--set", "upernet.channels=32", "--set", "upernet.aux_channels=16", "--work-dir", str(tmp_path / "u")],
+             tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rec = json.loads((tmp_path / "u" / "result.json").read_text())
+    assert rec["config"]["head"] == "upernet" and rec["backbone"]["options"]["out_indices"] == [0, 1, 2, 3]
+    assert rec["dataset"]["subsets"]["val"]["n"] == 3
+    assert "UperNet" in __import__("fourm_eval.tasks", fromlist=["get_task"]).get_task("ade20k-seg").footnote(rec)
+    ev = _run(["evaluate", "ade20k-seg", "--predictions", str(tmp_path / "u" / "predictions"), "--data-root",
+               str(tiny_ade), "--out", str(tmp_path / "e.json")], tmp_path)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads((tmp_path / "e.json").read_text())["metrics"] == rec["metrics"]
+
+
+@pytest.mark.parametrize("backbone", ["deit3", "mae"])
+def test_baselines_run_through_the_same_command(tmp_path, tiny_ade, backbone):
+    r = _run(["run", "ade20k-seg", "--backbone", backbone, "--random-init", "--data-root", str(tiny_ade), *QUICK,
+              "--set", "schedule.length=1", "--set", "schedule.val_interval=1", "--set", "val_subset=1",
+              "--work-dir", str(tmp_path / backbone)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / backbone / "result.json").read_text())
+    assert rec["backbone"]["name"] == f"{backbone}-b" and "mIoU" in rec["metrics"]
+    assert rec["backbone"]["options"]["out_indices"] == [11]
+    rows = (tmp_path / backbone / "param_groups.csv").read_text().splitlines()
+    assert {int(r.split(",")[0]) for r in rows[1:]} == set(range(14))
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "empty" / "images" / "training").mkdir(parents=True)
+    r = _run(["run", "ade20k-seg", "--data-root", str(tmp_path / "empty"), "--work-dir", str(tmp_path / "x")],
+             tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "annotation folder not found" in out and "Traceback" not in out
+
+
+def test_cosine_schedule_with_a_warmup_epoch():
+    """The profile's schedule: 1 warm-up epoch (at the run's batch), then cosine to 0 at the end."""
+    from fourm_eval.errors import ConfigError
+    from fourm_eval.tasks import get_task
+    from fourm_eval.tasks.profiles import load_profile, resolve_per_size
+    from fourm_eval.tasks.runner import runner_cfg, schedule
+
+    p = resolve_per_size(load_profile("ade20k-seg", "paper"), "b")
+    s = schedule(p, n_train=20210, world=8)
+    assert s["max_iters"] == round(64 * 20210 / 64) and s["warmup"] == round(20210 / 64) and s["decay"] == "cosine"
+    cfg = runner_cfg(get_task("ade20k-seg"), p, dict(model={}, train_dataset={}, val_dataset={}, val_evaluator={}),
+                     sched=s, work_dir=Path("/tmp/x"), seed=0, launcher="none")
+    warm, cos = cfg["param_scheduler"]
+    assert warm["type"] == "LinearLR" and warm["end"] == s["warmup"]
+    assert cos == dict(type="CosineAnnealingLR", by_epoch=False, begin=s["warmup"], end=s["max_iters"], eta_min=0.0)
+    p["schedule"]["warmup_iters"] = 5
+    with pytest.raises(ConfigError, match="not both"):
+        schedule(p, n_train=100, world=1)
