@@ -430,7 +430,8 @@ class In1kCls(Task):
 
     # model and runner
     def register_mm(self) -> None:
-        from . import mm  # noqa: F401 - FourmEvalViT, the optimiser constructor and the hooks
+        import importlib
+        importlib.import_module(".mm", __package__)  # FourmEvalViT, the optimiser constructor and the hooks
 
     def runner_parts(self, p: dict[str, Any], data: PreparedData, *, backbone_cfg: dict[str, Any],
                      embed_dim: int, sched: dict[str, Any], seed: int, predictions_dir: Path) -> dict[str, Any]:
