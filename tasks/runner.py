@@ -332,8 +332,9 @@ def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[st
                                   (data.record.get("subsets") or {}).items()) or "none (all images)"),
             ("schedule", f"{sched['max_iters']} iterations x batch {sched['eff_batch']} ({sched['per_gpu_batch']} per "
                          f"process x {world}) = {images} training images ({images / max(data.n_train, 1):.1f} "
-                         f"epochs); warm-up {sched['warmup']}, lr steps at {sched['milestones']}"),
-            ("optimiser", f"AdamW lr {p['lr']}, weight decay {p['weight_decay']}, layer decay {p['layer_decay']}, "
+                         f"epochs); warm-up {sched['warmup']}, "
+                         + ("cosine decay" if sched["policy"] == "cosine" else f"lr steps at {sched['milestones']}")),
+            ("optimiser", f"{optimizer_cfg(p)['type']} lr {p['lr']}, weight decay {p['weight_decay']}, layer decay {p['layer_decay']}, "
                           f"drop path {p['drop_path']}"),
             ("evaluation", f"every {sched['val_interval']} iterations, checkpoints every "
                            f"{sched['checkpoint_interval']}")]
