@@ -296,3 +296,35 @@ def test_linear_smoke_run_keeps_the_checkpoint_backbone(tmp_path):
     ref = build_backbone("4m", checkpoint=rec["backbone"]["checkpoint"]).state_dict()
     got = {k.removeprefix("backbone.net."): v for k, v in sd.items() if k.startswith("backbone.net.")}
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_ema_follows_timm_rule_and_is_evaluated():
+    """With ema.enabled the EMA copy is never in the optimiser, moves by its decay after each step
+    (timm ModelEmaV3: the first updates copy the weights, then ema = d * ema + (1 - d) * model), and
+    the prediction carries both the model's and the EMA's probabilities."""
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import MODELS
+
+    from fourm_eval.tasks.profiles import load_profile, resolve_per_size
+    TASK.register_mm()
+    p = resolve_per_size(load_profile("in1k-cls", "smoke"), "tiny")
+    p["ema"] = {"enabled": True, "decay": 0.5, "warmup": False}
+    model = MODELS.build(T.build_model_cfg(p, dict(name="4m-tiny"), num_classes=4))
+    ow = build_optim_wrapper(model, dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-2),
+                                         constructor="LayerDecayOptimWrapperConstructor",
+                                         paramwise_cfg=dict(layer_decay_rate=0.9, backbone_attr="backbone.net")))
+    ema_ids = {id(q) for q in model.ema.parameters()}
+    assert not any(id(q) in ema_ids for g in ow.optimizer.param_groups for q in g["params"])
+    model.train()
+    batch = {"inputs": list(torch.randn(4, 3, 32, 32)), "label": [0, 1, 2, 3], "file": list("abcd")}
+    for _ in range(2):
+        model.train_step(batch, ow)
+    assert torch.equal(model.ema.module["head"][1].weight, model.head[1].weight)
+    prev = model.ema.module["head"][1].weight.clone()
+    model.train_step(batch, ow)
+    assert not torch.equal(prev, model.head[1].weight)
+    assert torch.allclose(model.ema.module["head"][1].weight, 0.5 * prev + 0.5 * model.head[1].weight, atol=1e-7)
+    model.eval()
+    out = model.val_step(batch)
+    assert out[0]["probs"].shape == (4,) and out[0]["probs_ema"].shape == (4,)
+    assert torch.allclose(out[0]["probs_ema"].sum(), torch.tensor(1.0))
