@@ -426,7 +426,7 @@ class In1kCls(Task):
                   "ignored_non_image_files": sum(len(lst.other_files) for lst in listings.values()),
                   "val_classes_without_images": missing_val, "subsets": subsets}
         return PreparedData(root, len(listings["train"].samples), len(listings["val"].samples), record,
-                            private={"classes": classes, "files": files, "listings": listings})
+                            private={"classes": classes, "files": files})
 
     # model and runner
     def register_mm(self) -> None:
