@@ -128,8 +128,22 @@ def write_fourm_checkpoint(path: str | Path, **kwargs: Any) -> Path:
     return path
 
 
-def default_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
-    """The tiny 4M checkpoint used when a run is given no checkpoint (cached, deterministic)."""
+def default_tiny_checkpoint() -> Path:
+    """The tiny 4M a run or ``inspect`` uses when given no checkpoint: pre-trained by this project
+    (``scripts/pretrain_tiny_4m.py``) and shipped in the package; see ``fourm_eval.pretrain``."""
+    from .errors import CheckpointError
+    from .pretrain import shipped_checkpoint
+
+    path = shipped_checkpoint()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the shipped tiny pre-trained 4M is missing from this installation "
+                              "(re-install fourm-eval, or re-create it with scripts/pretrain_tiny_4m.py)")
+    return path
+
+
+def random_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
+    """A randomly initialised tiny 4M in the released file format (cached, deterministic), for tests
+    of the loader and the file format."""
     from .paths import cache_dir as _cache
 
     d = Path(cache_dir) if cache_dir else _cache() / "checkpoints"

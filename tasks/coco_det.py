@@ -114,10 +114,13 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: 
     roi_extract = lambda size: dict(type="SingleRoIExtractor",  # noqa: E731
                                     roi_layer=dict(type="RoIAlign", output_size=size, sampling_ratio=0),
                                     out_channels=ch, featmap_strides=strides[:4])
+    # RoIs with IoU in [rcnn_neg_iou, thr) are ignored (neither positive nor background); paper: none
+    neg_gap = float(head["rcnn_neg_iou_gap"])
     rcnn_train = lambda thr: dict(  # noqa: E731
-        assigner=dict(type="MaxIoUAssigner", pos_iou_thr=thr, neg_iou_thr=thr, min_pos_iou=thr,
+        assigner=dict(type="MaxIoUAssigner", pos_iou_thr=thr, neg_iou_thr=thr - neg_gap, min_pos_iou=thr,
                       match_low_quality=False, ignore_iof_thr=-1),
-        sampler=dict(type="RandomSampler", num=head["rcnn_samples"], pos_fraction=0.25, neg_pos_ub=-1,
+        sampler=dict(type="RandomSampler", num=head["rcnn_samples"], pos_fraction=float(head["rcnn_pos_fraction"]),
+                     neg_pos_ub=-1,
                      add_gt_as_proposals=True),
         mask_size=28, pos_weight=-1, debug=False)
     if p["detector"] == "mask_rcnn":

@@ -38,7 +38,11 @@ from .state import prune_checkpoints, rng_state, set_rng_state
 # ------------------------------------------------------------------ modules
 @MODELS.register_module("FourmLN2d", force=True)
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of an NCHW map."""
+    """LayerNorm over the channels of an NCHW map.
+
+    The output is a contiguous NCHW tensor. (A permuted view would be NCHW in shape only: mmcv's
+    RoIAlign kernels read the raw memory as NCHW, so RoI features of a channels-last view come out
+    scrambled. That made the detector's RoI heads unable to learn classes; see test_mm_modules.)"""
 
     def __init__(self, num_features: int, eps: float = 1e-6, **_: Any):
         super().__init__()
@@ -49,7 +53,7 @@ class LayerNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)
         x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        return x.permute(0, 3, 1, 2).contiguous()
 
 
 @MODELS.register_module(force=True)
@@ -116,7 +120,7 @@ class SimpleFeaturePyramid(BaseModule):
         outs = [stage(x) for stage in self.stages]
         while len(outs) < self.num_outs:  # ViTDet's extra level: stride-2 subsampling of the coarsest map
             outs.append(F.max_pool2d(outs[-1], 1, stride=2))
-        return tuple(outs)
+        return tuple(o.contiguous() for o in outs)  # RoI ops read raw NCHW memory
 
 
 def _register_timm_lars() -> None:
@@ -131,8 +135,11 @@ _register_timm_lars()
 
 # -------------------------------------------------------------- layer decay
 def layer_decay_groups(model: torch.nn.Module, backbone: torch.nn.Module, backbone_prefix: str, base_lr: float,
-                       weight_decay: float, decay_rate: float) -> list[dict[str, Any]]:
-    """Parameter groups: lr = base_lr * decay**(L + 1 - layer_id), wd 0 for biases/norms/embeddings."""
+                       weight_decay: float, decay_rate: float, head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+    """Parameter groups: lr = base_lr * decay**(L + 1 - layer_id), wd 0 for biases/norms/embeddings.
+
+    ``head_lr_mult`` scales the lr of everything outside the backbone (neck and heads, trained from
+    scratch); with 1.0 they share the top backbone group's lr."""
     L = backbone.num_layers
     no_wd_names = backbone.no_weight_decay_names() if hasattr(backbone, "no_weight_decay_names") else set()
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
@@ -147,9 +154,10 @@ def layer_decay_groups(model: torch.nn.Module, backbone: torch.nn.Module, backbo
         else:
             lid = L + 1
             no_wd = p.ndim <= 1
-        key = (lid, no_wd)
+        head = head_lr_mult != 1.0 and not name.startswith(backbone_prefix)
+        key = (lid + (1 if head else 0), no_wd)
         if key not in groups:
-            scale = decay_rate ** (L + 1 - lid)
+            scale = head_lr_mult if head else decay_rate ** (L + 1 - lid)
             groups[key] = {"params": [], "param_names": [], "layer_id": lid, "lr_scale": scale,
                            "lr": base_lr * scale, "weight_decay": 0.0 if no_wd else weight_decay}
         groups[key]["params"].append(p)
@@ -176,6 +184,7 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         self.decay_rate = float(paramwise_cfg.pop("layer_decay_rate"))
         self.backbone_attr = paramwise_cfg.pop("backbone_attr", "backbone.net")
         self.table_path = paramwise_cfg.pop("table_path", None)
+        self.head_lr_mult = float(paramwise_cfg.pop("head_lr_mult", 1.0))
         super().__init__(optim_wrapper_cfg, None)
 
     def __call__(self, model: torch.nn.Module):
@@ -189,7 +198,7 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         cfg = copy.deepcopy(self.optim_wrapper_cfg)
         opt_cfg = copy.deepcopy(self.optimizer_cfg)  # the base class moved it out of the wrapper cfg
         groups = layer_decay_groups(model, net, self.backbone_attr + ".", opt_cfg["lr"],
-                                    opt_cfg.get("weight_decay", 0.0), self.decay_rate)
+                                    opt_cfg.get("weight_decay", 0.0), self.decay_rate, self.head_lr_mult)
         if self.table_path:
             write_group_table(groups, Path(self.table_path))
         for g in groups:

@@ -86,6 +86,7 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         optimizer=optimizer_cfg(p),
         constructor="LayerDecayOptimWrapperConstructor",
         paramwise_cfg=dict(layer_decay_rate=float(p["layer_decay"]), backbone_attr="backbone.net",
+                           head_lr_mult=float(p.get("head_lr_mult", 1.0)),
                            table_path=str(work_dir / "param_groups.csv")),
         clip_grad=dict(max_norm=float(p["clip_grad"])) if p.get("clip_grad") else None)
     if use_bf16:
@@ -292,6 +293,7 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
             console.line(f"initialised from {init_src['run_dir']} ({Path(init_src['checkpoint']).name}, "
                          f"{init_record.get('loaded_tensors', '?')} tensors)")
         runner.train()
+        train_end = _train_end_scalars(runner, int(p.get("log_interval", 50)))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # rank 0 has written the evaluation history; all ranks now agree on it
         history = wd.eval_history()
@@ -305,14 +307,15 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     if rank_zero():
         record = write_result(
             wd, task=task.name, profile=p["profile"], seed=seed, metrics=final, metrics_step0=step0,
-            backbone={"name": name, "family": info["family"], "checkpoint": ckpt_path, "sha256": sha,
+            backbone={"name": name, "family": info["family"], "init": "checkpoint" if ckpt_path else "random",
+                      "checkpoint": ckpt_path, "sha256": sha,
                       "params": info["params"], "architecture": info["config"],
                       "file_format": info.get("file_format"), "config_source": info.get("config_source"),
                       "config_guessed": info.get("config_guessed") or {}, "options": options, **loaded},
             warnings=warns, dataset=data.record,
             config={**p, "schedule_resolved": sched, "world_size": world},
             eval_history=[{"iter": h["iter"], "metrics": task.record_metrics(h["metrics"])} for h in history],
-            predictions=PREDICTIONS_DIR, started=started,
+            predictions=PREDICTIONS_DIR, started=started, train_end=train_end,
             provenance_extra={"init_from": init_record} if init_record else None)
         _closing_table(console, task, final, step0, started, wd.path, record)
     return record, wd.path
@@ -393,6 +396,22 @@ def _closing_table(console: RunConsole, task: Task, final: dict[str, float], ste
     ])
     if record.get("warnings"):
         console.warn(f"{len(record['warnings'])} warning(s) recorded in result.json: see its 'warnings'")
+
+
+def _train_end_scalars(runner: Any, window: int) -> dict[str, Any]:
+    """The training losses and accuracies the model logged, averaged over the last ``window``
+    iterations (e.g. mmdet's sampled-RoI classification accuracy ``acc``, in percent)."""
+    out: dict[str, float] = {}
+    skip = ("lr", "time", "data_time", "memory", "grad_norm")
+    for key, buf in runner.message_hub.log_scalars.items():
+        name = key.removeprefix("train/")
+        if not key.startswith("train/") or name in skip or name.startswith("base_lr"):
+            continue
+        try:
+            out[name] = round(float(buf.mean(window)), 6)
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+    return {"window_iters": window, "values": dict(sorted(out.items()))} if out else {}
 
 
 def _has_predictions(pred_dir: Path) -> bool:

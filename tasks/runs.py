@@ -34,10 +34,19 @@ def rank_zero() -> bool:
 
 def resolve_backbone_name(backbone: str, size: str | None, checkpoint: str | None,
                           random_init: bool) -> tuple[str, str | None]:
+    """(registered backbone name, checkpoint path or None).
+
+    ``4m`` without a checkpoint is the tiny 4M pre-trained by this project (shipped in the package,
+    the smoke runs' default); ``4m --random-init`` is the same architecture from random init
+    (``4m-tiny``, or the ``--model-size`` given)."""
     from fourm_eval.backbones import list_backbones
     from fourm_eval.fixtures import default_tiny_checkpoint
 
     name = backbone.lower()
+    if random_init and checkpoint is not None:
+        raise ConfigError("--random-init and --checkpoint contradict each other: pass one of them")
+    if random_init and name == "4m":
+        name = f"4m-{(size or 'tiny').lower()}"
     if name in ALIASES:
         name = ALIASES[name].format(size=(size or "b").lower())
     known = {s.name for s in list_backbones()}
@@ -45,12 +54,10 @@ def resolve_backbone_name(backbone: str, size: str | None, checkpoint: str | Non
         raise ConfigError(f"unknown backbone {backbone!r}; use 4m, deit3, mae or one of: {', '.join(sorted(known))}")
     if checkpoint is None and not random_init:
         if name == "4m":
-            return name, str(default_tiny_checkpoint())  # the smoke default: a generated tiny 4M
+            return name, str(default_tiny_checkpoint())  # the smoke default: the shipped pre-trained tiny 4M
         if not name.startswith("4m"):
             raise ConfigError(f"{name} needs --checkpoint (a local weights file or a hub id in the local "
                               "cache); pass --random-init to train it from scratch on purpose")
-    if random_init and name == "4m":
-        raise ConfigError("--random-init needs a named 4M size (4m-tiny, 4m-b, 4m-l, 4m-xl)")
     return name, checkpoint
 
 
@@ -152,13 +159,15 @@ class RunDir:
 def write_result(wd: RunDir, *, task: str, profile: str, seed: int, metrics: dict[str, float],
                  metrics_step0: dict[str, float] | None, backbone: dict, dataset: dict, config: dict,
                  eval_history: list[dict], started: float, warnings: list[str] | None = None,
-                 predictions: str | None = None, provenance_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 predictions: str | None = None, train_end: dict[str, Any] | None = None,
+                 provenance_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     logs = sorted(str(p.relative_to(wd.path)) for p in wd.path.glob("*/vis_data/scalars.json"))
     record = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "task": task, "profile": profile, "seed": seed,
         "status": "complete", "metrics": metrics, "metrics_step0": metrics_step0, "eval_history": eval_history,
         "backbone": backbone, "dataset": dataset, "config": config, "provenance": {**provenance(started), **(provenance_extra or {})},
         "warnings": list(warnings or []),
+        "train_end": train_end or {},
         "files": {"scalars": logs, "param_groups": "param_groups.csv", "run": "run.json",
                   **({"predictions": predictions} if predictions else {})},
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -15,7 +15,8 @@ def test_wheel_contains_top_level_folders_and_works(tmp_path):
     wheel, = (tmp_path / "dist").glob("fourm_eval-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for mod in ("fourm_eval/cli.py", "fourm_eval/backbones/fourm.py", "fourm_eval/baselines/timm_vit.py",
-                "fourm_eval/tasks/__init__.py", "fourm_eval/configs/__init__.py"):
+                "fourm_eval/tasks/__init__.py", "fourm_eval/configs/__init__.py",
+                "fourm_eval/assets/fourm-tiny-pretrained.safetensors", "fourm_eval/assets/fourm-tiny-pretrained.json"):
         assert mod in names, mod
     assert any(n.endswith("entry_points.txt") for n in names)
     # install into a bare folder and use it from outside the source tree
@@ -26,7 +27,9 @@ def test_wheel_contains_top_level_folders_and_works(tmp_path):
     code = ("import fourm_eval, torch\n"
             "from fourm_eval.backbones import build_backbone\n"
             f"assert fourm_eval.__file__.startswith({str(target)!r}), fourm_eval.__file__\n"
-            "bb = build_backbone('4m-tiny')\n"
+            "from fourm_eval.fixtures import default_tiny_checkpoint\n"
+            "assert str(default_tiny_checkpoint()).startswith(" + repr(str(target)) + ")\n"
+            "bb = build_backbone('4m', checkpoint=default_tiny_checkpoint())\n"
             "print(tuple(bb(torch.zeros(1, 3, 32, 32)).shape), build_backbone('mae-b').num_layers)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})

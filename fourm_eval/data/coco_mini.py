@@ -8,8 +8,10 @@ Writes exactly the COCO 2017 layout::
     OUT/val2017/...
 
 Images are textured backgrounds (smooth colour field + grain + stripes) with
-non-overlapping filled shapes of three classes (circle, square, triangle),
-each class with its own hue range but jittered brightness/saturation. Every
+non-overlapping filled shapes of three classes (circle, square, triangle).
+Colour says nothing about the class (every object gets a random hue, v2), so a
+detector has to learn the shapes: a randomly initialised tiny backbone does so
+slowly, a pre-trained one quickly, which is what the smoke profile measures. Every
 object has a polygon mask, its bbox and polygon area, so boxes and masks are
 exact and the same loaders, heads and metrics run as on real COCO.
 """
@@ -23,13 +25,12 @@ from typing import Any
 
 import numpy as np
 
-MINI_VERSION = 1
+MINI_VERSION = 2   # v1 tied each class to a hue family (solvable from colour alone)
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 2, "name": "square", "supercategory": "shape"},
     {"id": 3, "name": "triangle", "supercategory": "shape"},
 ]
-_HUES = {1: 0.0, 2: 0.62, 3: 0.33}  # red, blue, green families
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
@@ -100,7 +101,7 @@ def _make_split(out: Path, split: str, n_images: int, rng: np.random.Generator, 
             placed.append((cx, cy, r))
             cat = int(rng.integers(1, 4))
             poly = _polygon(cat, cx, cy, r, float(rng.uniform(0, math.pi / 2)))
-            color = _hsv_to_rgb(_HUES[cat] + rng.uniform(-0.05, 0.05), rng.uniform(0.6, 0.95),
+            color = _hsv_to_rgb(rng.uniform(0.0, 1.0), rng.uniform(0.6, 0.95),
                                 rng.uniform(0.55, 0.95))
             draw.polygon(poly, fill=color)
             xs, ys = [p[0] for p in poly], [p[1] for p in poly]
