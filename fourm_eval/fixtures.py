@@ -140,15 +140,3 @@ def default_tiny_checkpoint() -> Path:
                               "(re-install fourm-eval, or re-create it with scripts/pretrain_tiny_4m.py)")
     return path
 
-
-def random_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
-    """A randomly initialised tiny 4M in the released file format (cached, deterministic), for tests
-    of the loader and the file format."""
-    from .paths import cache_dir as _cache
-
-    d = Path(cache_dir) if cache_dir else _cache() / "checkpoints"
-    path = d / "fourm-tiny-seed0.safetensors"
-    if not path.exists():
-        from .backbones.fourm import NAMED_SIZES
-        write_fourm_checkpoint(path, **NAMED_SIZES["4m-tiny"], seed=0)
-    return path

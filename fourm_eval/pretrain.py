@@ -294,10 +294,7 @@ def load_model(path: str | Path, r: Recipe | None = None) -> TinyFourM:
     model = TinyFourM(r or Recipe())
     model.encoder.load_fourm_state_dict(sd, source=str(path))
     own = model.state_dict()
-    for i, blk in enumerate(model.decoder):
-        for n in ("qkv", "proj"):
-            own[f"decoder.{i}.self_attn.{n}.weight"] = sd[f"decoder.{i}.self_attn.{n}.weight"]
-    for k in list(own):
+    for k in list(own):  # the decoder's modules carry the file's key names
         if k.startswith(("decoder.", "decoder_norm.", "decoder_proj_context.")) and k in sd:
             own[k] = sd[k]
     own["mask_token"] = sd["mask_token"]

@@ -114,15 +114,19 @@ class FourmDepthHead(BaseModule):
             self.head = ConvNeXtTokenHead(in_channels, 1, decoder_dim=int(c["decoder_dim"]),
                                           preds_per_patch=int(c["preds_per_patch"]), depth=int(c["depth"]))
         else:
+            from mmengine.registry import DefaultScope
             from mmseg.models.decode_heads.dpt_head import DPTHead
             c = dict(dpt or {})
-            self.head = DPTHead(in_channels=[in_channels] * 4, in_index=[0, 1, 2, 3],
-                                input_transform="multiple_select", channels=int(c["channels"]),
-                                embed_dims=in_channels, post_process_channels=[int(v) for v in
-                                                                              c["post_process_channels"]],
-                                readout_type="ignore", patch_size=PATCH, num_classes=1, out_channels=1,
-                                threshold=0.5, norm_cfg=None, dropout_ratio=0.0, align_corners=False,
-                                loss_decode=dict(type="SiLogLoss"))  # unused: the loss is computed here
+            # DPTHead builds its loss from mmseg's registry; a process whose default scope is another
+            # library's (e.g. after a coco-det run in the same process) must not redirect that lookup
+            with DefaultScope.overwrite_default_scope("mmseg"):
+                self.head = DPTHead(in_channels=[in_channels] * 4, in_index=[0, 1, 2, 3],
+                                    input_transform="multiple_select", channels=int(c["channels"]),
+                                    embed_dims=in_channels, post_process_channels=[int(v) for v in
+                                                                                  c["post_process_channels"]],
+                                    readout_type="ignore", patch_size=PATCH, num_classes=1, out_channels=1,
+                                    threshold=0.5, norm_cfg=None, dropout_ratio=0.0, align_corners=False,
+                                    loss_decode=dict(type="SiLogLoss"))  # unused: the loss is computed here
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Backbone maps -> (B, 1, h, w) depth in metres at the head's resolution."""

@@ -103,9 +103,12 @@ def test_mmseg_decode_head_wraps_it():
 
     from tasks.dense_heads import register_mmseg
 
+    from mmengine.registry import DefaultScope
+
     register_mmseg()
-    head = MODELS.build(dict(type="FourmConvNeXtHead", in_channels=16, num_classes=6, decoder_dim=64,
-                             preds_per_patch=16, depth=1))
+    with DefaultScope.overwrite_default_scope("mmseg"):  # whatever scope an earlier test left behind
+        head = MODELS.build(dict(type="FourmConvNeXtHead", in_channels=16, num_classes=6, decoder_dim=64,
+                                 preds_per_patch=16, depth=1))
     assert not hasattr(head, "conv_seg")
     feats = (torch.randn(2, 16, 3, 4),)
     assert head(feats).shape == (2, 6, 12, 16)

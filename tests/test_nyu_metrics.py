@@ -139,3 +139,15 @@ def test_heads_give_positive_depth_at_their_stride(head, hw):
         assert out.shape[2:] == (hw[0] * 16 // stride, hw[1] * 16 // stride)
     pred = h.predict(maps, [dict(img_shape=(hw[0] * 16 - 3, hw[1] * 16), pad_shape=(hw[0] * 16, hw[1] * 16))])
     assert pred.shape == (2, 1, hw[0] * 16, hw[1] * 16)
+
+
+def test_dpt_head_builds_whatever_the_default_scope():
+    """A process that ran another task first (mmdet as the global default scope) still builds the DPT
+    head, whose loss comes from mmseg's registry."""
+    from mmengine.registry import DefaultScope
+
+    from fourm_eval.tasks.nyu_depth import FourmDepthHead
+
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        h = FourmDepthHead("dpt", 32, dpt=dict(channels=8, post_process_channels=[4, 8, 16, 32]))
+    assert h(tuple(torch.randn(1, 32, 4, 4) for _ in range(4))).shape[:2] == (1, 1)
