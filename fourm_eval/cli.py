@@ -285,6 +285,10 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
                                            "with a warning in the record)."),
              random_init: bool = typer.Option(False, "--random-init", help="Train a baseline from random init."),
              launcher: str = typer.Option("none", help="none, pytorch (torchrun) or slurm (srun)."),
+             init_from: Optional[Path] = typer.Option(
+                 None, "--init-from", help="Start from the final weights of another finished run (RUN_DIR), e.g. "
+                                           "an intermediate fine-tuning stage; every tensor whose name and shape "
+                                           "fit is loaded, recorded in the record's provenance."),
              dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan (profile, data, subsets, "
                                                                       "schedule, time estimate) and stop."),
              verbose: bool = typer.Option(False, "--verbose", "-v",
@@ -298,7 +302,7 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
     run(get_task(task), backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
         work_dir=work_dir, seed=seed, sets=list(set_), skip_bad_images=skip_bad_images,
         allow_pickle=allow_pickle, launcher=launcher, size=model_size, random_init=random_init,
-        num_heads=num_heads, console=RunConsole(verbose=verbose), dry_run=dry_run)
+        num_heads=num_heads, console=RunConsole(verbose=verbose), dry_run=dry_run, init_from=init_from)
 
 
 @app.command("evaluate")

@@ -123,6 +123,16 @@ class SimpleFeaturePyramid(BaseModule):
         return tuple(o.contiguous() for o in outs)  # RoI ops read raw NCHW memory
 
 
+def _register_timm_lars() -> None:
+    """timm's LARS in mmengine's optimiser registry (profiles with ``optimizer: lars``)."""
+    from mmengine.registry import OPTIMIZERS
+    from timm.optim import Lars
+    OPTIMIZERS.register_module("TimmLars", module=Lars, force=True)
+
+
+_register_timm_lars()
+
+
 # -------------------------------------------------------------- layer decay
 def layer_decay_groups(model: torch.nn.Module, backbone: torch.nn.Module, backbone_prefix: str, base_lr: float,
                        weight_decay: float, decay_rate: float, head_lr_mult: float = 1.0) -> list[dict[str, Any]]:

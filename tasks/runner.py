@@ -56,7 +56,21 @@ def schedule(p: dict[str, Any], n_train: int, world: int) -> dict[str, Any]:
         raise ConfigError("schedule: milestones apply to decay 'step' only, not to 'cosine'")
     return dict(per_gpu_batch=per_gpu, eff_batch=eff_batch, max_iters=max_iters, val_interval=val_every,
                 checkpoint_interval=ckpt_every, warmup=min(warmup, max_iters), decay=decay,
-                milestones=[int(m * max_iters) for m in sch.get("milestones", [])])
+                milestones=[int(m * max_iters) for m in sch.get("milestones", [])],
+                min_lr_ratio=float(sch.get("min_lr_ratio", 0.0)))
+
+
+def optimizer_cfg(p: dict[str, Any]) -> dict[str, Any]:
+    """The profile's optimiser: ``adamw`` (default; ``betas``), ``sgd`` or ``lars`` (``momentum``)."""
+    kind = str(p.get("optimizer", "adamw")).lower()
+    lr, wd = float(p["lr"]), float(p["weight_decay"])
+    if kind == "adamw":
+        return dict(type="AdamW", lr=lr, betas=tuple(p["betas"]), weight_decay=wd)
+    if kind == "sgd":
+        return dict(type="SGD", lr=lr, momentum=float(p["momentum"]), weight_decay=wd)
+    if kind == "lars":  # timm's LARS, trust ratio applied whatever the weight decay (as MoCo v3 / MAE)
+        return dict(type="TimmLars", lr=lr, momentum=float(p["momentum"]), weight_decay=wd, always_adapt=True)
+    raise ConfigError(f"optimizer must be adamw, sgd or lars, not {kind!r}")
 
 
 def _loader(ds: dict, batch: int, shuffle: bool, infinite: bool, workers: int, seed: int) -> dict[str, Any]:
@@ -74,7 +88,7 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
     use_bf16 = (amp == "bf16" or (amp == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
     optim_wrapper = dict(
         type="AmpOptimWrapper" if use_bf16 else "OptimWrapper",
-        optimizer=dict(type="AdamW", lr=float(p["lr"]), betas=tuple(p["betas"]), weight_decay=float(p["weight_decay"])),
+        optimizer=optimizer_cfg(p),
         constructor="LayerDecayOptimWrapperConstructor",
         paramwise_cfg=dict(layer_decay_rate=float(p["layer_decay"]), backbone_attr="backbone.net",
                            head_lr_mult=float(p.get("head_lr_mult", 1.0)),
@@ -89,9 +103,9 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         schedulers.append(dict(type="MultiStepLR", by_epoch=False, begin=0, end=sched["max_iters"],
                                milestones=sched["milestones"], gamma=0.1))
     if sched.get("decay") == "cosine" and sched["warmup"] < sched["max_iters"]:
-        # half a cosine from the end of the warm-up to 0 at the last iteration
+        # half a cosine from the end of the warm-up to min_lr_ratio x lr (default 0) at the last iteration
         schedulers.append(dict(type="CosineAnnealingLR", by_epoch=False, begin=sched["warmup"],
-                               end=sched["max_iters"], eta_min=0.0))
+                               end=sched["max_iters"], eta_min_ratio=sched.get("min_lr_ratio", 0.0)))
     hooks = [dict(type="FiniteLossHook"), dict(type="CheckpointStateHook", keep=int(p.get("max_keep_ckpts", 2))),
              dict(type="EvalHistoryHook", out_file=str(work_dir / "eval_history.jsonl")),
              dict(type="IsolateEvalRngHook"),
@@ -146,9 +160,12 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
         profile: str = "smoke", work_dir: str | Path | None = None, seed: int = 0, sets: list[str] | None = None,
         skip_bad_images: bool = False, allow_pickle: bool = False, launcher: str = "none",
         size: str | None = None, random_init: bool = False, num_heads: int | None = None,
-        console: RunConsole | None = None, dry_run: bool = False) -> dict[str, Any]:
+        console: RunConsole | None = None, dry_run: bool = False,
+        init_from: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune and evaluate ``task``; returns the result record (also written to result.json).
-    ``dry_run``: resolve and print the plan (profile, data, subsets, schedule, time estimate) only."""
+    ``dry_run``: resolve and print the plan (profile, data, subsets, schedule, time estimate) only.
+    ``init_from``: a finished run directory whose final weights the model starts from (every tensor
+    whose name and shape fit; recorded in the record's provenance), e.g. a chained intermediate stage."""
     from .state import launcher_env
 
     launcher_env(launcher)  # rank and world size before the schedule, the run directory and the console
@@ -163,7 +180,7 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
             record, wd = _run(task, backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
                               work_dir=work_dir, seed=seed, sets=sets, skip_bad_images=skip_bad_images,
                               allow_pickle=allow_pickle, launcher=launcher, size=size, random_init=random_init,
-                              num_heads=num_heads, console=console, dry_run=dry_run)
+                              num_heads=num_heads, console=console, dry_run=dry_run, init_from=init_from)
         finally:
             console.close()
     if wd is not None and caught and rank_zero():
@@ -176,12 +193,13 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
 def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | Path | None, profile: str,
          work_dir: str | Path | None, seed: int, sets: list[str] | None, skip_bad_images: bool, allow_pickle: bool,
          launcher: str, size: str | None, random_init: bool, num_heads: int | None,
-         console: RunConsole, dry_run: bool = False) -> tuple[dict[str, Any], Path | None]:
+         console: RunConsole, dry_run: bool = False,
+         init_from: str | Path | None = None) -> tuple[dict[str, Any], Path | None]:
     from fourm_eval.backbones import backbone_info
     from fourm_eval.checkpoints import resolve_checkpoint
     from fourm_eval.results import device_description
 
-    from .runs import RunDir, checkpoint_digest, resolve_backbone_name, write_result
+    from .runs import RunDir, checkpoint_digest, init_from_source, load_init_weights, resolve_backbone_name, write_result
     from .state import allow_mmengine_checkpoint_types, init_distributed_cpu
 
     started = time.time()
@@ -202,6 +220,7 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         data_root = task.default_data_root()
     root = Path(data_root).expanduser().resolve()
     world = int(os.environ.get("WORLD_SIZE", "1")) if launcher != "none" else 1
+    init_src = init_from_source(init_from) if init_from is not None else None
     if dry_run:
         _dry_run(task, p, root, name, info, world, console)
         return {}, None
@@ -211,6 +230,8 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
                 **task.data_identity(root)}
     if num_heads is not None:
         identity["num_heads"] = int(num_heads)
+    if init_src is not None:
+        identity["init_from"] = {k: init_src[k] for k in ("run_dir", "sha256")}
     wd.claim(identity)  # refuses a directory that holds a different run
     done = wd.finished_result()
     if done is not None:
@@ -266,6 +287,16 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         if os.environ.get("FOURM_EVAL_KILL_AT"):  # preemption tests only
             runner.register_hook(mm.FaultInjectionHook(os.environ["FOURM_EVAL_KILL_AT"]))
         loaded = _loaded_backbone(runner)
+        init_record = None
+        if init_src is not None:
+            init_record = dict(init_src)
+            if resume_from is None:  # a resumed run has these weights (trained further) in its checkpoint
+                init_record.update(load_init_weights(getattr(runner.model, "module", runner.model), init_src))
+                wd.write_json("init_from.json", init_record)
+            else:
+                init_record.update(wd.read_json("init_from.json") or {})
+            console.line(f"initialised from {init_src['run_dir']} ({Path(init_src['checkpoint']).name}, "
+                         f"{init_record.get('loaded_tensors', '?')} tensors)")
         runner.train()
         train_end = _train_end_scalars(runner, int(p.get("log_interval", 50)))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -289,7 +320,8 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
             warnings=warns, dataset=data.record,
             config={**p, "schedule_resolved": sched, "world_size": world},
             eval_history=[{"iter": h["iter"], "metrics": task.record_metrics(h["metrics"])} for h in history],
-            predictions=PREDICTIONS_DIR, started=started, train_end=train_end)
+            predictions=PREDICTIONS_DIR, started=started, train_end=train_end,
+            provenance_extra={"init_from": init_record} if init_record else None)
         _closing_table(console, task, final, step0, started, wd.path, record)
     return record, wd.path
 
@@ -309,9 +341,9 @@ def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[st
             ("schedule", f"{sched['max_iters']} iterations x batch {sched['eff_batch']} ({sched['per_gpu_batch']} per "
                          f"process x {world}) = {images} training images ({images / max(data.n_train, 1):.1f} "
                          f"epochs); warm-up {sched['warmup']}, "
-                         + ("cosine decay to 0" if sched.get("decay") == "cosine" else
+                         + ("cosine decay" if sched.get("decay") == "cosine" else
                             f"lr steps at {sched['milestones']}")),
-            ("optimiser", f"AdamW lr {p['lr']}, weight decay {p['weight_decay']}, layer decay {p['layer_decay']}, "
+            ("optimiser", f"{optimizer_cfg(p)['type']} lr {p['lr']}, weight decay {p['weight_decay']}, layer decay {p['layer_decay']}, "
                           f"drop path {p['drop_path']}"),
             ("evaluation", f"every {sched['val_interval']} iterations, checkpoints every "
                            f"{sched['checkpoint_interval']}")]

@@ -138,6 +138,10 @@ class RunDir:
                     f.rename(f.with_suffix(".pth.incomplete"))
         return done[0] if done else None
 
+    def write_json(self, name: str, data: Any) -> None:
+        if rank_zero():
+            atomic_write_json(self.path / name, data)
+
     def eval_history(self) -> list[dict[str, Any]]:
         f = self.path / "eval_history.jsonl"
         if not f.exists():
@@ -155,12 +159,13 @@ class RunDir:
 def write_result(wd: RunDir, *, task: str, profile: str, seed: int, metrics: dict[str, float],
                  metrics_step0: dict[str, float] | None, backbone: dict, dataset: dict, config: dict,
                  eval_history: list[dict], started: float, warnings: list[str] | None = None,
-                 predictions: str | None = None, train_end: dict[str, Any] | None = None) -> dict[str, Any]:
+                 predictions: str | None = None, train_end: dict[str, Any] | None = None,
+                 provenance_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     logs = sorted(str(p.relative_to(wd.path)) for p in wd.path.glob("*/vis_data/scalars.json"))
     record = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "task": task, "profile": profile, "seed": seed,
         "status": "complete", "metrics": metrics, "metrics_step0": metrics_step0, "eval_history": eval_history,
-        "backbone": backbone, "dataset": dataset, "config": config, "provenance": provenance(started),
+        "backbone": backbone, "dataset": dataset, "config": config, "provenance": {**provenance(started), **(provenance_extra or {})},
         "warnings": list(warnings or []),
         "train_end": train_end or {},
         "files": {"scalars": logs, "param_groups": "param_groups.csv", "run": "run.json",
@@ -169,3 +174,53 @@ def write_result(wd: RunDir, *, task: str, profile: str, seed: int, metrics: dic
     }
     atomic_write_json(wd.path / "result.json", record)
     return record
+
+
+def init_from_source(run_dir: str | Path) -> dict[str, Any]:
+    """What ``--init-from RUN_DIR`` starts from: a finished run's final weights (its newest complete
+    checkpoint, which is the final iteration's), described for the record's provenance."""
+    from fourm_eval.checkpoints import sha256_file
+
+    from .state import complete_checkpoints
+
+    path = Path(run_dir).expanduser().resolve()
+    rec_file = path / "result.json"
+    try:
+        rec = json.loads(rec_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        rec = None
+    if not isinstance(rec, dict) or rec.get("status") != "complete":
+        raise ConfigError(f"--init-from {path}: not a finished run (no complete result.json); run it to the end first")
+    ckpts = complete_checkpoints(path)
+    final = int((rec.get("config") or {}).get("schedule_resolved", {}).get("max_iters", -1))
+    if not ckpts or ckpts[0].name != f"iter_{final}.pth":
+        raise ConfigError(f"--init-from {path}: its final checkpoint iter_{final}.pth is missing "
+                          f"(found: {', '.join(c.name for c in ckpts) or 'none'})")
+    return {"run_dir": str(path), "checkpoint": str(ckpts[0]), "sha256": sha256_file(ckpts[0]),
+            "task": rec.get("task"), "profile": rec.get("profile"), "seed": rec.get("seed"),
+            "backbone": (rec.get("backbone") or {}).get("name"), "metrics": rec.get("metrics")}
+
+
+def load_init_weights(model: Any, source: dict[str, Any]) -> dict[str, Any]:
+    """Copy every tensor of ``source``'s checkpoint whose name and shape the model has (heads for
+    other classes, an EMA copy the source did not keep, are left as built, and named); the model's
+    ``after_init_from()`` runs afterwards when it has one. Returns the counts for the record."""
+    import torch
+
+    from .state import allow_mmengine_checkpoint_types
+
+    allow_mmengine_checkpoint_types()
+    sd = torch.load(source["checkpoint"], map_location="cpu", weights_only=True).get("state_dict", {})
+    own = model.state_dict()
+    take = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not take:
+        raise ConfigError(f"--init-from {source['run_dir']}: no tensor of {source['checkpoint']} fits this model "
+                          "(another backbone architecture?)")
+    model.load_state_dict(take, strict=False)
+    hook = getattr(model, "after_init_from", None)
+    if callable(hook):
+        hook()
+    mismatched = sorted(k for k in sd if k in own and k not in take)
+    return {"loaded_tensors": len(take), "shape_mismatch": mismatched,
+            "not_in_source": sorted(k for k in own if k not in sd)[:50],
+            "not_in_model": sorted(k for k in sd if k not in own)[:50]}

@@ -66,3 +66,50 @@ def test_baseline_uses_its_own_layer_ids(tmp_path):
     assert by_name["backbone.net.vit.cls_token"]["weight_decay"] == 0.0
     assert by_name["backbone.net.vit.pos_embed"]["weight_decay"] == 0.0
     assert by_name["neck.stages.0.0.weight"]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("backbone,block_re,embed", [
+    ("4m-b", r"backbone\.net\.encoder\.(\d+)\.", ("backbone.net.patch_embed", "backbone.net.mod_emb")),
+    ("deit3-b", r"backbone\.net\.vit\.blocks\.(\d+)\.", ("backbone.net.vit.patch_embed", "backbone.net.vit.cls_token",
+                                                         "backbone.net.vit.pos_embed")),
+    ("mae-b", r"backbone\.net\.vit\.blocks\.(\d+)\.", ("backbone.net.vit.patch_embed", "backbone.net.vit.cls_token",
+                                                       "backbone.net.vit.pos_embed")),
+])
+def test_in1k_classifier_groups(backbone, block_re, embed):
+    """ImageNet fine-tuning (4M-21 B values: decay 0.75, wd 0.05): every parameter's lr and weight decay
+    from the doc's name rules; the encoder's final norm is not trained (mean pooling before it), the
+    head (LayerNorm + Linear) is layer L+1; in linear mode only the head is in the optimiser."""
+    from mmengine.registry import MODELS
+
+    from fourm_eval.tasks import in1k_cls
+    from fourm_eval.tasks.profiles import load_profile, resolve_per_size
+
+    in1k_cls.TASK.register_mm()
+    p = resolve_per_size(load_profile("in1k-cls", "paper"), "b")
+    model = MODELS.build(in1k_cls.build_model_cfg(p, dict(name=backbone), num_classes=1000))
+    base, decay, wd, L = 1e-4, p["layer_decay"], p["weight_decay"], 12
+    assert decay == 0.75 and wd == 0.05
+    groups = mm.layer_decay_groups(model, model.backbone.net, "backbone.net.", base, wd, decay)
+    seen = {}
+    for g in groups:
+        for n in g["param_names"]:
+            seen[n] = g
+    trainable = {n for n, q in model.named_parameters() if q.requires_grad}
+    assert set(seen) == trainable
+    final_norm = [n for n in dict(model.named_parameters()) if n.startswith("backbone.net.")
+                  and re.search(r"(encoder_norm|vit\.norm)\.", n)]
+    assert final_norm and not (set(final_norm) & trainable)
+    for n, g in seen.items():
+        m = re.match(block_re, n)
+        layer = int(m.group(1)) + 1 if m else (0 if n.startswith(embed) else L + 1)
+        assert g["lr"] == pytest.approx(base * decay ** (L + 1 - layer)), n
+        q = dict(model.named_parameters())[n]
+        no_decay = q.ndim == 1 or n.endswith(("mod_emb", "cls_token", "pos_embed"))
+        assert g["weight_decay"] == (0.0 if no_decay else wd), n
+    assert {"head.0.weight", "head.1.weight", "head.1.bias"} <= set(seen)
+    # the linear probe: the frozen backbone has no group
+    lin = resolve_per_size(load_profile("in1k-cls", "linear"), "b")
+    probe = MODELS.build(in1k_cls.build_model_cfg(lin, dict(name=backbone), num_classes=1000))
+    names = {n for g in mm.layer_decay_groups(probe, probe.backbone.net, "backbone.net.", 1.0, 0.0, 1.0)
+             for n in g["param_names"]}
+    assert names == {"head.1.weight", "head.1.bias"}
