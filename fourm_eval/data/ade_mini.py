@@ -18,8 +18,6 @@ image is a grayscale JPEG, as some of ADE20K's are. The other 144 classes never 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -112,15 +110,6 @@ def make_mini_ade20k(out: str | Path, n_train: int = 160, n_val: int = 32, seed:
 
 def default_mini_ade20k() -> Path:
     """The cached default mini dataset (generated on first use)."""
-    from ..paths import cache_dir
+    from ..paths import cached_build
 
-    out = cache_dir() / "data" / f"ade20k-mini-v{MINI_VERSION}"
-    if not (out / "MINI_ADE20K").exists():
-        # build aside and rename, so concurrent processes (distributed ranks) never see a partial copy
-        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-        make_mini_ade20k(tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return cached_build(f"ade20k-mini-v{MINI_VERSION}", "MINI_ADE20K", make_mini_ade20k)

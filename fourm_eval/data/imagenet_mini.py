@@ -22,8 +22,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,15 +155,6 @@ def make_mini_imagenet(out: str | Path, n_train_per_class: int = 40, n_val_per_c
 
 def default_mini_imagenet() -> Path:
     """The cached default mini dataset (generated on first use)."""
-    from ..paths import cache_dir
+    from ..paths import cached_build
 
-    out = cache_dir() / "data" / f"imagenet-mini-v{MINI_VERSION}"
-    if not (out / "MINI_IMAGENET").exists():
-        # build aside and rename, so concurrent processes (distributed ranks) never see a partial copy
-        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-        make_mini_imagenet(tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return cached_build(f"imagenet-mini-v{MINI_VERSION}", "MINI_IMAGENET", make_mini_imagenet)
