@@ -131,7 +131,7 @@ def test_cosine_schedule_with_a_warmup_epoch():
                      sched=s, work_dir=Path("/tmp/x"), seed=0, launcher="none")
     warm, cos = cfg["param_scheduler"]
     assert warm["type"] == "LinearLR" and warm["end"] == s["warmup"]
-    assert cos == dict(type="CosineAnnealingLR", by_epoch=False, begin=s["warmup"], end=s["max_iters"], eta_min=0.0)
+    assert cos == dict(type="CosineAnnealingLR", by_epoch=False, begin=s["warmup"], end=s["max_iters"], eta_min_ratio=0.0)
     p["schedule"]["warmup_iters"] = 5
     with pytest.raises(ConfigError, match="not both"):
         schedule(p, n_train=100, world=1)
