@@ -2,9 +2,6 @@
 re-scoring, report), the UperNet head, the baselines, and the cosine schedule."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +10,12 @@ from PIL import Image
 
 from fourm_eval.data.ade_mini import make_mini_ade20k
 
-FOURM_EVAL = [sys.executable, "-m", "fourm_eval.cli"]
+from cli_runner import run_cli as _run
 # a few-second configuration of the real pipeline (sliding windows included: 64 px windows, stride 43)
 QUICK = ["--set", "image_size=64", "--set", "test_scale=[256,64]", "--set", "slide_stride=43",
          "--set", "batch_size=2", "--set", "schedule.length=3", "--set", "schedule.val_interval=3",
          "--set", "schedule.checkpoint_interval=3", "--set", "log_interval=1", "--set", "eval_at_start=false",
          "--set", "val_subset=3"]
-
-
-def _env(tmp: Path) -> dict:
-    return {**os.environ, "FOURM_EVAL_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
-
-
-def _run(args, tmp, **kw):
-    return subprocess.run(FOURM_EVAL + args, capture_output=True, text=True, env=_env(tmp), cwd=tmp,
-                          timeout=kw.pop("timeout", 900), **kw)
 
 
 @pytest.fixture(scope="module")

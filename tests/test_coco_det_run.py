@@ -11,7 +11,7 @@ import pytest
 
 from fourm_eval.data.coco_mini import make_mini_coco
 
-FOURM_EVAL = [sys.executable, "-m", "fourm_eval.cli"]
+from cli_runner import FOURM_EVAL, cli_env as _env, run_cli as _run
 # a few-second configuration of the real pipeline
 QUICK = ["--set", "image_size=64", "--set", "batch_size=2", "--set", "schedule.warmup_iters=2",
          "--set", "schedule.length=8", "--set", "schedule.val_interval=8", "--set", "schedule.checkpoint_interval=2",
@@ -21,15 +21,6 @@ QUICK = ["--set", "image_size=64", "--set", "batch_size=2", "--set", "schedule.w
 @pytest.fixture(scope="module")
 def tiny_coco(tmp_path_factory):
     return make_mini_coco(tmp_path_factory.mktemp("coco"), n_train=8, n_val=4, seed=3)
-
-
-def _env(tmp: Path) -> dict:
-    return {**os.environ, "FOURM_EVAL_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
-
-
-def _run(args, tmp, **kw):
-    return subprocess.run(FOURM_EVAL + args, capture_output=True, text=True, env=_env(tmp), cwd=tmp,
-                          timeout=kw.pop("timeout", 900), **kw)
 
 
 def test_smoke_profile_learns(tmp_path):

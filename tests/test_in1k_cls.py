@@ -2,9 +2,6 @@
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +13,8 @@ from fourm_eval.data.imagenet_mini import SHAPES, make_mini_imagenet, mini_wnids
 from fourm_eval.tasks import get_task
 from fourm_eval.tasks import in1k_cls as T
 
-FOURM_EVAL = [sys.executable, "-m", "fourm_eval.cli"]
+from cli_runner import run_cli as _run
 TASK = get_task("in1k-cls")
-
-
-def _env(tmp: Path) -> dict:
-    return {**os.environ, "FOURM_EVAL_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
-
-
-def _run(args, tmp, **kw):
-    return subprocess.run(FOURM_EVAL + args, capture_output=True, text=True, env=_env(tmp), cwd=tmp,
-                          timeout=kw.pop("timeout", 900), **kw)
 
 
 # ------------------------------------------------------------------ metric

@@ -2,10 +2,7 @@
 `evaluate` names bad prediction folders, both heads and both losses run, the baselines run."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +12,11 @@ from PIL import Image
 from fourm_eval.data.nyu import read_depth_mm, write_depth_mm
 from fourm_eval.data.nyu_mini import make_mini_nyu
 
-FOURM_EVAL = [sys.executable, "-m", "fourm_eval.cli"]
+from cli_runner import run_cli as _run
 # a few-second configuration of the real pipeline
 QUICK = ["--set", "image_size=32", "--set", "batch_size=2", "--set", "schedule.warmup_epochs=0.5",
          "--set", "schedule.length=2", "--set", "schedule.val_interval=2", "--set", "schedule.checkpoint_interval=2",
          "--set", "log_interval=1", "--set", "eval_at_start=false", "--set", "val_batch_size=2"]
-
-
-def _env(tmp: Path) -> dict:
-    return {**os.environ, "FOURM_EVAL_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
-
-
-def _run(args, tmp, **kw):
-    return subprocess.run(FOURM_EVAL + args, capture_output=True, text=True, env=_env(tmp), cwd=tmp,
-                          timeout=kw.pop("timeout", 900), **kw)
 
 
 @pytest.fixture(scope="module")
