@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from .coco_check import DatasetError, check_image
+from .coco_check import DatasetError, check_image, problem_listing
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 NUM_CLASSES = 150
@@ -162,9 +162,7 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
                 progress(i + 1, len(stems))
     where = f"{split} ({img_dir.parent.parent})"
     if bad and not skip_bad_images:
-        listing = "\n  ".join(f"{f}: {r}" for f, r in bad[:10])
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise DatasetError(f"{len(bad)} problem(s) in ADE20K {where}:\n  {listing}{more}\n"
+        raise DatasetError(f"{len(bad)} problem(s) in ADE20K {where}:\n{problem_listing(bad)}\n"
                            "Fix or remove those files, or pass --skip-bad-images to drop the samples (they are "
                            "counted in result.json).")
     if not ok:

@@ -41,6 +41,13 @@ class DatasetError(FourmEvalError):
     """The dataset on disk does not have the expected layout or content."""
 
 
+def problem_listing(bad: list[tuple[str, str]], show: int = 10) -> str:
+    """The first ``show`` (file, reason) problems, one indented line each, then how many more."""
+    listing = "\n  ".join(f"{f}: {r}" for f, r in bad[:show])
+    more = f"\n  ... and {len(bad) - show} more" if len(bad) > show else ""
+    return f"  {listing}{more}"
+
+
 @dataclass
 class SplitCheck:
     split: str
@@ -189,9 +196,7 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
     result = SplitCheck(split, ann, img_dir, len(data["images"]), len(data["annotations"]), by_id,
                         ann_sha256 or sha256_file(ann), bad)
     if bad and not skip_bad_images:
-        listing = "\n  ".join(f"{f}: {r}" for f, r in bad[:10])
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise DatasetError(f"{len(bad)} image(s) of {split}2017 cannot be used:\n  {listing}{more}\n"
+        raise DatasetError(f"{len(bad)} image(s) of {split}2017 cannot be used:\n{problem_listing(bad)}\n"
                            "Fix or remove them, or pass --skip-bad-images to drop them (they are counted "
                            "in result.json).")
     if bad:

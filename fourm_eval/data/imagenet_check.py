@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .coco_check import DatasetError, check_image
+from .coco_check import DatasetError, check_image, problem_listing
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "val")
@@ -127,9 +127,8 @@ def drop_bad(listing: SplitListing, skip_bad_images: bool) -> None:
     if not bad:
         return
     if not skip_bad_images:
-        shown = "\n  ".join(f"{listing.folder.parent / f}: {r}" for f, r in bad[:10])
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise DatasetError(f"{len(bad)} image(s) of {listing.split}/ cannot be used:\n  {shown}{more}\n"
+        shown = problem_listing([(str(listing.folder.parent / f), r) for f, r in bad])
+        raise DatasetError(f"{len(bad)} image(s) of {listing.split}/ cannot be used:\n{shown}\n"
                            "Fix or remove them, or pass --skip-bad-images to drop them (they are counted in "
                            "result.json).")
     drop = {f for f, _ in bad}
