@@ -27,8 +27,18 @@ results_app = typer.Typer(help="Collect, validate and export result.json records
 app.add_typer(results_app, name="results")
 analyze_app = typer.Typer(help="Overfitting analyses (scaling, fine-tuning, pre-training).", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """On a terminal, rich's usual console; elsewhere (a file, a pipe, CI and Slurm logs) one that
+    never wraps or cuts: tables and lines keep their full width, whole paths and values."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    return Console(stderr=stderr, width=None if tty else 10_000, soft_wrap=not tty)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -264,15 +274,18 @@ def tasks_cmd(names: bool = typer.Option(False, "--names", help="Only the names,
 @app.command("run")
 @friendly
 def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval tasks`)."),
-             backbone: str = typer.Option("4m", help="4m, deit3, mae, or a registered name (4m-b, deit3-l, ...)."),
+             backbone: Optional[str] = typer.Option(
+                 None, help="4m (default), deit3, mae, or a registered name (4m-b, deit3-l, ...)."),
              checkpoint: Optional[str] = typer.Option(
                  None, help="Weights: file, folder or cached hub id. Default for 4m: a generated tiny 4M."),
              data_root: Optional[Path] = typer.Option(
-                 None, help="Dataset root in the task's standard layout. Default: the built-in mini dataset."),
-             profile: str = typer.Option("smoke", help="paper, short, smoke, or a YAML file."),
+                 None, help="Dataset root in the task's standard layout. Default: the built-in mini dataset "
+                            "(with --eval-only --from RUN_DIR: the run's)."),
+             profile: Optional[str] = typer.Option(None, help="paper, short, smoke (default), or a YAML file."),
              work_dir: Optional[Path] = typer.Option(
-                 None, help="Run directory (default runs/TASK/BACKBONE-PROFILE-seedN). Re-running resumes."),
-             seed: int = typer.Option(0, help="Random seed."),
+                 None, help="Run directory (default runs/TASK/BACKBONE-PROFILE-seedN; with --eval-only --from "
+                            "RUN_DIR: RUN_DIR/eval-only). Re-running resumes."),
+             seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
              set_: list[str] = typer.Option([], "--set", help="Override a profile value: key=value (repeatable)."),
              model_size: Optional[str] = typer.Option(
                  None, "--model-size", help="Model size (tiny, b, l, xl): picks deit3/mae's architecture and the "
@@ -289,47 +302,135 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
                  None, "--init-from", help="Start from the final weights of another finished run (RUN_DIR), e.g. "
                                            "an intermediate fine-tuning stage; every tensor whose name and shape "
                                            "fit is loaded, recorded in the record's provenance."),
+             eval_only: bool = typer.Option(False, "--eval-only", help="Evaluate trained weights (--from), no "
+                                                                       "training; record and predictions are marked "
+                                                                       "evaluation-only."),
+             from_: Optional[Path] = typer.Option(
+                 None, "--from", help="With --eval-only: a finished run directory (its final weights and its own "
+                                      "settings), one of its iter_N.pth, or a checkpoint file of the model this "
+                                      "command builds."),
+             logger: list[str] = typer.Option([], "--logger", help="Also log to tensorboard or wandb (repeatable; "
+                                                                    "default: the profile's 'loggers', none)."),
              dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan (profile, data, subsets, "
                                                                       "schedule, time estimate) and stop."),
              verbose: bool = typer.Option(False, "--verbose", "-v",
                                           help="Also show mmengine's log (environment, config, iteration lines) "
                                                "on the console; it is always in the run directory.")) -> None:
-    """Fine-tune a backbone on a task and evaluate it; writes WORK_DIR/result.json and the predictions."""
+    """Fine-tune a backbone on a task and evaluate it; writes WORK_DIR/result.json and the predictions.
+    SIGINT / SIGTERM stop it with one line saying where, and the command that resumes it."""
     from .console import RunConsole
+    from .errors import ConfigError
     from .tasks import get_task
-    from .tasks.runner import run
+    from .tasks.runner import RunInterrupted, run
 
-    run(get_task(task), backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
-        work_dir=work_dir, seed=seed, sets=list(set_), skip_bad_images=skip_bad_images,
-        allow_pickle=allow_pickle, launcher=launcher, size=model_size, random_init=random_init,
-        num_heads=num_heads, console=RunConsole(verbose=verbose), dry_run=dry_run, init_from=init_from)
+    if eval_only != (from_ is not None):
+        raise ConfigError("--eval-only and --from go together: --eval-only --from RUN_DIR_OR_CHECKPOINT")
+    if from_ is not None and (from_.is_dir() or (from_.parent / "run.json").is_file()):
+        given = [n for n, v in (("--backbone", backbone), ("--checkpoint", checkpoint), ("--profile", profile),
+                                ("--seed", seed), ("--set", set_), ("--model-size", model_size),
+                                ("--num-heads", num_heads), ("--random-init", random_init)) if v]
+        if given:
+            raise ConfigError(f"--from {from_}: the run's own settings are evaluated; {', '.join(given)} cannot "
+                              "change them (evaluate a checkpoint file outside a run directory to choose settings)")
+    try:
+        run(get_task(task), backbone=backbone or "4m", checkpoint=checkpoint, data_root=data_root,
+            profile=profile or "smoke", work_dir=work_dir, seed=0 if seed is None else seed, sets=list(set_),
+            skip_bad_images=skip_bad_images, allow_pickle=allow_pickle, launcher=launcher, size=model_size,
+            random_init=random_init, num_heads=num_heads, console=RunConsole(verbose=verbose), dry_run=dry_run,
+            init_from=init_from, eval_from=from_, loggers=list(logger) or None)
+    except RunInterrupted as e:
+        raise typer.Exit(e.exit_code) from None
+
+
+def _run_dir_of(predictions: Path) -> Optional[Path]:
+    """The run directory a predictions folder or file belongs to (run.json beside or above it)."""
+    p = predictions.expanduser().resolve()
+    for d in ([p.parent, p.parent.parent] if p.is_file() or p.suffix else [p.parent, p]):
+        if (d / "run.json").is_file():
+            return d
+    return None
+
+
+def _fmt_metric(v: Any, digits: int = 6) -> str:
+    from .cells import clean_value
+    x = clean_value(v)
+    return "n/a (no value)" if x is None else f"{x:.{digits}f}"
 
 
 @app.command("evaluate")
 @friendly
 def evaluate_cmd(task: str = typer.Argument(..., help="Task name (see `fourm-eval tasks`)."),
                  predictions: Path = typer.Option(..., "--predictions",
-                                                  help="Predictions in the task's standard format (file or folder)."),
-                 data_root: Path = typer.Option(..., "--data-root", help="Dataset root holding the ground truth."),
+                                                  help="Predictions in the task's standard format (file or folder); "
+                                                       "COCO also reads mmdet's and detectron2's file names."),
+                 data_root: Optional[Path] = typer.Option(
+                     None, "--data-root", help="Dataset root holding the ground truth (default: the data root of the "
+                                               "run the predictions come from)."),
                  out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
                  ) -> None:
     """Score saved predictions (ours or another project's) with the task's metric, without retraining."""
-    from .results import atomic_write_json
+    from .errors import ConfigError
+    from .results import atomic_write_json, clean_metrics
     from .tasks import get_task
+    from .tasks.runs import predictions_state
 
     t = get_task(task)
-    metrics = t.evaluate(predictions, data_root)
+    if not predictions.exists():
+        raise ConfigError(f"--predictions {predictions}: no such file or folder")
+    run_dir = _run_dir_of(predictions)
+    ident = None
+    if run_dir is not None:
+        ident = json.loads((run_dir / "run.json").read_text())
+        if ident.get("task") not in (None, t.name):
+            raise ConfigError(f"{predictions}: predictions of a {ident.get('task')} run ({run_dir}), not {t.name}")
+    if data_root is None:
+        if ident is None:
+            raise ConfigError(f"--data-root is needed: {predictions} is not inside a fourm-eval run directory "
+                              "(no run.json beside or above it) to take the data root from")
+        data_root = Path(ident["data_root"])
+        err_console.print(f"data root from the run ({run_dir / 'run.json'}): {data_root}", highlight=False,
+                          markup=False)
+    if ident is not None:
+        try:
+            now = t.data_identity(Path(data_root))
+        except FourmEvalError:
+            now = None
+        if now is not None and ident.get("data_root") and Path(ident["data_root"]) == Path(data_root):
+            changed = sorted(k for k in now if k in ident and ident[k] != now[k])
+            if changed:
+                err_console.print(f"WARNING: the data at {data_root} changed since the run ({', '.join(changed)} "
+                                  "differ from its run.json): scores need not match its record", highlight=False,
+                                  markup=False, style="yellow")
+    state = predictions_state(predictions)
+    if state is not None:
+        if not state:
+            err_console.print(f"WARNING: {predictions}: its meta.json does not say which iteration's model these "
+                              "predictions are from (an older fourm-eval, or a run stopped while writing them)",
+                              highlight=False, markup=False, style="yellow")
+        elif not state.get("complete", True):
+            err_console.print(f"WARNING: {predictions}: the evaluation at iteration {state.get('iteration')} was "
+                              "interrupted while writing these files; they may mix two evaluations",
+                              highlight=False, markup=False, style="yellow")
+        elif not state.get("final"):
+            err_console.print(f"WARNING: {predictions}: predictions of iteration {state.get('iteration')} of "
+                              f"{state.get('max_iters')}, not of the final model (the run has not finished)",
+                              highlight=False, markup=False, style="yellow")
+        else:
+            err_console.print(f"predictions of iteration {state.get('iteration')} (the final model"
+                              + (", evaluation only" if state.get("eval_only") else "") + ")", highlight=False,
+                              markup=False)
+    metrics = clean_metrics(t.evaluate(predictions, Path(data_root)))
     tbl = Table(title=f"{t.name}: {predictions}")
     tbl.add_column("metric")
     tbl.add_column("value", justify="right")
     for name, v in metrics.items():
-        tbl.add_row(name, f"{v:.6f}")
+        tbl.add_row(name, _fmt_metric(v))
     console.print(tbl)
     for name, v in metrics.items():  # plain lines, full precision, for scripts and CI logs
-        print(f"{name} {v!r}")
+        print(f"{name} {'nan' if v is None else repr(v)}")
     if out:
         atomic_write_json(out, {"task": t.name, "predictions": str(predictions), "data_root": str(data_root),
-                                "metrics": metrics})
+                                "metrics": metrics, "predictions_state": state})
 
 
 @data_app.command("make-mini")
@@ -391,20 +492,35 @@ def _load(dirs: list[Path]):
 @results_app.command("ls")
 @friendly
 def results_ls(dirs: list[Path] = typer.Argument(..., help="Run directories (searched recursively).")) -> None:
-    """One line per valid run."""
-    from .results import records_frame
+    """One line per valid run, with its cell (the run's identity without the seed) and variant."""
+    from .cells import group_records
 
     records, _ = _load(dirs)
-    df = records_frame(records)
-    t = Table(title=f"{len(records)} run(s)")
-    for col in ("task", "backbone", "profile", "seed", "main metrics", "run dir"):
-        t.add_column(col)
-    for run_dir, g in df.groupby("run_dir", sort=True):
-        r0 = g.iloc[0]
-        main = g[g["main"] == True]  # noqa: E712 - pandas column (None for unregistered tasks)
-        mm = ", ".join(f"{row.metric} {row.display:.1f}" for row in main.itertuples())
-        t.add_row(r0.task, r0.model, r0.profile, str(r0.seed), mm, run_dir)
+    cells = group_records(records)
+    t = Table(title=f"{len(records)} run(s) in {len(cells)} cell(s)")
+    for col in ("task", "backbone", "profile", "cell", "variant", "seed", "main metrics", "run dir"):
+        t.add_column(col, no_wrap=True)
+    from .tasks import metric_info
+    for g in cells:
+        for seed in sorted(g.seeds):
+            sr = g.seeds[seed]
+            for rec, run in zip(sr.records, sr.runs):
+                mm = []
+                for name, v in rec["metrics"].items():
+                    info = metric_info(rec["task"], name)
+                    if info is not None and info.main:
+                        mm.append(f"{name} " + ("n/a" if v is None else f"{v * info.display_scale:.1f}"))
+                t.add_row(g.task, g.model["label"], g.profile, g.cell, g.variant() or "-",
+                          str(seed) + (f" (repeat {sr.runs.index(run) + 1}/{sr.repeats})" if sr.repeats > 1 else "")
+                          + (" eval-only" if rec.get("eval_only") else ""), ", ".join(mm), run)
     console.print(t)
+    for g in cells:
+        for sr in g.repeated_seeds():
+            spreads = {m: sr.spread(m) for m in g.metrics}
+            worst = max((v for v in spreads.values() if v is not None), default=None)
+            verdict = "agree exactly" if worst == 0 else f"disagree (largest difference {worst:.6g})"
+            console.print(f"cell {g.cell} seed {sr.seed}: {sr.repeats} runs {verdict}; counted once",
+                          highlight=False)
 
 
 @results_app.command("show")
@@ -521,41 +637,69 @@ def analyze_pretrain(log: Path = typer.Argument(..., help="A 4M pre-training log
 
 @app.command()
 def regress(dirs: list[Path] = typer.Argument(..., help="Run directories with the current results."),
-            expected: Path = typer.Option(..., "--expected", help="Expectations JSON (mean, std, n per metric)."),
+            expected: Path = typer.Option(..., "--expected", help="Expectations JSON (per cell: per-seed values, "
+                                                                  "mean, std, n, within-seed noise)."),
             update: bool = typer.Option(False, "--update", help="Write new expectations from these runs."),
             k: Optional[float] = typer.Option(None, help="Standard errors allowed (default: the file's, else 3)."),
             metrics: str = typer.Option("main", help="With --update: 'main' (each task's gated metrics), 'all' "
-                                                     "or a comma list.")) -> None:
-    """Compare runs with expected scores; exit 1 on a real drop, 0 if none, 2 on unusable input."""
+                                                     "or a comma list."),
+            min_seeds: int = typer.Option(3, "--min-seeds", help="With --update: distinct seeds a cell needs."),
+            noise_runs: list[Path] = typer.Option(
+                [], "--noise-runs", help="With --update: runs of the same cells from perturbed copies of the "
+                                         "checkpoint (benchmarks/gate_noise.py): the within-seed noise for the "
+                                         "paired rule."),
+            ignore_unexpected: bool = typer.Option(False, "--ignore-unexpected",
+                                                   help="Let runs without an expectation pass unchecked.")) -> None:
+    """Compare runs with expected scores; exit 1 on a real drop, 0 if none, 2 on unusable input.
+    Prints, per gated metric, the allowed drop: the smallest drop the gate detects at this seed count."""
     from .errors import FourmEvalError
     from .regress import DEFAULT_K, build_expected, compare, load_expected, write_expected
 
     try:
         records, bad = _load(dirs)
         if update:
-            data = build_expected(records, metrics=metrics, k=k if k is not None else DEFAULT_K)
+            noise = _load(noise_runs)[0] if noise_runs else None
+            data = build_expected(records, metrics=metrics, k=k if k is not None else DEFAULT_K,
+                                  min_seeds=min_seeds, noise_records=noise)
             write_expected(expected, data)
-            console.print(f"wrote {len(data['entries'])} expectation(s) from {len(records)} run(s) to {expected}")
+            console.print(f"wrote {len(data['entries'])} expectation(s) for {len(data['cells'])} cell(s) from "
+                          f"{len(records)} run(s) to {expected}", highlight=False)
+            for e in data["entries"]:
+                console.print(f"  {e['task']} {e['metric']}: seeds {sorted(map(int, e['per_seed']))}, mean "
+                              f"{e['mean']:.4f}, std " + ("-" if e["std"] is None else f"{e['std']:.4f}")
+                              + ", within-seed noise " + ("not measured" if e["noise_std"] is None else
+                                                          f"{e['noise_std']:.2g} ({e['noise_df']} df)"),
+                              highlight=False)
             raise typer.Exit(0)
-        verdicts = compare(records, load_expected(expected), k)
+        exp = load_expected(expected)
+        verdicts = compare(records, exp, k, ignore_unexpected=ignore_unexpected)
     except FourmEvalError as e:
         from rich.markup import escape
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     t = Table(title="regression gate")
-    for col in ("task", "backbone", "profile", "metric", "expected mean ± std (n)", "current mean (n)", "drop",
-                "allowed", "status"):
-        t.add_column(col)
+    for col in ("task", "backbone", "profile", "metric", "rule", "expected mean (n)", "current mean (n)", "drop",
+                "allowed drop", "unpaired rule would allow", "status"):
+        t.add_column(col, no_wrap=True)
     for v in verdicts:
-        t.add_row(*v.key, f"{v.exp_mean:.4f} ± {v.exp_std:.4f} ({v.exp_n})", f"{v.cur_mean:.4f} ({v.cur_n})",
-                  f"{v.drop:+.4f}", f"{v.threshold:.4f}", "[red]REGRESSION[/]" if v.regression else "[green]ok[/]")
+        t.add_row(v.task, v.backbone, v.profile, v.metric, v.rule, f"{v.exp_mean:.4f} ({v.exp_n})",
+                  f"{v.cur_mean:.4f} ({v.cur_n})", f"{v.drop:+.4f}", f"{v.threshold:.4f}",
+                  "-" if v.unpaired_threshold is None else f"{v.unpaired_threshold:.4f}",
+                  "[red]REGRESSION[/]" if v.regression else "[green]ok[/]")
     console.print(t)
     for v in verdicts:  # one plain line each, readable in narrow CI logs
-        print(f"{'REGRESSION' if v.regression else 'ok'} {'/'.join(v.key)}: expected {v.exp_mean:.4f} "
-              f"(std {v.exp_std:.4f}, n {v.exp_n}), current {v.cur_mean:.4f} (n {v.cur_n}), "
-              f"drop {v.drop:+.4f}, allowed {v.threshold:.4f}")
+        seeds = ", ".join(f"seed {s}: {e:.4f} -> {c:.4f}" for s, (e, c) in sorted(v.per_seed.items()))
+        print(f"{'REGRESSION' if v.regression else 'ok'} {v.task}/{v.backbone}/{v.profile} {v.metric} "
+              f"[{v.rule}, cell {v.cell}]: expected {v.exp_mean:.4f} (n {v.exp_n}), current {v.cur_mean:.4f} "
+              f"(n {v.cur_n}), drop {v.drop:+.4f}, allowed {v.threshold:.4f}"
+              + ("" if v.unpaired_threshold is None else f" (unpaired rule: {v.unpaired_threshold:.4f})")
+              + f"; {seeds}" + (f"; {v.note}" if v.note else ""))
+    print("smallest detectable drop per gated metric at these seed counts (= the allowed drop): "
+          + "; ".join(f"{v.task} {v.metric} {v.threshold:.4f} ({v.rule}, n={v.cur_n})"
+                      + ("" if v.unpaired_threshold is None else f" vs {v.unpaired_threshold:.4f} unpaired")
+                      for v in verdicts))
     n_bad = sum(v.regression for v in verdicts)
-    console.print(f"{n_bad} regression(s) in {len(verdicts)} metric(s)")
+    console.print(f"{n_bad} regression(s) in {len(verdicts)} metric(s)", highlight=False)
     raise typer.Exit(1 if n_bad else 0)
 
 

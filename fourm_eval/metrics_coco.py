@@ -5,7 +5,13 @@ COCO result entries (xywh boxes, RLE masks, category ids) and returns every
 summary statistic at full precision (mmdet's CocoMetric rounds to 3 decimals).
 
 Returned names: ``{box,mask}_{AP, AP50, AP75, APs, APm, APl}`` as fractions
-in [0, 1]; -1 where COCO defines no value (no ground truth of that size).
+in [0, 1]; NaN where COCO defines no value (pycocotools' -1: no ground truth of
+that size), which records store as null and no mean ever includes.
+
+Prediction files read by :func:`evaluate_files`: this project's
+``coco_results.{bbox,segm}.json``, mmdet's ``<prefix>.{bbox,segm}.json`` (its
+``CocoMetric`` with ``outfile_prefix``, e.g. ``results.bbox.json``) and
+detectron2's ``coco_instances_results.json`` (boxes and masks in one list).
 """
 
 from __future__ import annotations
@@ -54,12 +60,28 @@ def to_coco_results(image_id: int, boxes_xyxy: np.ndarray, scores: np.ndarray, l
     return dets, segs
 
 
+NO_VALUE = float("nan")
+# COCOeval's area ranges for APs / APm / APl (pixels^2)
+_AREAS = {"APs": (0.0, 32.0 ** 2), "APm": (32.0 ** 2, 96.0 ** 2), "APl": (96.0 ** 2, 1e10)}
+
+
+def _no_detections(gt: Any, img_ids: Iterable[int] | None) -> dict[str, float]:
+    """COCOeval's numbers for an empty result list (which ``loadRes`` refuses): 0 where there is
+    ground truth to find, no value where there is none (as COCOeval's -1)."""
+    ids = set(gt.getImgIds()) if img_ids is None else set(img_ids)
+    areas = [a["area"] for a in gt.loadAnns(gt.getAnnIds(imgIds=sorted(ids))) if not a.get("iscrowd", 0)]
+    out = {n: (0.0 if areas else NO_VALUE) for n in ("AP", "AP50", "AP75")}
+    for n, (lo, hi) in _AREAS.items():
+        out[n] = 0.0 if any(lo <= a <= hi for a in areas) else NO_VALUE
+    return out
+
+
 def _summarize(gt: Any, results: list[dict], iou_type: str, img_ids: Iterable[int] | None) -> dict[str, float]:
     from pycocotools.cocoeval import COCOeval
 
     prefix = "box" if iou_type == "bbox" else "mask"
     if not results:
-        return {f"{prefix}_{n}": 0.0 for n in STAT_NAMES}
+        return {f"{prefix}_{n}": v for n, v in _no_detections(gt, img_ids).items()}
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, iou_type)
@@ -68,7 +90,9 @@ def _summarize(gt: Any, results: list[dict], iou_type: str, img_ids: Iterable[in
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {f"{prefix}_{n}": float(ev.stats[i]) for i, n in enumerate(STAT_NAMES)}
+    # -1 is COCOeval's "no value" (no ground truth in that area range): NaN, never a number
+    return {f"{prefix}_{n}": (NO_VALUE if float(ev.stats[i]) == -1.0 else float(ev.stats[i]))
+            for i, n in enumerate(STAT_NAMES)}
 
 
 def evaluate(gt: Any, dets: list[dict], segs: list[dict] | None = None,
@@ -128,48 +152,96 @@ def _check_ids(path: Path, results: list[dict[str, Any]], gt: Any) -> None:
                                f"{sorted(cat_ids)[:20]} (label indices written instead of category ids?)")
 
 
+DETECTRON2_FILE = "coco_instances_results.json"
+
+
+def _result_sets(folder: Path, names: dict[str, str]) -> dict[str, dict[str, Path]]:
+    """The result-file sets a folder holds, by who wrote them: this project's ``names``, mmdet's
+    ``<prefix>.bbox.json`` / ``<prefix>.segm.json`` per prefix, detectron2's one file."""
+    sets: dict[str, dict[str, Path]] = {}
+    ours = {k: folder / n for k, n in names.items() if (folder / n).is_file()}
+    if ours:
+        sets["fourm-eval"] = ours
+    for f in sorted(folder.glob("*.json")):
+        for kind in ("bbox", "segm"):
+            if f.name.endswith(f".{kind}.json") and f not in ours.values():
+                prefix = f.name[: -len(f".{kind}.json")]
+                sets.setdefault(f"mmdet ({prefix}.*.json)", {})[kind] = f
+    if (folder / DETECTRON2_FILE).is_file():
+        sets["detectron2"] = {"instances": folder / DETECTRON2_FILE}
+    return sets
+
+
+def _files_of(pred: Path, names: dict[str, str]) -> tuple[dict[str, Path], str]:
+    """IoU type -> file, and who wrote them, for a predictions folder or file; never a guess."""
+    if pred.is_dir():
+        sets = _result_sets(pred, names)
+        if not sets:
+            raise PredictionsError(f"{pred}: no COCO results in this folder (expected {' / '.join(names.values())}, "
+                                   f"mmdet's <prefix>.bbox.json / <prefix>.segm.json, or detectron2's "
+                                   f"{DETECTRON2_FILE})")
+        if len(sets) > 1:
+            listing = "; ".join(f"{who}: {', '.join(p.name for p in f.values())}" for who, f in sets.items())
+            raise PredictionsError(f"{pred}: holds several sets of COCO results ({listing}); pass the file to "
+                                   "score with --predictions")
+        who, files = next(iter(sets.items()))
+        return files, who
+    if not pred.is_file():
+        raise PredictionsError(f"{pred}: no such file or folder")
+    if pred.name == DETECTRON2_FILE:
+        return {"instances": pred}, "detectron2"
+    kind = next((k for k in names if pred.name.endswith(f".{k}.json")), None)
+    if kind is None:
+        raise PredictionsError(f"{pred}: name the file *.bbox.json or *.segm.json (or detectron2's "
+                               f"{DETECTRON2_FILE}) so the IoU type is stated, not guessed")
+    return {kind: pred}, "file"
+
+
 def evaluate_files(predictions: str | Path, ann_file: str | Path, names: dict[str, str]) -> dict[str, float]:
     """Score COCO results files against ``ann_file`` with :func:`evaluate`.
 
-    ``predictions``: a folder holding ``names['bbox']`` and/or ``names['segm']`` (and
-    optionally ``meta.json`` with the evaluated ``image_ids``: images a run left out are
-    then left out here too), or one file whose name ends in ``.bbox.json`` or ``.segm.json``.
-    Without ``meta.json`` every image of the ground truth is evaluated (the server's rule)."""
+    ``predictions``: a folder holding one set of results, or one file. A set is this project's
+    ``names['bbox']`` and/or ``names['segm']`` (with ``meta.json``'s ``image_ids``, the images a
+    run evaluated, when present), mmdet's ``<prefix>.bbox.json`` / ``<prefix>.segm.json``, or
+    detectron2's ``coco_instances_results.json`` (boxes, and masks when its entries carry a
+    ``segmentation``). A folder with several sets is an error. Without ``image_ids`` every image of
+    the ground truth is evaluated (the server's rule)."""
     from pycocotools.coco import COCO
 
     pred = Path(predictions)
-    files: dict[str, Path] = {}
+    files, who = _files_of(pred, names)
     img_ids = None
-    if pred.is_dir():
-        for kind, name in names.items():
-            if (pred / name).is_file():
-                files[kind] = pred / name
-        if not files:
-            raise PredictionsError(f"{pred}: no {' or '.join(names.values())} in this folder")
-        if (pred / "meta.json").is_file():
-            try:
-                meta = json.loads((pred / "meta.json").read_text())
-                img_ids = [int(i) for i in meta["image_ids"]]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise PredictionsError(f"{pred / 'meta.json'}: expected {{\"image_ids\": [int, ...]}} "
-                                       f"({type(e).__name__})") from None
-    elif pred.is_file():
-        kind = next((k for k in names if pred.name.endswith(f".{k}.json")), None)
-        if kind is None:
-            raise PredictionsError(f"{pred}: name the file *.bbox.json or *.segm.json so the IoU type is stated, "
-                                   "not guessed")
-        files[kind] = pred
-    else:
-        raise PredictionsError(f"{pred}: no such file or folder")
+    meta_file = (pred if pred.is_dir() else pred.parent) / "meta.json"
+    if who in ("fourm-eval", "file") and meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+            # no image_ids: a meta.json that only states the run's evaluation state
+            img_ids = [int(i) for i in meta["image_ids"]] if "image_ids" in meta else None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise PredictionsError(f"{meta_file}: expected {{\"image_ids\": [int, ...]}} "
+                                   f"({type(e).__name__})") from None
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
-    results = {k: _load_results(f, k) for k, f in files.items()}
+    if "instances" in files:  # detectron2: one list; every entry has a box, masks when predicted
+        f = files["instances"]
+        entries = _load_results(f, "bbox")
+        with_seg = [r for r in entries if "segmentation" in r]
+        if with_seg and len(with_seg) != len(entries):
+            raise PredictionsError(f"{f}: {len(entries) - len(with_seg)} of {len(entries)} entries lack a "
+                                   "'segmentation' (a detectron2 file has masks on every entry or on none)")
+        results = {"bbox": entries}
+        files = {"bbox": f}
+        if with_seg:
+            results["segm"] = _load_results(f, "segm")
+            files["segm"] = f
+    else:
+        results = {k: _load_results(f, k) for k, f in files.items()}
     for k, r in results.items():
         _check_ids(files[k], r, gt)
     if img_ids is not None:
         unknown = sorted(set(img_ids) - set(gt.getImgIds()))
         if unknown:
-            raise PredictionsError(f"{pred / 'meta.json'}: image ids {unknown[:5]} not in {ann_file}")
+            raise PredictionsError(f"{meta_file}: image ids {unknown[:5]} not in {ann_file}")
     out: dict[str, float] = {}
     if "bbox" in results:
         out.update(_summarize(gt, results["bbox"], "bbox", img_ids))

@@ -22,23 +22,25 @@ from pathlib import Path
 from typing import Any
 
 from . import analysis
-from .results import load_paper_results, model_identity, records_frame
+from .results import load_paper_results, model_identity
 
 SIZE_ORDER = {"tiny": 0, "B": 1, "L": 2, "XL": 3}
 BASELINES = ("DeiT III", "MAE")
 
 
 @dataclass
-class Cell:
+class TableCell:
     mean: float
-    std: float
-    n: int
+    std: float | None
+    n: int                       # distinct seeds
+    repeats: int = 0             # runs beyond one per seed (merged, see "Repeated seeds")
     bold: bool = False
     published: float | None = None
     published_verified: bool | None = None
 
     def text(self, with_pub: bool = True) -> str:
-        s = f"{self.mean:.1f}" + (f" ± {self.std:.1f}" if self.n > 1 else "") + f" (n={self.n})"
+        s = f"{self.mean:.1f}" + (f" ± {self.std:.1f}" if self.std is not None else "") + f" (n={self.n}"
+        s += (f", +{self.repeats} repeat{'s' if self.repeats > 1 else ''})" if self.repeats else ")")
         if with_pub and self.published is not None:
             s += f" [paper {self.published:.1f}{'' if self.published_verified else '†'}]"
         return s
@@ -47,71 +49,95 @@ class Cell:
 @dataclass
 class Table1:
     columns: list[tuple[str, str]]                       # (task, metric)
-    rows: list[tuple[str, str, str]]                     # (size, label, profile)
-    cells: dict[tuple[int, int], Cell] = field(default_factory=dict)
+    rows: list[tuple[str, str, str]]                     # (size, label, profile + variant)
+    cells: dict[tuple[int, int], TableCell] = field(default_factory=dict)
     deltas: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
+    groups: dict[tuple[int, int], Any] = field(default_factory=dict)  # the fourm_eval.cells.CellGroup behind each
 
 
-def _main_rows(records: list[dict[str, Any]]):
-    """The records frame's main-metric rows, ``value`` in display units (points for fractions)."""
-    df = records_frame(records)
-    df = df[df["main"] == True].copy()  # noqa: E712 - None for tasks not registered here
-    df["label"] = df["model"]
-    df["value"] = df["display"]
-    return df
+def _row_profile(g) -> str:
+    v = g.variant()
+    return f"{g.profile} [{v}]" if v else g.profile
 
 
 def build_table1(records: list[dict[str, Any]]) -> Table1:
-    import pandas as pd
-
+    """Rows = backbones (size, label) x profile (+ the settings that set a cell apart from its
+    siblings), columns = each task's main metrics; values over distinct seeds of one cell."""
+    from .cells import group_records
     from .tasks import all_tasks
 
-    df = _main_rows(records)
-    if df.empty:
+    tasks = all_tasks()
+    groups = [g for g in group_records(records) if g.task in tasks]
+    order = [(t.name, m) for t in tasks.values() for m in t.main_metrics]
+    columns = [(t, m) for t, m in order if any(g.task == t and g.per_seed(m) for g in groups)]
+    if not columns:
         return Table1([], [])
-    order = [(t.name, m) for t in all_tasks().values() for m in t.main_metrics]
-    columns = [(t, m) for t, m in order if ((df.task == t) & (df.metric == m)).any()]
-    direction = {(t, m): bool(h) for t, m, h in df[["task", "metric", "higher_is_better"]].drop_duplicates()
-                 .itertuples(index=False)}
-    keys = (df[["size", "label", "profile", "family", "pretrain"]].drop_duplicates()
-            .sort_values(["size", "label", "profile"], key=lambda s: s.map(SIZE_ORDER) if s.name == "size" else s))
-    table = Table1(columns, [(r.size, r.label, r.profile) for r in keys.itertuples()])
+    row_keys = sorted({(g.model["size"], g.model["label"], _row_profile(g)) for g in groups},
+                      key=lambda r: (SIZE_ORDER.get(r[0], 9), r[1], r[2]))
+    table = Table1(columns, row_keys)
+    row_index = {r: i for i, r in enumerate(row_keys)}
     paper = load_paper_results()
     paper = paper[paper.protocol == "4m-transfer"]
-    fam_of = {(r.size, r.label, r.profile): (r.family, r.pretrain) for r in keys.itertuples()}
-    for i, row in enumerate(table.rows):
+    fam_of: dict[int, str] = {}
+    for g in groups:
+        i = row_index[(g.model["size"], g.model["label"], _row_profile(g))]
+        fam_of[i] = g.model["family"]
         for j, (task, metric) in enumerate(columns):
-            sel = df[(df["size"] == row[0]) & (df.label == row[1]) & (df.profile == row[2]) & (df.task == task)
-                     & (df.metric == metric)]
-            if sel.empty:
+            if task != g.task:
                 continue
-            vals = sel.value.tolist()
-            std = float(pd.Series(vals).std(ddof=1)) if len(vals) > 1 else 0.0
-            cell = Cell(float(sum(vals) / len(vals)), std, len(vals))
-            fam, pre = fam_of[row]
-            pub = paper[(paper.model == fam) & (paper["size"] == row[0]) & (paper.pretrain_data == pre)
-                        & (paper.task == task) & (paper.metric == metric)]
+            mean, std, n = g.stats(metric)
+            if mean is None:
+                continue
+            scale = tasks[task].metric(metric).display_scale
+            extra = sum(s.repeats - 1 for s in g.seeds.values())
+            cell = TableCell(mean * scale, None if std is None else std * scale, n, extra)
+            pub = paper[(paper.model == g.model["family"]) & (paper["size"] == g.model["size"])
+                        & (paper.pretrain_data == g.model["pretrain"]) & (paper.task == task) & (paper.metric == metric)]
             if not pub.empty:
                 cell.published = float(pub.value.iloc[0])
                 cell.published_verified = str(pub.verified.iloc[0]) == "yes"
             table.cells[(i, j)] = cell
+            table.groups[(i, j)] = g
     # best per size and profile, deltas to baselines of the same size
     for j, (task, metric) in enumerate(columns):
-        lower = not direction[(task, metric)]
-        groups: dict[tuple[str, str], list[int]] = {}
+        lower = not tasks[task].metric(metric).higher_is_better
+        by_size: dict[tuple[str, str], list[int]] = {}
         for i, row in enumerate(table.rows):
             if (i, j) in table.cells:
-                groups.setdefault((row[0], row[2]), []).append(i)
-        for (size, profile), idx in groups.items():
+                by_size.setdefault((row[0], row[2]), []).append(i)
+        for idx in by_size.values():
             best = (min if lower else max)(table.cells[(i, j)].mean for i in idx)
             for i in idx:
                 table.cells[(i, j)].bold = len(idx) > 1 and math.isclose(table.cells[(i, j)].mean, best)
             for i in idx:
                 for base in BASELINES:
-                    b = [k for k in idx if fam_of[table.rows[k]][0] == base]
-                    if b and fam_of[table.rows[i]][0] != base:
+                    b = [x for x in idx if fam_of[x] == base]
+                    if b and fam_of[i] != base:
                         table.deltas.setdefault((i, j), {})[base] = table.cells[(i, j)].mean - table.cells[(b[0], j)].mean
     return table
+
+
+def repeated_seed_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per seed that several runs of one cell share: how far apart they are (measured
+    non-determinism; 0 = bit-identical) on each main metric."""
+    from .cells import group_records
+    from .tasks import all_tasks
+
+    tasks = all_tasks()
+    rows = []
+    for g in group_records(records):
+        t = tasks.get(g.task)
+        mains = t.main_metrics if t else g.metrics
+        for sr in g.repeated_seeds():
+            spreads = []
+            for m in mains:
+                sp = sr.spread(m)
+                if sp is not None:
+                    scale = t.metric(m).display_scale if t and t.metric(m) else 1.0
+                    spreads.append(f"{m}: " + ("identical" if sp == 0 else f"differ by {sp * scale:.3g}"))
+            rows.append([g.task, g.model["label"], _row_profile(g), g.cell, str(sr.seed), str(sr.repeats),
+                         "; ".join(spreads) or "–", "; ".join(sr.runs)])
+    return rows
 
 
 def published_tables() -> dict[str, Any]:
@@ -148,7 +174,7 @@ def make_plots(records: list[dict[str, Any]], table: Table1, scaling_df) -> dict
         idx = [i for i in range(len(table.rows)) if (i, j) in table.cells]
         fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(idx) + 2), 3.2))
         means = [table.cells[(i, j)].mean for i in idx]
-        errs = [table.cells[(i, j)].std for i in idx]
+        errs = [table.cells[(i, j)].std or 0.0 for i in idx]
         labels = [f"{table.rows[i][1]}\n{table.rows[i][2]}" for i in idx]
         ax.bar(range(len(idx)), means, yerr=errs, capsize=4, color="#4c72b0")
         ax.set_xticks(range(len(idx)), labels, fontsize=7)
@@ -270,15 +296,13 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
     table = build_table1(records)
     pubs = published_tables()
     paper = analysis.paper_frame()
-    # scaling: published numbers plus the user's own runs (points)
-    main = _main_rows(records)
-    own_df = pd.DataFrame({"family": main["family"] + " (ours)", "size": main["size"], "pretrain": main["pretrain"],
-                           "task": main["task"], "metric": main["metric"], "value": main["value"],
-                           "source": main["path"]},
+    # scaling: published numbers plus the user's own runs under the paper protocol (points), one value per cell
+    own = [(table.groups[key], key[1], c.mean) for key, c in table.cells.items()
+           if table.groups[key].profile == "paper" and not table.groups[key].variant()]
+    own_df = pd.DataFrame([{"family": g.model["family"] + " (ours)", "size": g.model["size"],
+                            "pretrain": g.model["pretrain"], "task": table.columns[j][0], "metric": table.columns[j][1],
+                            "value": mean, "source": f"cell {g.cell} ({g.n} seed(s))"} for g, j, mean in own],
                           columns=["family", "size", "pretrain", "task", "metric", "value", "source"])
-    if not own_df.empty:
-        own_df = own_df.groupby(["family", "size", "pretrain", "task", "metric"], as_index=False).agg(
-            value=("value", "mean"), source=("source", "first"))
     scaling_rows = analysis.scaling_analysis(pd.concat([paper.drop(columns="verified"), own_df], ignore_index=True))
     data_effect = analysis.data_scale_effect(paper)
     ft = [(rec, analysis.finetune_analysis(rec)) for rec in records]
@@ -290,13 +314,26 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
     # ------------------------------------------------------------- sections
     sections: list[tuple[str, list[tuple[str, Any]]]] = []  # (title, [(kind, payload)])
     h1, r1 = _table1_rows(table, "**{}**")
-    intro = (f"{len(records)} run(s) from {len({r['_run_dir'] for r in records})} run directories. Values are "
-             "points (metric x 100), mean ± sample std over seeds with the seed count; **bold** = best of its "
-             "size and profile; [paper x] = the published number for the same model (4m-transfer protocol; "
-             "† = not yet verified against the paper).")
+    from .cells import group_records
+    n_cells = len(group_records(records))
+    intro = (f"{len(records)} run(s) from {len({r['_run_dir'] for r in records})} run directories, in {n_cells} "
+             "cell(s): a cell is one task, backbone (name, checkpoint sha256, init), profile and set of resolved "
+             "settings; runs that differ in any setting are separate rows, the profile column naming the settings "
+             "that set them apart. Values are points (metric x 100), mean ± sample std over distinct seeds with "
+             "their count n (runs repeating a seed are merged and counted once, see 'Repeated seeds'); **bold** = "
+             "best of its size and profile; [paper x] = the published number for the same model (4m-transfer "
+             "protocol; † = not yet verified against the paper).")
     sections.append(("Transfer results (4M Table 1 layout)", [("p", intro), ("table", (h1, r1, (
         "Your runs: the main metric of each task in points, mean ± std over seeds (n), best per size in bold, "
         "the published number in brackets, Δ to DeiT III / MAE of the same size.")))]))
+    rep = repeated_seed_rows(records)
+    if rep:
+        sections.append(("Repeated seeds (measured non-determinism)", [
+            ("p", "Runs of the same cell and seed are one seed in the tables (their values averaged). Identical "
+                  "values mean the run is deterministic on the machines that ran it; a difference is measured "
+                  "non-determinism (another machine kind, threads, GPU kernels)."),
+            ("table", (["task", "backbone", "profile", "cell", "seed", "runs", "main metrics", "run dirs"], rep,
+                       "Seeds run more than once in one cell, and how far apart their results are (points)."))]))
     for protocol, (piv, sources) in pubs.items():
         hdr = list(piv.columns)
         rows = [[str(v) for v in r] for r in piv.itertuples(index=False)]

@@ -8,7 +8,8 @@ Schema (``schema_version`` 1; documented in docs/results.md):
     profile, seed     the run's profile name and seed
     status            "complete"
     metrics           {name: value}, in the units the task declares (fractions in [0, 1] for
-                      AP, IoU, accuracy; SI units otherwise)
+                      AP, IoU, accuracy; SI units otherwise); null where the metric has no
+                      value (COCO's APs/APm/APl without ground truth of that size)
     metrics_step0     the same metrics before any training (when evaluated)
     backbone          name, family, checkpoint path, sha256, architecture, params
     dataset           root, annotation sha256 per file, image counts, skipped images
@@ -34,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .errors import FourmEvalError
+
 SCHEMA = "fourm-eval/result"
 SCHEMA_VERSION = 1
 REQUIRED = ("schema", "schema_version", "task", "profile", "seed", "status", "metrics", "backbone", "dataset",
@@ -42,14 +45,17 @@ _PACKAGES = ("torch", "torchvision", "timm", "mmengine", "mmcv", "mmdet", "mmseg
              "numpy", "safetensors")
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
+def atomic_write_json(path: str | Path, obj: Any, fsync: bool = True) -> Path:
+    """Write JSON by temp file + rename (a reader never sees half a file); ``fsync=False`` for
+    frequent small state (heartbeats) where surviving a power cut does not matter."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     tmp.replace(path)
     return path
 
@@ -119,28 +125,51 @@ def validate_record(rec: Any) -> list[str]:
     if rec.get("schema_version") != SCHEMA_VERSION:
         problems.append(f"schema_version {rec.get('schema_version')!r} is not {SCHEMA_VERSION}")
     m = rec.get("metrics")
-    if not isinstance(m, dict) or not all(isinstance(v, (int, float)) for v in m.values()):
-        problems.append("metrics must map names to numbers")
+    if not isinstance(m, dict) or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                                          for v in m.values()):
+        problems.append("metrics must map names to numbers (or null: no value)")
     return problems
+
+
+def clean_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """Metric values as stored in records: floats, and None ("no value") for NaN, None and COCO's
+    -1 sentinel where the caller has already mapped it to NaN (see metrics_coco)."""
+    from .cells import clean_value
+    return {k: clean_value(v) for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------- collection
 ENCODER_PARAMS = {"B": 86e6, "L": 303e6, "XL": 1.2e9}  # docs/fourm-checkpoints.md (4M); ViT-B/L alike
 
 
+class NoRecordsError(FourmEvalError):
+    """A path given as run directories matches no result record (exit code 2)."""
+
+
 def find_records(paths: list[str | Path]) -> list[Path]:
-    """Every result.json under the given files/folders (recursively), sorted, unique."""
+    """Every result.json under the given files/folders (recursively), sorted, unique.
+    A path that does not exist, or holds no result.json, is an error naming it: a typo must
+    never become a report of zero runs."""
     out: set[Path] = set()
     for p in map(Path, paths):
         if p.is_file() and p.name.endswith(".json"):
             out.add(p.resolve())
         elif p.is_dir():
-            out.update(q.resolve() for q in p.rglob("result.json"))
+            found = [q.resolve() for q in p.rglob("result.json")]
+            if not found:
+                raise NoRecordsError(f"{p}: no result.json below this folder (not a run directory, or no run in "
+                                     "it has finished)")
+            out.update(found)
+        elif p.exists():
+            raise NoRecordsError(f"{p}: not a run directory or a result.json file")
+        else:
+            raise NoRecordsError(f"{p}: no such file or directory")
     return sorted(out)
 
 
-def load_records(paths: list[str | Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """(valid records, [(path, problem)]); a bad record is reported, never fatal."""
+def load_records(paths: list[str | Path], require: bool = True) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """(valid records, [(path, problem)]); a bad record is reported, never fatal. With ``require``,
+    finding no valid record at all is an error (every one found is named with its problem)."""
     good, bad = [], []
     for f in find_records(paths):
         try:
@@ -155,6 +184,10 @@ def load_records(paths: list[str | Path]) -> tuple[list[dict[str, Any]], list[tu
         rec["_path"] = str(f)
         rec["_run_dir"] = str(f.parent)
         good.append(rec)
+    if require and not good:
+        listing = "; ".join(f"{p}: {why}" for p, why in bad[:5]) + (f"; ... ({len(bad) - 5} more)" if len(bad) > 5
+                                                                   else "")
+        raise NoRecordsError(f"no valid result.json in {', '.join(map(str, paths))} ({listing})")
     return good, bad
 
 
@@ -188,38 +221,53 @@ def model_identity(rec: dict[str, Any]) -> dict[str, str]:
     return {"family": family, "size": size, "pretrain": pretrain, "label": label}
 
 
-FRAME_COLUMNS = ["run_dir", "path", "task", "model", "family", "size", "pretrain", "backbone", "checkpoint_sha256",
-                 "profile", "seed", "metric", "value", "value_step0", "unit", "higher_is_better", "main", "gated",
-                 "display", "git_commit", "wall_time_s", "written_at"]
+FRAME_COLUMNS = ["run_dir", "path", "task", "cell", "variant", "model", "family", "size", "pretrain", "backbone",
+                 "checkpoint_sha256", "init", "profile", "settings_sha256", "seed", "repeats_of_seed", "eval_only",
+                 "metric", "value", "value_step0", "unit", "higher_is_better", "main", "gated", "display", "git_commit",
+                 "wall_time_s", "written_at"]
 
 
 def records_frame(records: list[dict[str, Any]]):
-    """The one tidy table of records: a row per (run, metric), with the metric's unit,
-    direction and roles from the task registry (None for a task not registered here)
-    and ``display`` (fractions x100, as the published tables print them). `results`,
-    `report` and `regress` all group from it; `results export` writes it."""
+    """The one tidy table of records: a row per (run, metric), with the run's cell (its identity
+    without the seed, ``fourm_eval.cells``) and variant (the settings that set the cell apart from
+    cells of the same task, model and profile), how many runs share its seed in that cell, the
+    metric's unit, direction and roles from the task registry (None for a task not registered
+    here) and ``display`` (fractions x100, as the published tables print them). A metric without a
+    value (null in the record) is NaN here, never a number. `results export` writes this table;
+    aggregation over seeds goes through ``fourm_eval.cells.group_records``."""
     import pandas as pd
 
+    from .cells import backbone_identity, clean_value, group_records
     from .tasks import metric_info
 
+    cell_of: dict[int, tuple[str, str, int, str]] = {}
+    for g in group_records(records):
+        for s in g.seeds.values():
+            for r in s.records:
+                cell_of[id(r)] = (g.cell, g.variant(), s.repeats, g.settings_sha256)
     rows = []
     for rec in records:
         ident = model_identity(rec)
         prov = rec.get("provenance", {})
         step0 = rec.get("metrics_step0") or {}
-        for metric, value in rec["metrics"].items():
+        cell, variant, repeats, settings_sha = cell_of[id(rec)]
+        for metric, raw in rec["metrics"].items():
             info = metric_info(rec["task"], metric)
+            value = clean_value(raw)
+            v0 = clean_value(step0.get(metric))
             rows.append({
-                "run_dir": rec.get("_run_dir"), "path": rec.get("_path"), "task": rec["task"],
-                "model": ident["label"], "family": ident["family"], "size": ident["size"],
+                "run_dir": rec.get("_run_dir"), "path": rec.get("_path"), "task": rec["task"], "cell": cell,
+                "variant": variant, "model": ident["label"], "family": ident["family"], "size": ident["size"],
                 "pretrain": ident["pretrain"], "backbone": rec["backbone"].get("name"),
-                "checkpoint_sha256": rec["backbone"].get("sha256"), "profile": rec["profile"], "seed": rec["seed"],
-                "metric": metric, "value": float(value),
-                "value_step0": float(step0[metric]) if metric in step0 else None,
+                "checkpoint_sha256": rec["backbone"].get("sha256"), "init": backbone_identity(rec)["init"],
+                "profile": rec["profile"], "settings_sha256": settings_sha, "seed": rec["seed"], "repeats_of_seed": repeats,
+                "eval_only": bool(rec.get("eval_only")),
+                "metric": metric, "value": float("nan") if value is None else value,
+                "value_step0": float("nan") if v0 is None else v0,
                 "unit": info.unit if info else None,
                 "higher_is_better": info.higher_is_better if info else None,
                 "main": info.main if info else None, "gated": info.gated if info else None,
-                "display": float(value) * (info.display_scale if info else 1.0),
+                "display": float("nan") if value is None else value * (info.display_scale if info else 1.0),
                 "git_commit": prov.get("git_commit"), "wall_time_s": prov.get("wall_time_s"),
                 "written_at": rec.get("written_at"),
             })

@@ -153,7 +153,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
-run_step "installing fourm-eval and its Python dependencies" "${PIP[@]}" install -e ".[test]"
+run_step "installing fourm-eval and its Python dependencies" "${PIP[@]}" install -e ".[test,loggers]"
 run_step "checking that installed packages agree (pip check)" "${PIP[@]}" check
 
 "$VENV/bin/fourm-eval" doctor --brief || die "the stack is installed but 'fourm-eval doctor' reports a problem (above)"

@@ -287,12 +287,17 @@ class Ade20kSeg(Task):
 
         gt = annotation_files(Path(data_root), "val")
         meta = Path(predictions) / "meta.json"
+        stems = None
         if meta.is_file():
             try:
-                stems = json.loads(meta.read_text())["stems"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                data = json.loads(meta.read_text())
+                stems = data.get("stems")  # absent while a run's first evaluation is being written
+                if stems is not None and not (isinstance(stems, list) and all(isinstance(x, str) for x in stems)):
+                    raise TypeError("'stems' is not a list of names")
+            except (json.JSONDecodeError, AttributeError, TypeError) as e:
                 raise PredictionsError(f"{meta}: not the meta.json of a fourm-eval run ({e}); remove it to score "
                                        "every validation image") from None
+        if stems is not None:
             unknown = sorted(set(stems) - set(gt))
             if unknown:
                 raise PredictionsError(f"{meta} names {len(unknown)} image(s) without an annotation in "

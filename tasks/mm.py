@@ -411,11 +411,16 @@ class BeforeTrainCheck(Hook):
 
 class ConsoleProgressHook(Hook):
     """Feeds a ``fourm_eval.console.RunConsole``: the training phase (loss, lr, it/s, ETA) and
-    each evaluation (batches, then a one-line summary of the main metrics)."""
+    each evaluation (batches, then a one-line summary of the main metrics). ``iteration``: the
+    iteration an evaluation-only run's weights come from (there is no training loop)."""
     priority = "VERY_LOW"  # after the step-0 evaluation, which runs in another hook's before_train
 
-    def __init__(self, console: Any, max_iters: int, summarize: Any) -> None:
+    def __init__(self, console: Any, max_iters: int, summarize: Any, iteration: int | None = None) -> None:
         self.console, self.max_iters, self.summarize = console, max_iters, summarize
+        self.iteration = iteration
+
+    def _iter(self, runner) -> int:
+        return runner.iter if self.iteration is None else self.iteration
 
     def before_train(self, runner) -> None:
         self.console.start("train", "training", self.max_iters, completed=runner.iter)
@@ -436,15 +441,62 @@ class ConsoleProgressHook(Hook):
         self.console.finish("train")
 
     def before_val_epoch(self, runner) -> None:
-        self.console.start("val", f"evaluating at iteration {runner.iter}", len(runner.val_loop.dataloader),
+        self.console.start("val", f"evaluating at iteration {self._iter(runner)}", len(runner.val_loop.dataloader),
                            plain_lines=False)
 
     def after_val_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         self.console.advance("val", batch_idx + 1)
 
     def after_val_epoch(self, runner, metrics=None) -> None:
-        when = "before training" if runner.iter == 0 else f"at iteration {runner.iter}"
+        it = self._iter(runner)
+        when = "before training" if it == 0 and self.iteration is None else f"at iteration {it}"
         self.console.finish("val", f"evaluation {when}: {self.summarize(metrics or {})}")
+
+
+class HeartbeatHook(Hook):
+    """Tells the run's invocation log how far training got (throttled by the log itself), so a run
+    killed without warning still records the iteration it reached."""
+    priority = "VERY_LOW"
+
+    def __init__(self, beat: Any) -> None:
+        self.beat = beat
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if runner.rank == 0:
+            self.beat(runner.iter + 1)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        if runner.rank == 0:
+            self.beat(runner.iter, force=True)
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if runner.rank == 0:  # mmengine saves from after_train_iter, before its counter moves
+            self.beat(int(checkpoint.get("meta", {}).get("iter", runner.iter + 1)), force=True)
+
+
+class PredictionsStateHook(Hook):
+    """Keeps ``predictions/meta.json``'s ``evaluation`` section true: which iteration's model the
+    files are from and whether that evaluation completed (an interrupted one leaves files of two
+    evaluations mixed, and says so). ``final`` is set by the runner once the final model's
+    evaluation is on disk; until then every prediction set is marked non-final."""
+    priority = "LOW"
+
+    def __init__(self, pred_dir: str, max_iters: int, iteration: int | None = None, eval_only: bool = False) -> None:
+        self.pred_dir, self.max_iters, self.iteration, self.eval_only = pred_dir, max_iters, iteration, eval_only
+
+    def _mark(self, runner, complete: bool) -> None:
+        if runner.rank != 0:
+            return
+        from .runs import mark_predictions
+        it = runner.iter if self.iteration is None else self.iteration
+        mark_predictions(self.pred_dir, iteration=int(it), max_iters=int(self.max_iters), complete=complete,
+                         final=False, eval_only=self.eval_only)
+
+    def before_val_epoch(self, runner) -> None:
+        self._mark(runner, complete=False)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._mark(runner, complete=True)
 
 
 class _RestoreRngAfter:
@@ -467,7 +519,8 @@ class _RestoreRngAfter:
         return getattr(self._it, name)
 
 
-__all__ = ["BeforeTrainCheck", "CheckpointStateHook", "ConsoleProgressHook", "FaultInjectionHook",
+__all__ = ["BeforeTrainCheck", "CheckpointStateHook", "ConsoleProgressHook", "FaultInjectionHook", "HeartbeatHook",
+           "PredictionsStateHook",
            "IsolateEvalRngHook", "ResumeMissedEvalHook", "EvalAtStartHook", "EvalHistoryHook", "FiniteLossHook", "FourmEvalViT",
            "LayerDecayOptimWrapperConstructor", "LayerNorm2d", "NonFiniteLossError", "SimpleFeaturePyramid",
            "layer_decay_groups", "write_group_table"]

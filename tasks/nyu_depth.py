@@ -218,7 +218,9 @@ def evaluate_folder(predictions: Path, data_root: Path) -> dict[str, float]:
         raise NyuDataError(f"{predictions}: not a folder; NYUv2 predictions are a folder of 16-bit PNGs in "
                            "millimetres, one per test image, named like the image (NAME.png)")
     names, _ = list_split(Path(data_root), "test")
-    have = {p.stem: p for p in predictions.iterdir() if p.is_file() and not p.name.startswith(".")}
+    # meta.json: what the files are (the run's iteration, final or not), written beside them by fourm-eval
+    have = {p.stem: p for p in predictions.iterdir() if p.is_file() and not p.name.startswith(".")
+            and p.name != "meta.json"}
     not_png = sorted(p.name for p in have.values() if p.suffix != DEPTH_SUFFIX)
     if not_png:
         raise NyuDataError(f"{predictions}: {len(not_png)} file(s) that are not .png predictions, e.g. {not_png[:3]}")

@@ -11,7 +11,9 @@ schedulers, hooks, resume, distributed set-up and the record are here.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +26,7 @@ from fourm_eval.errors import ConfigError, FourmEvalWarning
 
 from .base import Task
 from .profiles import apply_overrides, load_profile, resolve_interval, resolve_per_size, resolve_size
-from .runs import rank_zero
+from .runs import mark_predictions, predictions_state, rank_zero
 
 PREDICTIONS_DIR = "predictions"
 
@@ -81,8 +83,10 @@ def _loader(ds: dict, batch: int, shuffle: bool, infinite: bool, workers: int, s
 
 
 def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: dict[str, Any], work_dir: Path,
-               seed: int, launcher: str) -> dict[str, Any]:
-    """The full mmengine config: the task's parts plus the shared loop, optimiser and hooks."""
+               seed: int, launcher: str, eval_only: bool = False,
+               vis_backends: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The full mmengine config: the task's parts plus the shared loop, optimiser and hooks.
+    ``eval_only``: no training parts (loop, loader, optimiser, schedulers, training hooks)."""
     nw = int(p["num_workers"])
     amp = p.get("amp", "auto")
     use_bf16 = (amp == "bf16" or (amp == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
@@ -114,7 +118,7 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
     if p.get("eval_at_start", False):
         hooks.append(dict(type="EvalAtStartHook", out_file=str(work_dir / "eval_step0.json")))
     cuda = torch.cuda.is_available()
-    return dict(
+    cfg = dict(
         default_scope=task.mm_scope,
         work_dir=str(work_dir),
         model=parts["model"],
@@ -137,13 +141,19 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                      dist_cfg=dict(backend="nccl" if cuda else "gloo")),
         log_processor=dict(type="LogProcessor", window_size=int(p.get("log_interval", 50)), by_epoch=False),
-        visualizer=dict(type="Visualizer", vis_backends=[dict(type="LocalVisBackend")], name="fourm_eval_vis"),
+        visualizer=dict(type="Visualizer", vis_backends=vis_backends or [dict(type="LocalVisBackend")],
+                        name="fourm_eval_vis"),
         log_level="INFO",
         load_from=None,
         resume=True,
         launcher=launcher,
         randomness=dict(seed=seed, deterministic=False),
     )
+    if eval_only:
+        cfg.update(train_dataloader=None, train_cfg=None, optim_wrapper=None, param_scheduler=None,
+                   custom_hooks=[dict(type="IsolateEvalRngHook")])
+        cfg["default_hooks"] = {k: v for k, v in cfg["default_hooks"].items() if k in ("timer", "logger")}
+    return cfg
 
 
 def resolve_run_profile(task: Task, profile: str, sets: list[str] | None, info: dict[str, Any],
@@ -161,11 +171,19 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
         skip_bad_images: bool = False, allow_pickle: bool = False, launcher: str = "none",
         size: str | None = None, random_init: bool = False, num_heads: int | None = None,
         console: RunConsole | None = None, dry_run: bool = False,
-        init_from: str | Path | None = None) -> dict[str, Any]:
+        init_from: str | Path | None = None, eval_from: str | Path | None = None,
+        loggers: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune and evaluate ``task``; returns the result record (also written to result.json).
     ``dry_run``: resolve and print the plan (profile, data, subsets, schedule, time estimate) only.
     ``init_from``: a finished run directory whose final weights the model starts from (every tensor
-    whose name and shape fit; recorded in the record's provenance), e.g. a chained intermediate stage."""
+    whose name and shape fit; recorded in the record's provenance), e.g. a chained intermediate stage.
+    ``eval_from``: evaluate only, no training: a run directory (its final checkpoint, with the run's
+    own settings), one of its ``iter_N.pth``, or a checkpoint file of this command's model; the
+    record and predictions are marked evaluation-only.
+    ``loggers``: extra mmengine visualizer backends ("tensorboard", "wandb"); default: the profile's
+    ``loggers`` (none).
+    An interrupt (SIGINT, SIGTERM) prints where the run stopped and how to resume, then raises
+    :class:`RunInterrupted`."""
     from .state import launcher_env
 
     launcher_env(launcher)  # rank and world size before the schedule, the run directory and the console
@@ -180,7 +198,8 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
             record, wd = _run(task, backbone=backbone, checkpoint=checkpoint, data_root=data_root, profile=profile,
                               work_dir=work_dir, seed=seed, sets=sets, skip_bad_images=skip_bad_images,
                               allow_pickle=allow_pickle, launcher=launcher, size=size, random_init=random_init,
-                              num_heads=num_heads, console=console, dry_run=dry_run, init_from=init_from)
+                              num_heads=num_heads, console=console, dry_run=dry_run, init_from=init_from,
+                              eval_from=eval_from, loggers=loggers)
         finally:
             console.close()
     if wd is not None and caught and rank_zero():
@@ -190,26 +209,83 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
     return record
 
 
+class RunInterrupted(Exception):
+    """The run stopped on SIGINT / SIGTERM; its checkpoints are kept, and the same command resumes."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _interrupts() -> Any:
+    """SIGTERM (Slurm preemption, `kill`) raises like SIGINT does, so the run can say where it stopped."""
+    import signal
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signum)
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _resume_command(wd: Path) -> str:
+    """The command that resumes this run: the one that started it, with its run directory stated."""
+    import shlex
+
+    args = list(sys.argv[1:]) if sys.argv[1:2] == ["run"] else None
+    if args is None:
+        return f"the same call again with work_dir={str(wd)!r}"
+    if "--work-dir" not in args and not any(a.startswith("--work-dir=") for a in args):
+        args += ["--work-dir", str(wd)]
+    return "fourm-eval " + shlex.join(args)
+
+
 def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | Path | None, profile: str,
          work_dir: str | Path | None, seed: int, sets: list[str] | None, skip_bad_images: bool, allow_pickle: bool,
          launcher: str, size: str | None, random_init: bool, num_heads: int | None,
-         console: RunConsole, dry_run: bool = False,
-         init_from: str | Path | None = None) -> tuple[dict[str, Any], Path | None]:
+         console: RunConsole, dry_run: bool = False, init_from: str | Path | None = None,
+         eval_from: str | Path | None = None, loggers: list[str] | None = None) -> tuple[dict[str, Any], Path | None]:
     from fourm_eval.backbones import backbone_info
     from fourm_eval.checkpoints import resolve_checkpoint
     from fourm_eval.results import device_description
 
-    from .runs import RunDir, checkpoint_digest, init_from_source, load_init_weights, resolve_backbone_name, write_result
+    from .runs import (Invocations, RunDir, checkpoint_digest, eval_source, init_from_source, load_init_weights,
+                       resolve_backbone_name, write_result)
     from .state import allow_mmengine_checkpoint_types, init_distributed_cpu
 
     started = time.time()
+    src = eval_source(eval_from, task) if eval_from is not None else None
+    if src is not None and init_from is not None:
+        raise ConfigError("--eval-only evaluates trained weights; --init-from starts a training from them: "
+                          "pass one of them")
+    if src is not None and src["run"] is not None:  # the source run's own settings, exactly
+        ident = src["run"]
+        backbone, checkpoint, seed = ident["backbone"], ident["checkpoint"], int(ident["seed"])
+        random_init = checkpoint is None
+        skip_bad_images, num_heads = bool(ident.get("skip_bad_images")), ident.get("num_heads")
+        data_root = data_root if data_root is not None else ident["data_root"]
     name, checkpoint = resolve_backbone_name(backbone, size, checkpoint, random_init)
     ckpt_path = str(resolve_checkpoint(checkpoint)) if checkpoint else None
     if num_heads is not None and not name.startswith("4m"):
         raise ConfigError("--num-heads applies to 4M checkpoints without config metadata only")
     info = backbone_info(name, ckpt_path, allow_pickle, num_heads=num_heads)
     warns = list(info.get("load_notes") or [])
-    p, size_note = resolve_run_profile(task, profile, sets, info, size)
+    if src is not None and src["run"] is not None:
+        p, size_note = dict(src["run"]["profile"]), None
+    else:
+        p, size_note = resolve_run_profile(task, profile, sets, info, size)
+    if loggers is not None:
+        p["loggers"] = list(loggers)
     if size_note:
         warns.append(size_note)
     for note in warns:
@@ -224,14 +300,18 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     if dry_run:
         _dry_run(task, p, root, name, info, world, console)
         return {}, None
-    wd = RunDir.create(work_dir, task.name, name, p["profile"], seed)
+    if src is not None and work_dir is None:
+        work_dir = src["default_work_dir"]
+    wd = RunDir.create(work_dir, task.name, name, p["profile"] + ("-eval-only" if src else ""), seed)
     identity = {"task": task.name, "backbone": name, "checkpoint": ckpt_path, "data_root": str(root),
-                "profile": p, "seed": seed, "world_size": world, "skip_bad_images": skip_bad_images,
-                **task.data_identity(root)}
+                "profile": {k: v for k, v in p.items() if k != "loggers"}, "seed": seed, "world_size": world,
+                "skip_bad_images": skip_bad_images, **task.data_identity(root)}
     if num_heads is not None:
         identity["num_heads"] = int(num_heads)
     if init_src is not None:
         identity["init_from"] = {k: init_src[k] for k in ("run_dir", "sha256")}
+    if src is not None:
+        identity["eval_only"] = {"checkpoint": src["checkpoint"], "sha256": src["sha256"]}
     wd.claim(identity)  # refuses a directory that holds a different run
     done = wd.finished_result()
     if done is not None:
@@ -240,6 +320,8 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     sha = checkpoint_digest(ckpt_path) if ckpt_path else None
     data = task.check_data(root, p, skip_bad_images=skip_bad_images, out_dir=wd.path / "data", log=console.line,
                            progress=_progress(console))
+    if src is not None and src["run"] is not None:
+        _check_same_data(src, data, root, warns, console)
 
     backbone_cfg = dict(name=name, checkpoint=ckpt_path, allow_pickle=allow_pickle,
                         drop_path_rate=float(p["drop_path"]), grad_checkpointing=bool(p.get("grad_checkpointing")),
@@ -259,15 +341,18 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     pred_dir = wd.path / PREDICTIONS_DIR
     parts = task.runner_parts(p, data, backbone_cfg=backbone_cfg, embed_dim=info["embed_dim"], sched=sched,
                               seed=seed, predictions_dir=pred_dir)
-    cfg = runner_cfg(task, p, parts, sched=sched, work_dir=wd.path, seed=seed, launcher=launcher)
+    vis_backends, logger_record = resolve_loggers(p.get("loggers") or [], wd.path, task.name, name, seed)
+    cfg = runner_cfg(task, p, parts, sched=sched, work_dir=wd.path, seed=seed, launcher=launcher,
+                     eval_only=src is not None, vis_backends=vis_backends)
     wrapper = init_distributed_cpu(launcher)
     if wrapper:
         cfg["model_wrapper_cfg"] = wrapper
-    resume_from = wd.resume_checkpoint()
+    resume_from = wd.resume_checkpoint() if src is None else None
     if resume_from is not None:
         cfg["resume"], cfg["load_from"] = True, str(resume_from)
     else:
         cfg["resume"] = False
+    start_iter = int(resume_from.stem.split("_")[1]) if resume_from is not None else 0
     console.header([
         ("task", f"{task.name}: {task.title}"),
         ("backbone", f"{name}, {info['params'] / 1e6:.1f}M params, "
@@ -275,55 +360,196 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         ("data", f"{root}: {data.n_train} training / {data.n_val} validation images"),
         ("profile", f"{p['profile']} ({p['profile_file']}), seed {seed}, model size {p['model_size']}"),
         ("schedule", f"{sched['max_iters']} iterations at batch {sched['eff_batch']} ({world} process(es)), "
-                     f"{p['image_size']} px, lr {p['lr']}, layer decay {p['layer_decay']}"),
+                     f"{p['image_size']} px, lr {p['lr']}, layer decay {p['layer_decay']}")
+        if src is None else ("evaluation only", f"{src['checkpoint']} (iteration {src['iteration']} of "
+                                                f"{sched['max_iters']}; sha256 {src['sha256'][:12]}), no training"),
         ("device", device_description()),
         ("work dir", str(wd.path) + (f" (resuming from {resume_from.name})" if resume_from else "")),
-    ])
-    with console.quiet_libraries():
-        runner = Runner.from_cfg(Config(cfg))
-        runner.register_hook(mm.BeforeTrainCheck(lambda r: task.verify_runner(r, data)))
-        runner.register_hook(mm.ConsoleProgressHook(console, sched["max_iters"],
-                                                    lambda m: _summary(task, task.record_metrics(m))))
-        if os.environ.get("FOURM_EVAL_KILL_AT"):  # preemption tests only
-            runner.register_hook(mm.FaultInjectionHook(os.environ["FOURM_EVAL_KILL_AT"]))
-        loaded = _loaded_backbone(runner)
-        init_record = None
-        if init_src is not None:
-            init_record = dict(init_src)
-            if resume_from is None:  # a resumed run has these weights (trained further) in its checkpoint
-                init_record.update(load_init_weights(getattr(runner.model, "module", runner.model), init_src))
-                wd.write_json("init_from.json", init_record)
+    ] + ([("loggers", ", ".join(f"{r['name']} ({r.get('dir') or r.get('mode')})" for r in logger_record))]
+         if logger_record else []))
+    invocations = Invocations(wd, start_iter, started)
+    runner = None
+    try:
+        with _interrupts(), console.quiet_libraries():
+            runner = Runner.from_cfg(Config(cfg))
+            if src is not None:
+                final, history = _evaluate_only(runner, task, src, pred_dir, sched, console, invocations)
+                step0, train_end, init_record = None, {}, None
             else:
-                init_record.update(wd.read_json("init_from.json") or {})
-            console.line(f"initialised from {init_src['run_dir']} ({Path(init_src['checkpoint']).name}, "
-                         f"{init_record.get('loaded_tensors', '?')} tensors)")
-        runner.train()
-        train_end = _train_end_scalars(runner, int(p.get("log_interval", 50)))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # rank 0 has written the evaluation history; all ranks now agree on it
-        history = wd.eval_history()
-        if not history or history[-1]["iter"] != sched["max_iters"] or not _has_predictions(pred_dir):
-            runner.val_loop.run()
-            history = wd.eval_history()
-    final = task.record_metrics(history[-1]["metrics"])
-    step0_raw = wd.read_json("eval_step0.json")
-    step0 = task.record_metrics(step0_raw) if step0_raw else None
+                final, step0, history, train_end, init_record = _train(
+                    runner, task, data, p, sched, wd, pred_dir, console, invocations, init_src, resume_from)
+    except KeyboardInterrupt as e:
+        import signal
+        signum = int(e.args[0]) if e.args and isinstance(e.args[0], int) else int(signal.SIGINT)
+        reached = _iter_of(runner, start_iter)
+        invocations.finish(f"interrupted ({signal.Signals(signum).name})", reached)
+        from .state import complete_checkpoints
+        ckpts = complete_checkpoints(wd.path)
+        where = (f"resume from {ckpts[0]}" if ckpts else "no checkpoint yet, so it restarts from the beginning")
+        msg = (f"interrupted ({signal.Signals(signum).name}) at iteration {reached} of {sched['max_iters']}; "
+               f"{where} with: {_resume_command(wd.path)}")
+        if rank_zero():
+            console.close()
+            console.line(msg)
+        raise RunInterrupted(signum, msg) from None
+    except BaseException as e:
+        invocations.finish(f"error ({type(e).__name__}: {str(e)[:200]})", _iter_of(runner, start_iter))
+        raise
     record: dict[str, Any] = {}
     if rank_zero():
+        eval_only = None
+        if src is not None:
+            eval_only = {"source_run": src["run_dir"], "checkpoint": src["checkpoint"], "weights_sha256": src["sha256"],
+                         "iteration": src["iteration"], "final": src["iteration"] == sched["max_iters"]}
         record = write_result(
             wd, task=task.name, profile=p["profile"], seed=seed, metrics=final, metrics_step0=step0,
             backbone={"name": name, "family": info["family"], "init": "checkpoint" if ckpt_path else "random",
                       "checkpoint": ckpt_path, "sha256": sha,
                       "params": info["params"], "architecture": info["config"],
                       "file_format": info.get("file_format"), "config_source": info.get("config_source"),
-                      "config_guessed": info.get("config_guessed") or {}, "options": options, **loaded},
+                      "config_guessed": info.get("config_guessed") or {}, "options": options,
+                      **_loaded_backbone(runner)},
             warnings=warns, dataset=data.record,
             config={**p, "schedule_resolved": sched, "world_size": world},
-            eval_history=[{"iter": h["iter"], "metrics": task.record_metrics(h["metrics"])} for h in history],
-            predictions=PREDICTIONS_DIR, started=started, train_end=train_end,
-            provenance_extra={"init_from": init_record} if init_record else None)
+            eval_history=history, predictions=PREDICTIONS_DIR, started=started, train_end=train_end,
+            provenance_extra={**({"init_from": init_record} if init_record else {}),
+                              **({"loggers": logger_record} if logger_record else {})},
+            invocations=invocations, eval_only=eval_only)
         _closing_table(console, task, final, step0, started, wd.path, record)
     return record, wd.path
+
+
+def _iter_of(runner: Any, default: int) -> int:
+    loop = getattr(runner, "_train_loop", None) if runner is not None else None
+    return int(getattr(loop, "iter", default)) if loop is not None and not isinstance(loop, dict) else default
+
+
+def _train(runner: Any, task: Task, data: Any, p: dict[str, Any], sched: dict[str, Any], wd: Any, pred_dir: Path,
+           console: RunConsole, invocations: Any, init_src: dict[str, Any] | None, resume_from: Path | None):
+    """Train (resuming where a checkpoint exists), make sure the predictions on disk are the final
+    model's, and return (final metrics, step-0 metrics, evaluation history, train-end scalars,
+    init-from record)."""
+    from . import mm
+    from .runs import load_init_weights
+
+    max_iters = sched["max_iters"]
+    runner.register_hook(mm.BeforeTrainCheck(lambda r: task.verify_runner(r, data)))
+    runner.register_hook(mm.ConsoleProgressHook(console, max_iters, lambda m: _summary(task, task.record_metrics(m))))
+    runner.register_hook(mm.HeartbeatHook(invocations.heartbeat))
+    runner.register_hook(mm.PredictionsStateHook(str(pred_dir), max_iters))
+    if os.environ.get("FOURM_EVAL_KILL_AT"):  # preemption tests only
+        runner.register_hook(mm.FaultInjectionHook(os.environ["FOURM_EVAL_KILL_AT"]))
+    init_record = None
+    if init_src is not None:
+        init_record = dict(init_src)
+        if resume_from is None:  # a resumed run has these weights (trained further) in its checkpoint
+            init_record.update(load_init_weights(getattr(runner.model, "module", runner.model), init_src))
+            wd.write_json("init_from.json", init_record)
+        else:
+            init_record.update(wd.read_json("init_from.json") or {})
+        console.line(f"initialised from {init_src['run_dir']} ({Path(init_src['checkpoint']).name}, "
+                     f"{init_record.get('loaded_tensors', '?')} tensors)")
+    runner.train()
+    train_end = _train_end_scalars(runner, int(p.get("log_interval", 50)))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 has written the evaluation history; all ranks now agree on it
+    history = wd.eval_history()
+    state = predictions_state(pred_dir)
+    if (not history or history[-1]["iter"] != max_iters or not state
+            or state.get("iteration") != max_iters or not state.get("complete")):
+        runner.val_loop.run()  # the final model's evaluation, and its predictions, are what a record holds
+        history = wd.eval_history()
+    if rank_zero():
+        mark_predictions(pred_dir, final=True)
+    invocations.heartbeat(max_iters, force=True)
+    final = task.record_metrics(history[-1]["metrics"])
+    step0_raw = wd.read_json("eval_step0.json")
+    step0 = task.record_metrics(step0_raw) if step0_raw else None
+    hist = [{"iter": h["iter"], "metrics": task.record_metrics(h["metrics"])} for h in history]
+    return final, step0, hist, train_end, init_record
+
+
+def _evaluate_only(runner: Any, task: Task, src: dict[str, Any], pred_dir: Path, sched: dict[str, Any],
+                   console: RunConsole, invocations: Any):
+    """Load the trained weights (every tensor of the model, strictly) and evaluate once."""
+    from . import mm
+    from .runs import load_trained_weights
+
+    it = int(src["iteration"])
+    runner.register_hook(mm.ConsoleProgressHook(console, sched["max_iters"],
+                                                lambda m: _summary(task, task.record_metrics(m)), iteration=it))
+    runner.register_hook(mm.PredictionsStateHook(str(pred_dir), sched["max_iters"], iteration=it, eval_only=True))
+    load_trained_weights(getattr(runner.model, "module", runner.model), src)
+    metrics = runner.val()
+    if rank_zero():
+        mark_predictions(pred_dir, final=it == sched["max_iters"])
+    invocations.heartbeat(it, force=True)
+    final = task.record_metrics(metrics)
+    return final, [{"iter": it, "metrics": final}]
+
+
+def _check_same_data(src: dict[str, Any], data: Any, root: Path, warns: list[str], console: RunConsole) -> None:
+    """An evaluation-only run on other data than its source run's trained on says so."""
+    if Path(src["run"]["data_root"]) != root:
+        warns.append(f"evaluated on {root}, not on the data of the source run ({src['run']['data_root']})")
+    rec = src.get("record") or {}
+    theirs = {k: v for k, v in (rec.get("dataset") or {}).items() if k != "root"}
+    ours = {k: v for k, v in data.record.items() if k != "root"}
+    if theirs and theirs != ours:
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        warns.append(f"the data differs from the source run's record in: {', '.join(diff)}")
+    for w in warns[-2:]:
+        if "source run" in w:
+            console.warn(w)
+
+
+def resolve_loggers(names: list[str], work_dir: Path, task: str, backbone: str, seed: int
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """mmengine visualizer backends for the requested loggers, beside the always-on local one, and
+    what the record says of them. ``tensorboard`` needs the tensorboard package; ``wandb`` needs
+    wandb installed and configured (WANDB_API_KEY, a ``wandb login``, or WANDB_MODE=offline)."""
+    import importlib.util
+
+    backends: list[dict[str, Any]] = [dict(type="LocalVisBackend")]
+    record: list[dict[str, Any]] = []
+    for raw in names:
+        name = str(raw).strip().lower()
+        if name in ("", "local"):
+            continue
+        if name == "tensorboard":
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError("logger tensorboard: the tensorboard package is not installed (pip install "
+                                  "tensorboard; `make setup` installs it)")
+            backends.append(dict(type="TensorboardVisBackend"))
+            record.append({"name": "tensorboard", "dir": "<timestamp>/vis_data (events.out.tfevents.*)",
+                           "view": f"tensorboard --logdir {work_dir}"})
+        elif name == "wandb":
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("logger wandb: Weights & Biases is not installed (pip install wandb, then "
+                                  "`wandb login`, or set WANDB_MODE=offline to log locally)")
+            mode = os.environ.get("WANDB_MODE", "online")
+            if mode not in ("offline", "disabled", "dryrun") and not _wandb_configured():
+                raise ConfigError("logger wandb: not configured: no WANDB_API_KEY and no `wandb login` "
+                                  "(~/.netrc entry for api.wandb.ai); log in, or set WANDB_MODE=offline")
+            project = os.environ.get("WANDB_PROJECT", "fourm-eval")
+            backends.append(dict(type="WandbVisBackend", init_kwargs=dict(
+                project=project, name=f"{task}-{backbone}-seed{seed}", dir=str(work_dir))))
+            record.append({"name": "wandb", "project": project, "mode": mode})
+        else:
+            raise ConfigError(f"unknown logger {raw!r}: choose tensorboard or wandb (the local JSON log is "
+                              "always written)")
+    return backends, record
+
+
+def _wandb_configured() -> bool:
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[str, Any], world: int,
@@ -388,12 +614,13 @@ def _closing_table(console: RunConsole, task: Task, final: dict[str, float], ste
         change = "" if s0 is None else f"{final[m.name] - s0:+.4f}"
         rows.append([m.name, "-" if s0 is None else f"{s0:.4f}", f"{final[m.name]:.4f}", change,
                      "higher is better" if m.higher_is_better else "lower is better"])
-    console.table(f"{task.name}: after training vs step 0", ["metric", "step 0", "final", "change", ""], rows)
+    console.table(f"{task.name}: " + ("evaluation only" if record.get("eval_only") else "after training vs step 0"),
+                  ["metric", "step 0", "final", "change", ""], rows)
     mem = peak_memory_mb()
     logs = record.get("files", {}).get("scalars") or []
     log_files = sorted(str(p) for p in wd.glob("*/*.log"))
     console.header([
-        ("wall time", f"{time.time() - started:.0f} s (this invocation)"),
+        ("wall time", _wall_text(record, started)),
         ("peak memory", ", ".join(f"{k.replace('_mb', '')} {v:.0f} MB" for k, v in mem.items())),
         ("result", str(wd / "result.json")),
         ("predictions", f"{wd / PREDICTIONS_DIR}  (re-score: fourm-eval evaluate {task.name} --predictions "
@@ -402,6 +629,15 @@ def _closing_table(console: RunConsole, task: Task, final: dict[str, float], ste
     ])
     if record.get("warnings"):
         console.warn(f"{len(record['warnings'])} warning(s) recorded in result.json: see its 'warnings'")
+
+
+def _wall_text(record: dict[str, Any], started: float) -> str:
+    prov = record.get("provenance") or {}
+    runs = prov.get("invocations") or []
+    if len(runs) > 1:
+        return (f"{prov['wall_time_s']:.0f} s over {len(runs)} invocations (this one {time.time() - started:.0f} s; "
+                "the run was resumed)")
+    return f"{time.time() - started:.0f} s"
 
 
 def _train_end_scalars(runner: Any, window: int) -> dict[str, Any]:
@@ -418,10 +654,6 @@ def _train_end_scalars(runner: Any, window: int) -> dict[str, Any]:
         except (TypeError, ValueError, ZeroDivisionError):
             continue
     return {"window_iters": window, "values": dict(sorted(out.items()))} if out else {}
-
-
-def _has_predictions(pred_dir: Path) -> bool:
-    return pred_dir.is_dir() and any(pred_dir.iterdir())
 
 
 def _loaded_backbone(runner: Any) -> dict[str, Any]:

@@ -6,6 +6,8 @@ Layout of a run directory::
     result.json         the final record (written last, atomically)
     eval_step0.json     metrics before training (when the profile evaluates at step 0)
     eval_history.jsonl  every periodic evaluation: {"iter": N, "metrics": {...}}
+    invocations.json    every invocation of the run: start, end, wall time, iterations reached, how it
+                        ended (finished, interrupted, error, or killed: its last heartbeat)
     param_groups.csv    the resolved per-group lr / weight-decay table
     iter_N.pth, last_checkpoint, <timestamp>/...   mmengine checkpoints and logs
 
@@ -138,9 +140,9 @@ class RunDir:
                     f.rename(f.with_suffix(".pth.incomplete"))
         return done[0] if done else None
 
-    def write_json(self, name: str, data: Any) -> None:
+    def write_json(self, name: str, data: Any, fsync: bool = True) -> None:
         if rank_zero():
-            atomic_write_json(self.path / name, data)
+            atomic_write_json(self.path / name, data, fsync=fsync)
 
     def eval_history(self) -> list[dict[str, Any]]:
         f = self.path / "eval_history.jsonl"
@@ -156,24 +158,102 @@ class RunDir:
         return [by_iter[k] for k in sorted(by_iter)]
 
 
-def write_result(wd: RunDir, *, task: str, profile: str, seed: int, metrics: dict[str, float],
-                 metrics_step0: dict[str, float] | None, backbone: dict, dataset: dict, config: dict,
+def write_result(wd: RunDir, *, task: str, profile: str, seed: int, metrics: dict[str, float | None],
+                 metrics_step0: dict[str, float | None] | None, backbone: dict, dataset: dict, config: dict,
                  eval_history: list[dict], started: float, warnings: list[str] | None = None,
                  predictions: str | None = None, train_end: dict[str, Any] | None = None,
-                 provenance_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 provenance_extra: dict[str, Any] | None = None, invocations: "Invocations | None" = None,
+                 eval_only: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record, atomically. With ``invocations``, ``provenance.wall_time_s`` is the total over
+    every invocation of the run (a resumed run's first attempts included) and
+    ``provenance.invocations`` lists them."""
+    from fourm_eval.results import clean_metrics
+
     logs = sorted(str(p.relative_to(wd.path)) for p in wd.path.glob("*/vis_data/scalars.json"))
+    prov = {**provenance(started), **(provenance_extra or {})}
+    if invocations is not None:
+        runs = invocations.finish("finished")
+        prov["wall_time_s_this_invocation"] = prov["wall_time_s"]
+        prov["wall_time_s"] = round(sum(r["wall_time_s"] for r in runs), 1)
+        prov["invocations"] = runs
+        prov["resumed"] = len(runs) > 1
     record = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "task": task, "profile": profile, "seed": seed,
-        "status": "complete", "metrics": metrics, "metrics_step0": metrics_step0, "eval_history": eval_history,
-        "backbone": backbone, "dataset": dataset, "config": config, "provenance": {**provenance(started), **(provenance_extra or {})},
+        "status": "complete", "metrics": clean_metrics(metrics),
+        "metrics_step0": None if metrics_step0 is None else clean_metrics(metrics_step0),
+        "eval_history": [{**h, "metrics": clean_metrics(h["metrics"])} for h in eval_history],
+        "backbone": backbone, "dataset": dataset, "config": config, "provenance": prov,
         "warnings": list(warnings or []),
         "train_end": train_end or {},
         "files": {"scalars": logs, "param_groups": "param_groups.csv", "run": "run.json",
                   **({"predictions": predictions} if predictions else {})},
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if eval_only is not None:
+        record["eval_only"] = eval_only
+        record["files"].pop("param_groups")
     atomic_write_json(wd.path / "result.json", record)
     return record
+
+
+class Invocations:
+    """``invocations.json``: one entry per time the run's command ran in this directory.
+
+    An invocation writes its entry when it starts and refreshes it (iteration reached, last seen)
+    at most every ``interval`` seconds and at every evaluation, so a run killed without warning
+    (SIGKILL, a preempted node) still leaves its start, its last heartbeat and the iteration it
+    reached; the next invocation marks such an entry ``killed``. Wall time of a killed invocation
+    is up to its last heartbeat (an underestimate by at most ``interval``); every checkpoint and evaluation forces a beat, so
+    the iteration reached is at least the last checkpoint's."""
+
+    FILE = "invocations.json"
+
+    def __init__(self, wd: RunDir, start_iter: int, started: float, interval: float = 2.0):
+        self.wd, self.interval = wd, interval
+        self.path = wd.path / self.FILE
+        self.entries = [e for e in (wd.read_json(self.FILE) or []) if isinstance(e, dict)]
+        for e in self.entries:
+            if e.get("status") == "running":  # a process that ended without writing its end
+                e["status"] = "killed"
+                e["ended_at"] = e.get("last_seen")
+        self.current = {"started_at": _stamp(started), "started": started, "iter_start": int(start_iter),
+                        "iter_reached": int(start_iter), "status": "running", "last_seen": _stamp(started),
+                        "last_seen_t": started, "ended_at": None, "pid": os.getpid()}
+        self.entries.append(self.current)
+        self._last = 0.0
+        self._write()
+
+    def _write(self, fsync: bool = True) -> list[dict[str, Any]]:
+        out = []
+        for e in self.entries:
+            e = dict(e)
+            end_t = e.get("ended_t", e.get("last_seen_t", e.get("started")))
+            e["wall_time_s"] = round(max(0.0, float(end_t) - float(e.get("started", end_t))), 1)
+            out.append(e)
+        self.wd.write_json(self.FILE, out, fsync=fsync)
+        return out
+
+    def heartbeat(self, iteration: int, force: bool = False) -> None:
+        now = time.time()
+        self.current["iter_reached"] = max(int(iteration), int(self.current["iter_reached"]))
+        if force or now - self._last >= self.interval:
+            self._last = now
+            self.current["last_seen_t"], self.current["last_seen"] = now, _stamp(now)
+            self._write(fsync=force)
+
+    def finish(self, status: str, iteration: int | None = None) -> list[dict[str, Any]]:
+        """End the current invocation; returns every invocation as the record keeps it."""
+        now = time.time()
+        if iteration is not None:
+            self.current["iter_reached"] = max(int(iteration), int(self.current["iter_reached"]))
+        self.current.update(status=status, ended_at=_stamp(now), ended_t=now, last_seen_t=now, last_seen=_stamp(now))
+        return [{k: v for k, v in e.items() if k in ("started_at", "ended_at", "wall_time_s", "iter_start",
+                                                       "iter_reached", "status")}
+                for e in self._write()]
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
 
 
 def init_from_source(run_dir: str | Path) -> dict[str, Any]:
@@ -224,3 +304,149 @@ def load_init_weights(model: Any, source: dict[str, Any]) -> dict[str, Any]:
     return {"loaded_tensors": len(take), "shape_mismatch": mismatched,
             "not_in_source": sorted(k for k in own if k not in sd)[:50],
             "not_in_model": sorted(k for k in sd if k not in own)[:50]}
+
+
+# ------------------------------------------------------------- evaluation only
+def eval_source(path: str | Path, task: Any) -> dict[str, Any]:
+    """What ``run --eval-only --from PATH`` evaluates.
+
+    * a run directory of a finished run: its final checkpoint, with the run's own settings;
+    * an ``iter_N.pth`` inside a run directory: that checkpoint, with the run's settings;
+    * any other checkpoint file (an mmengine checkpoint or a plain state dict of the model this
+      command builds, .pth or .safetensors): this command's own settings.
+    """
+    from .state import allow_mmengine_checkpoint_types, complete_checkpoints
+
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        raise ConfigError(f"--from {p}: no such run directory or checkpoint file")
+    run_dir = p if p.is_dir() else (p.parent if (p.parent / "run.json").is_file() and p.name.startswith("iter_")
+                                    else None)
+    ident = rec = None
+    if run_dir is not None:
+        ident = _read(run_dir / "run.json")
+        if not isinstance(ident, dict):
+            raise ConfigError(f"--from {run_dir}: not a fourm-eval run directory (no readable run.json)")
+        if ident.get("task") != task.name:
+            raise ConfigError(f"--from {run_dir}: a {ident.get('task')} run, not {task.name}")
+        if ident.get("eval_only"):
+            raise ConfigError(f"--from {run_dir}: an evaluation-only run; give the run it evaluated "
+                              f"({ident['eval_only'].get('checkpoint')})")
+        rec = _read(run_dir / "result.json")
+        rec = rec if isinstance(rec, dict) and rec.get("status") == "complete" else None
+    if p.is_dir():
+        if rec is None:
+            have = ", ".join(c.name for c in complete_checkpoints(p)) or "none"
+            raise ConfigError(f"--from {p}: the run has not finished, so it has no final weights; evaluate one of "
+                              f"its checkpoints explicitly (--from {p}/iter_N.pth; complete ones: {have})")
+        final = int(rec["config"]["schedule_resolved"]["max_iters"])
+        ckpt = p / f"iter_{final}.pth"
+        if ckpt not in complete_checkpoints(p):
+            raise ConfigError(f"--from {p}: its final checkpoint {ckpt.name} is missing or incomplete")
+    else:
+        ckpt = p
+    iteration = None
+    if ckpt.suffix != ".safetensors":
+        import re
+        m = re.fullmatch(r"iter_(\d+)\.pth", ckpt.name)
+        if m:
+            iteration = int(m.group(1))
+        else:
+            import torch
+            allow_mmengine_checkpoint_types()
+            try:
+                meta = torch.load(ckpt, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
+                raise ConfigError(f"--from {ckpt}: not a readable weights file ({type(e).__name__}: {e})") from None
+            if isinstance(meta, dict) and isinstance(meta.get("meta"), dict) and "iter" in meta["meta"]:
+                iteration = int(meta["meta"]["iter"])
+    if run_dir is not None:
+        final_iter = int(ident["profile"].get("schedule", {}).get("length", -1)) if rec is None else \
+            int(rec["config"]["schedule_resolved"]["max_iters"])
+        is_final = rec is not None and iteration == final_iter
+        default = run_dir / ("eval-only" if is_final else f"eval-only-iter{iteration}")
+    else:
+        default = Path("runs") / task.name / f"{ckpt.stem}-eval-only"
+    return {"run": ident, "run_dir": str(run_dir) if run_dir else None, "record": rec, "checkpoint": str(ckpt),
+            "sha256": checkpoint_digest(str(ckpt)), "iteration": iteration, "default_work_dir": default}
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_trained_weights(model: Any, source: dict[str, Any]) -> None:
+    """Every tensor of the model from ``source['checkpoint']``, strictly: a missing, unexpected or
+    mis-shaped tensor is an error naming them (evaluation-only must evaluate exactly those weights)."""
+    import torch
+
+    from .state import allow_mmengine_checkpoint_types
+
+    path = Path(source["checkpoint"])
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:
+        allow_mmengine_checkpoint_types()
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ConfigError(f"{path}: expected an mmengine checkpoint (with 'state_dict') or a state dict of tensors")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        def few(xs: list[str]) -> str:
+            return f"{len(xs)} ({', '.join(xs[:5])}{', ...' if len(xs) > 5 else ''})"
+        raise ConfigError(f"{path}: does not fit the model this run builds: missing {few(missing)}, unexpected "
+                          f"{few(unexpected)}, other shapes {few(shapes)} (another task, head or backbone?)")
+    model.load_state_dict(sd, strict=True)
+
+
+# ----------------------------------------------------------- prediction state
+PREDICTIONS_META = "meta.json"
+
+
+def _meta_file(predictions: str | Path) -> Path:
+    p = Path(predictions)
+    return p / PREDICTIONS_META if p.is_dir() or not p.suffix else p.parent / PREDICTIONS_META
+
+
+def predictions_state(predictions: str | Path) -> dict[str, Any] | None:
+    """The ``evaluation`` section of a predictions folder's meta.json (iteration, complete, final,
+    eval_only); {} when meta.json exists but does not say (an older fourm-eval, or a run killed
+    while writing it); None without meta.json (another project's predictions)."""
+    f = _meta_file(predictions)
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    ev = meta.get("evaluation") if isinstance(meta, dict) else None
+    return dict(ev) if isinstance(ev, dict) else {}
+
+
+def mark_predictions(pred_dir: str | Path, **fields: Any) -> None:
+    """Merge ``fields`` into the ``evaluation`` section of ``pred_dir/meta.json`` (created if absent;
+    whatever else the task wrote there is kept)."""
+    f = Path(pred_dir) / PREDICTIONS_META
+    meta: dict[str, Any] = {}
+    if f.is_file():
+        try:
+            meta = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+    ev = dict(meta.get("evaluation") or {})
+    ev.update(fields)
+    ev["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    meta["evaluation"] = ev
+    atomic_write_json(f, meta)

@@ -80,6 +80,15 @@ def test_smoke_profile_learns(tmp_path):
     # running the same command again does not redo a finished run
     r2 = _run(["run", "coco-det", "--profile", "smoke", "--work-dir", str(tmp_path / "smoke")], tmp_path)
     assert r2.returncode == 0 and "already holds a finished run" in r2.stdout
+    # evaluation only, from the finished run (its final weights, settings and data; RUN_DIR/eval-only):
+    # the same metrics exactly, and the same predictions
+    r4 = _run(["run", "coco-det", "--eval-only", "--from", str(tmp_path / "smoke")], tmp_path)
+    assert r4.returncode == 0, r4.stdout[-2000:] + r4.stderr[-2000:]
+    ev = json.loads((tmp_path / "smoke" / "eval-only" / "result.json").read_text())
+    assert ev["metrics"] == rec["metrics"] and ev["eval_only"]["final"] is True
+    for name in ("coco_results.bbox.json", "coco_results.segm.json"):
+        assert (json.loads((tmp_path / "smoke" / "eval-only" / "predictions" / name).read_text())
+                == json.loads((pred / name).read_text())), name
 
 
 # periodic validation and checkpoints, as real runs have: a kill can land after a validation

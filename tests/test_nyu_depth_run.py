@@ -131,3 +131,28 @@ def test_baselines_run_through_the_same_command(tmp_path, tiny_nyu, backbone):
     assert list(dumped.model.backbone.out_indices) == [2, 5, 8, 11]
     rows = (tmp_path / backbone / "param_groups.csv").read_text().splitlines()
     assert {int(r.split(",")[0]) for r in rows[1:]} == set(range(14))
+
+
+def test_eval_only_reproduces_the_smoke_run(smoke):
+    """`run --eval-only --from RUN_DIR` evaluates the run's final weights with its own settings and data
+    root, writes a record and predictions marked evaluation-only, and reproduces the metrics exactly."""
+    tmp, wd, rec, _ = smoke
+    out = tmp / "eval-only"
+    r = _run(["run", "nyu-depth", "--eval-only", "--from", str(wd), "--work-dir", str(out)], tmp)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ev = json.loads((out / "result.json").read_text())
+    assert ev["metrics"] == rec["metrics"]
+    assert ev["eval_only"] == {**ev["eval_only"], "source_run": str(wd), "iteration": 400, "final": True,
+                               "checkpoint": str(wd / "iter_400.pth")}
+    assert ev["metrics_step0"] is None and ev["eval_history"] == [{"iter": 400, "metrics": rec["metrics"]}]
+    state = json.loads((out / "predictions" / "meta.json").read_text())["evaluation"]
+    assert state["eval_only"] and state["final"] and state["iteration"] == 400
+    assert "evaluation only" in r.stdout and "no training" in r.stdout
+    # the same cell as the run it evaluated: one seed, two runs that agree
+    ls = _run(["results", "ls", str(wd), str(out)], tmp)
+    assert "2 run(s) in 1 cell(s)" in ls.stdout and "2 runs agree exactly" in ls.stdout
+    # the run's settings are what is evaluated: options that would change them are refused
+    bad = _run(["run", "nyu-depth", "--eval-only", "--from", str(wd), "--set", "head=dpt"], tmp)
+    assert bad.returncode == 2 and "--set cannot change them" in bad.stderr
+    bad = _run(["run", "coco-det", "--eval-only", "--from", str(wd)], tmp)
+    assert bad.returncode == 2 and "a nyu-depth run, not coco-det" in bad.stderr
