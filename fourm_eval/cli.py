@@ -574,11 +574,22 @@ def report(dirs: list[Path] = typer.Argument(..., help="Run directories (searche
 @friendly
 def analyze_scaling(dirs: list[Path] = typer.Argument(None, help="Optional run directories (your own B/L/XL runs).")
                     ) -> None:
-    """Metric vs encoder size: XL expected from the B->L trend vs observed (published numbers + your runs)."""
+    """Metric vs encoder size: XL expected from the B->L trend vs observed (published numbers + your runs
+    with the paper profile, one value per cell)."""
+    import pandas as pd
+
     from . import analysis
+    from .report import build_table1, own_scaling_frame
 
     console.print(analysis.METHODS["scaling"], highlight=False)
-    rows = analysis.scaling_analysis(analysis.paper_frame())
+    frame = analysis.paper_frame().drop(columns="verified")
+    if dirs:
+        records, _ = _load(dirs)
+        own = own_scaling_frame(build_table1(records))
+        console.print(f"your runs: {len(records)} record(s), {len(own)} paper-profile value(s) with B, L or XL "
+                      "sizes enter as '<family> (ours)'", highlight=False)
+        frame = pd.concat([frame, own], ignore_index=True)
+    rows = analysis.scaling_analysis(frame)
     t = Table(title="XL vs the B->L trend (points)")
     for col in ("model", "pretrain", "task", "metric", "B", "L", "XL", "expected XL", "XL-expected", "shortfall"):
         t.add_column(col)

@@ -200,9 +200,10 @@ def noise_from_runs(cells: list[CellGroup], noise_cells: list[CellGroup]) -> dic
 
 
 def default_floor(mean: float, unit: str | None) -> float:
-    """The entry's floor: 0.1 points for fractions (0.001), else 0.1% of |mean|; a changed last
-    digit is never a regression, any real change is above it."""
-    return 0.001 if unit == "fraction" else max(1e-6, 0.001 * abs(mean))
+    """The entry's floor: 0.001 for dimensionless metrics (fractions: 0.1 points; ratios such as
+    AbsRel), else 0.1% of |mean|. A drop at or below it is never a regression, whatever the
+    measured noise: a different last digit is not a finding."""
+    return 0.001 if unit in ("fraction", "ratio") else max(1e-6, 0.001 * abs(mean))
 
 
 def build_expected(records: list[dict[str, Any]], *, k: float = DEFAULT_K, min_seeds: int = MIN_SEEDS,

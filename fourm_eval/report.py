@@ -117,6 +117,19 @@ def build_table1(records: list[dict[str, Any]]) -> Table1:
     return table
 
 
+def own_scaling_frame(table: Table1):
+    """The user's own runs for the scaling analysis: one value (points, mean over seeds) per cell run
+    with the ``paper`` profile and no other settings, as ``family (ours)``."""
+    import pandas as pd
+
+    own = [(table.groups[key], key[1], c.mean) for key, c in table.cells.items()
+           if table.groups[key].profile == "paper" and not table.groups[key].variant()]
+    return pd.DataFrame([{"family": g.model["family"] + " (ours)", "size": g.model["size"],
+                          "pretrain": g.model["pretrain"], "task": table.columns[j][0], "metric": table.columns[j][1],
+                          "value": mean, "source": f"cell {g.cell} ({g.n} seed(s))"} for g, j, mean in own],
+                        columns=["family", "size", "pretrain", "task", "metric", "value", "source"])
+
+
 def repeated_seed_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     """One row per seed that several runs of one cell share: how far apart they are (measured
     non-determinism; 0 = bit-identical) on each main metric."""
@@ -296,13 +309,7 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
     table = build_table1(records)
     pubs = published_tables()
     paper = analysis.paper_frame()
-    # scaling: published numbers plus the user's own runs under the paper protocol (points), one value per cell
-    own = [(table.groups[key], key[1], c.mean) for key, c in table.cells.items()
-           if table.groups[key].profile == "paper" and not table.groups[key].variant()]
-    own_df = pd.DataFrame([{"family": g.model["family"] + " (ours)", "size": g.model["size"],
-                            "pretrain": g.model["pretrain"], "task": table.columns[j][0], "metric": table.columns[j][1],
-                            "value": mean, "source": f"cell {g.cell} ({g.n} seed(s))"} for g, j, mean in own],
-                          columns=["family", "size", "pretrain", "task", "metric", "value", "source"])
+    own_df = own_scaling_frame(table)
     scaling_rows = analysis.scaling_analysis(pd.concat([paper.drop(columns="verified"), own_df], ignore_index=True))
     data_effect = analysis.data_scale_effect(paper)
     ft = [(rec, analysis.finetune_analysis(rec)) for rec in records]

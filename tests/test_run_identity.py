@@ -112,7 +112,8 @@ def test_paths_that_match_nothing_are_errors(real_runs, tmp_path):
     (tmp_path / "empty").mkdir()
     for args in (["report", "/no/such/dir", "--out", str(tmp_path / "r")], ["results", "ls", "/no/such/dir"],
                  ["results", "export", "/no/such/dir", "--out", str(tmp_path / "x.csv")],
-                 ["analyze", "finetune", "/no/such/dir"],
+                 ["analyze", "finetune", "/no/such/dir"], ["analyze", "scaling", "/no/such/dir"],
+                 ["results", "show", "/no/such/dir"],
                  ["regress", "/no/such/dir", "--expected", str(tmp_path / "e.json")],
                  ["report", str(root), "/no/such/dir", "--out", str(tmp_path / "r2")]):
         r = run_cli(args, tmp_path)
