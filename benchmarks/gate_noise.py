@@ -12,6 +12,11 @@ unpaired gate has to tolerate.
 
     .venv/bin/python benchmarks/gate_noise.py --tasks nyu-depth,in1k-cls --seeds 0,1 --copies 3 \
         --out runs/gate-noise
+    fourm-eval regress runs/ci-reference --expected reports/ci/expected.json --update --noise-runs runs/gate-noise
+
+(the second command stores the pooled within-seed noise of each cell in the expectations; noise runs
+are matched to a cell by task, profile, backbone name, init and settings, their checkpoint alone
+differing). One out folder per --scale: the copies are cached by file name.
 
 Writes OUT/noise.json (every run's metrics) and prints, per gated metric, the within-seed
 standard deviation (pooled over seeds) and the between-seed one. Runs that already have a
@@ -57,6 +62,9 @@ def main() -> int:
     ap.add_argument("--tasks", default="nyu-depth,in1k-cls,ade20k-seg,coco-det")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--copies", type=int, default=3, help="perturbed copies of the checkpoint per seed")
+    ap.add_argument("--scale", type=float, default=2.0 ** -23,
+                    help="relative size of the perturbation (default 2^-23, about one float32 ulp; a larger one "
+                         "checks that the finding holds with margin)")
     ap.add_argument("--reference", action="store_true", help="also run the unperturbed checkpoint")
     ap.add_argument("--out", type=Path, default=Path("runs/gate-noise"))
     args = ap.parse_args()
@@ -72,7 +80,8 @@ def main() -> int:
         t = get_task(task)
         for seed in (int(s) for s in args.seeds.split(",")):
             variants = ([("reference", src)] if args.reference else []) + [
-                (f"copy{j}", perturbed_copy(src, args.out / "checkpoints" / f"copy{j}.safetensors", seed=1000 + j))
+                (f"copy{j}", perturbed_copy(src, args.out / "checkpoints" / f"copy{j}.safetensors", seed=1000 + j,
+                                            rel=args.scale))
                 for j in range(args.copies)]
             for name, ckpt in variants:
                 wd = args.out / task / f"seed{seed}-{name}"

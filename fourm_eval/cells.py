@@ -64,7 +64,8 @@ def settings_of(rec: dict[str, Any]) -> dict[str, Any]:
     """Every setting of a record that could change its numbers, flattened to dotted keys:
     ``config.*`` (less :data:`EXECUTION_KEYS`), ``dataset.*`` (less its location and absolute
     paths), the backbone's architecture and options, the weights a chained run started from,
-    and, for an evaluation-only record of a checkpoint before the last iteration, that iteration."""
+    and for an evaluation-only record: the weights' sha256 when they come from a file outside a
+    run, else the iteration when it is not the run's last."""
     out: dict[str, Any] = {}
     for k, v in flatten(rec.get("config") or {}).items():
         if k not in EXECUTION_KEYS:
@@ -81,7 +82,9 @@ def settings_of(rec: dict[str, Any]) -> dict[str, Any]:
         out["init_from.sha256"] = init_from["sha256"]
     ev = rec.get("eval_only") or {}
     final = ((rec.get("config") or {}).get("schedule_resolved") or {}).get("max_iters")
-    if ev and ev.get("iteration") is not None and ev.get("iteration") != final:
+    if ev and ev.get("source_run") is None:  # weights from a file of unknown origin: they are the setting
+        out["eval_only.weights_sha256"] = ev.get("weights_sha256")
+    elif ev and ev.get("iteration") is not None and ev.get("iteration") != final:
         out["eval_only.iteration"] = ev["iteration"]
     return out
 

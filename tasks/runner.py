@@ -259,8 +259,8 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     from fourm_eval.checkpoints import resolve_checkpoint
     from fourm_eval.results import device_description
 
-    from .runs import (Invocations, RunDir, checkpoint_digest, eval_source, init_from_source, load_init_weights,
-                       resolve_backbone_name, write_result)
+    from .runs import (Invocations, RunDir, checkpoint_digest, eval_source, init_from_source, resolve_backbone_name,
+                       write_result)
     from .state import allow_mmengine_checkpoint_types, init_distributed_cpu
 
     started = time.time()
@@ -332,7 +332,6 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         backbone_cfg["img_size"] = int(p["image_size"])
 
     task.register_mm()
-    from . import mm
     allow_mmengine_checkpoint_types()
     from mmengine.config import Config
     from mmengine.runner import Runner

@@ -80,3 +80,24 @@ def test_no_value_never_enters_a_mean_or_an_export(tmp_path):
     pq = tmp_path / "t.parquet"
     assert CliRunner().invoke(app, ["results", "export", str(tmp_path), "--out", str(pq)]).exit_code == 0
     assert pd.read_parquet(pq).query("metric == 'box_APl'").value.isna().sum() == 1
+
+
+def test_evaluation_only_records_and_their_cells(tmp_path):
+    """The final checkpoint of a run evaluated again is a repeat of that run's seed; an earlier
+    checkpoint, or weights from a file outside any run, is a cell of its own."""
+    def eval_only(name, **ev):
+        run = write_record(tmp_path, name, seed=0)
+        rec = json.loads((run / "result.json").read_text())
+        rec["eval_only"] = {"source_run": "/runs/a", "checkpoint": "/runs/a/iter_100.pth", "weights_sha256": "c" * 64,
+                            "iteration": 100, "final": True, **ev}
+        (run / "result.json").write_text(json.dumps(rec))
+
+    write_record(tmp_path, "trained", seed=0)
+    eval_only("final")
+    eval_only("earlier", iteration=50, final=False, checkpoint="/runs/a/iter_50.pth")
+    eval_only("file", source_run=None, checkpoint="/elsewhere/model.pth")
+    eval_only("other-file", source_run=None, checkpoint="/elsewhere/m2.pth", weights_sha256="d" * 64)
+    by_run = {r.split("/")[-1]: g for g in group_records(_load(tmp_path)) for r in g.runs}
+    assert by_run["trained"] is by_run["final"] and by_run["trained"].seeds[0].repeats == 2
+    assert len({id(by_run[n]) for n in ("trained", "earlier", "file", "other-file")}) == 4
+    assert "eval_only.iteration=50" in by_run["earlier"].variant()

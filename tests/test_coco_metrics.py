@@ -108,15 +108,10 @@ def test_matches_pycocotools_on_noisy_predictions(mini):
                 assert ours[f"{prefix}_{name}"] == pytest.approx(ev.stats[i], abs=1e-12), (prefix, name)
 
 
-def test_matches_mmdet_cocometric(mini):
-    """A second, independently written conversion (mmdet's CocoMetric) agrees to its 3 decimals."""
+def _feed_mmdet(metric, ann, gt, preds):
+    """Our per-image predictions (boxes xyxy, scores, labels, masks) into mmdet's CocoMetric."""
     import torch
-    from mmdet.evaluation.metrics import CocoMetric
 
-    ann, gt = mini
-    preds, cat_ids = _predictions_from_gt(gt, np.random.default_rng(2), noisy=True)
-    ours = _ours(ann, preds, cat_ids)
-    metric = CocoMetric(ann_file=str(ann), metric=["bbox", "segm"])
     metric.dataset_meta = {"classes": [c["name"] for c in json.loads(ann.read_text())["categories"]]}
     samples = []
     for img_id, (b, s, l, m) in preds.items():
@@ -126,6 +121,17 @@ def test_matches_mmdet_cocometric(mini):
                                            "scores": torch.tensor(s, dtype=torch.float32),
                                            "labels": torch.tensor(l), "masks": torch.tensor(m).bool()}})
     metric.process({}, samples)
+
+
+def test_matches_mmdet_cocometric(mini):
+    """A second, independently written conversion (mmdet's CocoMetric) agrees to its 3 decimals."""
+    from mmdet.evaluation.metrics import CocoMetric
+
+    ann, gt = mini
+    preds, cat_ids = _predictions_from_gt(gt, np.random.default_rng(2), noisy=True)
+    ours = _ours(ann, preds, cat_ids)
+    metric = CocoMetric(ann_file=str(ann), metric=["bbox", "segm"])
+    _feed_mmdet(metric, ann, gt, preds)
     with contextlib.redirect_stdout(io.StringIO()):
         theirs = metric.compute_metrics(metric.results)
     assert ours["box_AP"] == pytest.approx(theirs["bbox_mAP"], abs=6e-4)
@@ -179,7 +185,6 @@ def test_files_named_as_mmdet_and_detectron2_name_them(mini, tmp_path):
     or file) and scores them exactly as pycocotools does; a folder with two sets is refused."""
     import shutil
 
-    import torch
     from mmdet.evaluation.metrics import CocoMetric
 
     from fourm_eval.metrics_coco import PredictionsError
@@ -191,16 +196,8 @@ def test_files_named_as_mmdet_and_detectron2_name_them(mini, tmp_path):
     mm = tmp_path / "mmdet"
     metric = CocoMetric(ann_file=str(ann), metric=["bbox", "segm"], format_only=True,
                         outfile_prefix=str(mm / "results"))
-    metric.dataset_meta = {"classes": [c["name"] for c in json.loads(ann.read_text())["categories"]]}
-    samples = []
-    for img_id, (b, s, l, m) in preds.items():
-        img = gt.imgs[img_id]
-        samples.append({"img_id": img_id, "ori_shape": (img["height"], img["width"]),
-                        "pred_instances": {"bboxes": torch.tensor(b, dtype=torch.float32),
-                                           "scores": torch.tensor(s, dtype=torch.float32),
-                                           "labels": torch.tensor(l), "masks": torch.tensor(m).bool()}})
     mm.mkdir()
-    metric.process({}, samples)
+    _feed_mmdet(metric, ann, gt, preds)
     with contextlib.redirect_stdout(io.StringIO()):
         metric.compute_metrics(metric.results)
     assert sorted(p.name for p in mm.iterdir()) == ["results.bbox.json", "results.segm.json"]

@@ -4,10 +4,8 @@ never cut in files; paths that match nothing fail; a killed, interrupted and res
 every invocation and says what its predictions are."""
 
 import json
-import os
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -25,7 +25,12 @@ from typing import Any
 
 import numpy as np
 
-MINI_VERSION = 2   # v1 tied each class to a hue family (solvable from colour alone)
+# v1 tied each class to a hue family (solvable from colour alone); v3: 600 val images instead of 60 (the
+# same 240 training images): on 60 images (124 objects) two detectors trained from the same seed whose
+# weights differed by one float32 ulp at the start scored box AP 0.661 and 0.625, on 600 images 0.624 and
+# 0.620 (benchmarks/gate_noise.py); the CI gate needs the smaller spread
+MINI_VERSION = 3
+N_VAL_DEFAULT = 600
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 2, "name": "square", "supercategory": "shape"},
@@ -120,9 +125,11 @@ def _make_split(out: Path, split: str, n_images: int, rng: np.random.Generator, 
             "licenses": [], "images": images, "annotations": anns, "categories": CATEGORIES}
 
 
-def make_mini_coco(out: str | Path, n_train: int = 240, n_val: int = 60, seed: int = 0,
+def make_mini_coco(out: str | Path, n_train: int = 240, n_val: int = N_VAL_DEFAULT, seed: int = 0,
                    size_range: tuple[int, int] = (112, 160)) -> Path:
-    """Write the mini dataset to ``out`` (deterministic for a given seed); returns ``out``."""
+    """Write the mini dataset to ``out`` (deterministic for a given seed); returns ``out``. The training
+    split is drawn first, so ``n_val`` does not change it, and a smaller ``n_val`` gives the first
+    images of a larger one."""
     out = Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
