@@ -138,7 +138,7 @@ def finetune_analysis(rec: dict[str, Any], train_loss: list[tuple[int, float]] |
     main = t.main_metrics if t else []
     metric = next((m for m in main if m in rec["metrics"]), next(iter(rec["metrics"])))
     hist = [(int(h["iter"]), float(h["metrics"][metric])) for h in rec.get("eval_history", [])
-            if metric in h.get("metrics", {})]
+            if h.get("metrics", {}).get(metric) is not None]  # null: no value at that evaluation
     if not hist:
         return {"metric": metric, "available": False}
     info = t.metric(metric) if t else None

@@ -212,7 +212,7 @@ def make_plots(records: list[dict[str, Any]], table: Table1, scaling_df) -> dict
             metric = main_metric.get(task)
             scale = all_tasks()[task].metric(metric).display_scale if metric else 1.0
             hist = [(h["iter"], h["metrics"][metric] * scale) for h in rec.get("eval_history", [])
-                    if metric in h.get("metrics", {})]
+                    if h.get("metrics", {}).get(metric) is not None]
             if hist:
                 a2.plot([i for i, _ in hist], [v for _, v in hist], marker="o", label=name, lw=1)
                 drawn_val = True
