@@ -658,7 +658,7 @@ def regress(dirs: list[Path] = typer.Argument(..., help="Run directories with th
             noise_runs: list[Path] = typer.Option(
                 [], "--noise-runs", help="With --update: runs of the same cells from perturbed copies of the "
                                          "checkpoint (benchmarks/gate_noise.py): the within-seed noise for the "
-                                         "paired rule."),
+                                         "paired rule. Repeat the option for each folder."),
             ignore_unexpected: bool = typer.Option(False, "--ignore-unexpected",
                                                    help="Let runs without an expectation pass unchecked.")) -> None:
     """Compare runs with expected scores; exit 1 on a real drop, 0 if none, 2 on unusable input.

@@ -53,7 +53,11 @@ def test_predictions_are_full_size_16bit_and_rescore_exactly(smoke):
     root = Path(rec["dataset"]["root"])
     pred_dir = wd / rec["files"]["predictions"]
     images = sorted((root / "images" / "test").iterdir())
-    assert sorted(p.name for p in pred_dir.iterdir()) == [p.stem + ".png" for p in images]
+    assert sorted(p.name for p in pred_dir.glob("*.png")) == [p.stem + ".png" for p in images]
+    # beside them, what they are: the final model's (iteration 400 of 400)
+    assert sorted(p.name for p in pred_dir.iterdir() if p.suffix != ".png") == ["meta.json"]
+    state = json.loads((pred_dir / "meta.json").read_text())["evaluation"]
+    assert state["iteration"] == state["max_iters"] == 400 and state["final"] and state["complete"]
     for img in images[:5]:
         with Image.open(img) as im:
             size = im.size
@@ -76,7 +80,7 @@ def test_evaluate_names_bad_prediction_folders(smoke, tmp_path):
     def broken(how):
         d = tmp_path / how
         shutil.copytree(wd / "predictions", d)
-        first = sorted(d.iterdir())[0]
+        first = sorted(d.glob("*.png"))[0]
         if how == "missing":
             first.unlink()
         elif how == "extra":
@@ -115,7 +119,7 @@ def test_both_heads_and_both_losses_run(tmp_path, tiny_nyu, head, loss):
     rec = json.loads((tmp_path / "w" / "result.json").read_text())
     assert rec["config"]["head"] == head and rec["config"]["loss"] == loss
     assert 0 <= rec["metrics"]["delta1"] <= 1 and np.isfinite(rec["metrics"]["rmse"])
-    assert len(list((tmp_path / "w" / "predictions").iterdir())) == 2
+    assert len(list((tmp_path / "w" / "predictions").glob("*.png"))) == 2
 
 
 @pytest.mark.parametrize("backbone", ["deit3", "mae"])
