@@ -23,20 +23,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
-	$(MAKE) ci-gate
 
-# CI regression gate: the smoke profile of every task, two seeds, compared with reports/ci/expected.json
-CI_RUNS := runs/ci
+# CI regression gate alone: the smoke profile of every registered task, seeds 0 and 1, compared with
+# reports/ci/expected.json (tests/test_ci_gate.py; `make test` includes it)
 ci-gate: setup
-	rm -rf $(CI_RUNS)
-	tasks=$$($(VENV)/bin/fourm-eval tasks --names) || exit 1; \
-	for task in $$tasks; do \
-	  for seed in 0 1; do \
-	    $(VENV)/bin/fourm-eval run $$task --profile smoke --seed $$seed --work-dir $(CI_RUNS)/$$task-smoke-seed$$seed || exit 1; \
-	  done; \
-	done
-	$(VENV)/bin/fourm-eval regress $(CI_RUNS) --expected reports/ci/expected.json
-	$(VENV)/bin/fourm-eval report $(CI_RUNS) --out $(CI_RUNS)/report
+	$(PY) -m pytest -q -s tests/test_ci_gate.py
 
 bench: setup
 	$(PY) benchmarks/backbone_speed.py

@@ -108,7 +108,8 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: 
                      reg_class_agnostic=False,
                      loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
                      loss_bbox=dict(type="L1Loss", loss_weight=1.0))  # smooth-L1 with beta 0 (ViTDet) == L1
-    mask_head = dict(type="FCNMaskHead", num_convs=head["mask_convs"], in_channels=ch, conv_out_channels=ch,
+    # mmdet's FCNMaskHead, its CPU mask pasting batched (same masks; tasks/mask_paste.py)
+    mask_head = dict(type="FourmFCNMaskHead", num_convs=head["mask_convs"], in_channels=ch, conv_out_channels=ch,
                      num_classes=num_classes, norm_cfg=_norm(),
                      loss_mask=dict(type="CrossEntropyLoss", use_mask=True, loss_weight=1.0))
     roi_extract = lambda size: dict(type="SingleRoIExtractor",  # noqa: E731
@@ -302,8 +303,10 @@ def register() -> None:
     from mmdet.utils import register_all_modules
 
     from . import mm  # noqa: F401 - the backbone adapter, neck, LN2d, optimiser constructor and hooks
+    from .mask_paste import register as register_mask_head
 
     register_all_modules(init_default_scope=True)
+    register_mask_head()
 
 
 def datasets_and_model(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int, data_root: Path,

@@ -21,3 +21,42 @@ def official_ckpt() -> Path:
 def official_ref() -> dict:
     from safetensors.torch import load_file
     return load_file(str(DATA / "fm_tiny_swiglu_ref224.safetensors"))
+
+
+# ------------------------------------------------------------- shared smoke runs (tests/smoke_runs.py)
+_SMOKE: dict = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smoke_runs(*keys): the (task, seed) smoke runs a test uses")
+    config.addinivalue_line("markers", "gate: the CI regression gate (runs last)")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # the gate runs last: its runs are the last to be made, and every other test has had its say
+    items.sort(key=lambda it: it.get_closest_marker("gate") is not None)
+
+
+def pytest_collection_finish(session):
+    keys = []
+    for it in session.items:
+        if "smoke_runs" not in getattr(it, "fixturenames", ()):
+            continue
+        for m in it.iter_markers("smoke_runs"):
+            keys += [tuple(k) for k in m.args if tuple(k) not in keys]
+    if keys and not session.config.option.collectonly:
+        from smoke_runs import SmokeRuns
+        _SMOKE["runs"] = SmokeRuns(session.config._tmp_path_factory.mktemp("smoke-runs"))
+        _SMOKE["runs"].start(keys)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "runs" in _SMOKE:
+        _SMOKE["runs"].shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_runs():
+    if "runs" not in _SMOKE:
+        pytest.fail("a test that uses smoke_runs must declare them: @pytest.mark.smoke_runs((task, seed), ...)")
+    return _SMOKE["runs"]

@@ -23,13 +23,15 @@ def tiny_ade(tmp_path_factory):
     return make_mini_ade20k(tmp_path_factory.mktemp("ade") / "ADEChallengeData2016", n_train=6, n_val=4, seed=3)
 
 
+# the smoke tests use the session's shared seed-0 smoke run (tests/smoke_runs.py)
+pytestmark = pytest.mark.smoke_runs(("ade20k-seg", 0))
+
+
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(smoke_runs):
     """The acceptance command: default smoke profile, built-in mini ADE20K, default 4M."""
-    tmp = tmp_path_factory.mktemp("smoke")
-    r = _run(["run", "ade20k-seg", "--profile", "smoke", "--work-dir", str(tmp / "smoke")], tmp, timeout=3600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return tmp, tmp / "smoke", json.loads((tmp / "smoke" / "result.json").read_text())
+    run = smoke_runs.get("ade20k-seg", 0)
+    return run.base, run.work_dir, run.record
 
 
 def test_smoke_profile_learns(smoke_run):
@@ -84,7 +86,8 @@ def test_upernet_head_runs_and_rescores(tmp_path, tiny_ade):
     assert json.loads((tmp_path / "e.json").read_text())["metrics"] == rec["metrics"]
 
 
-@pytest.mark.parametrize("backbone", ["deit3", "mae"])
+# one baseline per task (each task builds both through the same backbone_cfg; test_baselines.py loads both)
+@pytest.mark.parametrize("backbone", ["deit3"])
 def test_baselines_run_through_the_same_command(tmp_path, tiny_ade, backbone):
     r = _run(["run", "ade20k-seg", "--backbone", backbone, "--random-init", "--data-root", str(tiny_ade), *QUICK,
               "--set", "schedule.length=1", "--set", "schedule.val_interval=1", "--set", "val_subset=1",

@@ -23,22 +23,23 @@ def tiny_coco(tmp_path_factory):
     return make_mini_coco(tmp_path_factory.mktemp("coco"), n_train=8, n_val=4, seed=3)
 
 
-def test_smoke_profile_learns(tmp_path):
-    """The acceptance run: the default smoke command (built-in data, the shipped pre-trained tiny 4M) learns
-    (AP50 >= 0.1 and >= 5x step 0) and learns the classes."""
-    r = _run(["run", "coco-det", "--profile", "smoke", "--work-dir", str(tmp_path / "smoke")], tmp_path,
-             timeout=1200)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rec = json.loads((tmp_path / "smoke" / "result.json").read_text())
-    ap50, ap50_0 = rec["metrics"]["box_AP50"], rec["metrics_step0"]["box_AP50"]
-    assert ap50 >= 0.1 and ap50 >= 5 * ap50_0, (ap50, ap50_0)
+@pytest.mark.smoke_runs(("coco-det", 0))
+def test_smoke_profile_learns(smoke_runs, tmp_path):
+    """The acceptance run: the default smoke command (built-in data, the shipped pre-trained tiny 4M; the
+    session's shared seed-0 run, tests/smoke_runs.py) learns (AP50 >= 0.5, mask AP >= 0.3; an untrained
+    detector scores about 0: measured 0.0005 / 0.0000 at step 0) and learns the classes."""
+    run = smoke_runs.get("coco-det", 0)
+    wd, rec = run.work_dir, run.record
+    assert rec["metrics"]["box_AP50"] >= 0.5 and rec["metrics"]["mask_AP"] >= 0.3, rec["metrics"]
+    # no step-0 evaluation in this smoke (its 100 untrained detections per image cost 100 s): none recorded
+    assert rec["metrics_step0"] is None
     assert rec["schema_version"] == 1 and rec["status"] == "complete"
     assert len(rec["backbone"]["sha256"]) == 64 and rec["dataset"]["annotations_sha256"]["val"]
-    assert rec["eval_history"][0]["iter"] == 0 and rec["eval_history"][-1]["iter"] == rec["config"]["schedule"]["length"]
-    assert (tmp_path / "smoke" / "param_groups.csv").exists()
+    assert [h["iter"] for h in rec["eval_history"]] == [300, 600] == [300, rec["config"]["schedule"]["length"]]
+    assert (wd / "param_groups.csv").exists()
     # the saved predictions re-score to exactly the recorded numbers, without the model
     assert rec["files"]["predictions"] == "predictions"
-    ev = _run(["evaluate", "coco-det", "--predictions", str(tmp_path / "smoke" / "predictions"), "--data-root",
+    ev = _run(["evaluate", "coco-det", "--predictions", str(wd / "predictions"), "--data-root",
                rec["dataset"]["root"], "--out", str(tmp_path / "rescored.json")], tmp_path)
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads((tmp_path / "rescored.json").read_text())["metrics"] == rec["metrics"]
@@ -51,7 +52,7 @@ def test_smoke_profile_learns(tmp_path):
     assert rec["train_end"]["values"]["acc"] > 85.0, rec["train_end"]
     # ... and the boxes carry the class: the same predictions with every category id mapped to another
     # category (a cyclic permutation) score at most half the AP50
-    pred = tmp_path / "smoke" / "predictions"
+    pred = wd / "predictions"
     cats = sorted({d["category_id"] for d in json.loads((pred / "coco_results.bbox.json").read_text())})
     ids = [c["id"] for c in json.loads(
         (Path(rec["dataset"]["root"]) / "annotations" / "instances_val2017.json").read_text())["categories"]]
@@ -71,23 +72,24 @@ def test_smoke_profile_learns(tmp_path):
     permuted = json.loads((tmp_path / "permuted.json").read_text())["metrics"]
     assert permuted["box_AP50"] <= 0.5 * rec["metrics"]["box_AP50"], (permuted["box_AP50"], rec["metrics"])
     # the report of this real run: three files, and Table 1 shows the record's numbers
-    r3 = _run(["report", str(tmp_path / "smoke"), "--out", str(tmp_path / "report")], tmp_path)
+    r3 = _run(["report", str(wd / "result.json"), "--out", str(tmp_path / "report")], tmp_path)
     assert r3.returncode == 0, r3.stderr[-2000:]
     md = (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "tables.tex").exists()
     box, mask = rec["metrics"]["box_AP"] * 100, rec["metrics"]["mask_AP"] * 100
     assert f"| {box:.1f} (n=1) | {mask:.1f} (n=1) |" in md
-    # running the same command again does not redo a finished run
-    r2 = _run(["run", "coco-det", "--profile", "smoke", "--work-dir", str(tmp_path / "smoke")], tmp_path)
-    assert r2.returncode == 0 and "already holds a finished run" in r2.stdout
-    # evaluation only, from the finished run (its final weights, settings and data; RUN_DIR/eval-only):
-    # the same metrics exactly, and the same predictions
-    r4 = _run(["run", "coco-det", "--eval-only", "--from", str(tmp_path / "smoke")], tmp_path)
+    # running the same command again (in the same place, so the same built-in data) does not redo it
+    r2 = _run(["run", "coco-det", "--profile", "smoke", "--work-dir", str(wd)], run.base)
+    assert r2.returncode == 0 and "already holds a finished run" in r2.stdout, r2.stdout[-2000:] + r2.stderr[-2000:]
+    # evaluation only, from the finished run (its final weights, settings and data): the same metrics
+    # exactly, and the same predictions
+    r4 = _run(["run", "coco-det", "--eval-only", "--from", str(wd), "--work-dir", str(tmp_path / "eval-only")],
+              tmp_path)
     assert r4.returncode == 0, r4.stdout[-2000:] + r4.stderr[-2000:]
-    ev = json.loads((tmp_path / "smoke" / "eval-only" / "result.json").read_text())
+    ev = json.loads((tmp_path / "eval-only" / "result.json").read_text())
     assert ev["metrics"] == rec["metrics"] and ev["eval_only"]["final"] is True
     for name in ("coco_results.bbox.json", "coco_results.segm.json"):
-        assert (json.loads((tmp_path / "smoke" / "eval-only" / "predictions" / name).read_text())
+        assert (json.loads((tmp_path / "eval-only" / "predictions" / name).read_text())
                 == json.loads((pred / name).read_text())), name
 
 
@@ -168,7 +170,8 @@ def test_skip_bad_images_counts_them(tmp_path, tiny_coco):
     assert rec["dataset"]["skipped_bad_images"] == 1 and rec["dataset"]["n_train_images"] == 7
 
 
-@pytest.mark.parametrize("backbone", ["deit3", "mae"])
+# one baseline per task (each task builds both through the same backbone_cfg; test_baselines.py loads both)
+@pytest.mark.parametrize("backbone", ["mae"])
 def test_baselines_run_through_the_same_command(tmp_path, tiny_coco, backbone):
     r = _run(["run", "coco-det", "--backbone", backbone, "--random-init", "--data-root", str(tiny_coco), *QUICK,
               "--set", "schedule.length=2", "--set", "schedule.val_interval=2", "--set", "val_subset=2",

@@ -221,13 +221,15 @@ def test_linear_probe_leaves_backbone_bit_identical_and_in_eval_mode():
 
 
 # ------------------------------------------------------------ real runs
+# the smoke tests use the session's shared seed-0 smoke run (tests/smoke_runs.py)
+pytestmark = pytest.mark.smoke_runs(("in1k-cls", 0))
+
+
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(smoke_runs):
     """The acceptance command: built-in mini ImageNet, default tiny 4M, smoke profile."""
-    tmp = tmp_path_factory.mktemp("smoke")
-    r = _run(["run", "in1k-cls", "--profile", "smoke", "--work-dir", str(tmp / "run")], tmp, timeout=1500)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return tmp, tmp / "run", json.loads((tmp / "run" / "result.json").read_text())
+    run = smoke_runs.get("in1k-cls", 0)
+    return run.base, run.work_dir, run.record
 
 
 def test_smoke_learns_and_rescores_exactly(smoke_run):
