@@ -33,8 +33,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    # the gate runs last: its runs are the last to be made, and every other test has had its say
-    items.sort(key=lambda it: it.get_closest_marker("gate") is not None)
+    # tests that check the shared smoke runs come after the others (which run while the smoke runs are
+    # made in the background), and the gate last of all; otherwise collection order is kept
+    items.sort(key=lambda it: (it.get_closest_marker("gate") is not None,
+                               "smoke_runs" in getattr(it, "fixturenames", ())))
 
 
 def pytest_collection_finish(session):
