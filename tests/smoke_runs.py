@@ -4,8 +4,8 @@
 The CI gate (test_ci_gate.py) needs every task's smoke at seeds 0 and 1, and each task's end-to-end tests
 need its seed-0 run: the same command, so it runs once. Tests declare the runs they use with
 ``@pytest.mark.smoke_runs((task, seed), ...)``; when collection is done (conftest.py) the declared runs
-start, one after another, in a background thread, in the order the tests will need them, so they overlap
-with the tests that need none. A test asks for a run with the ``smoke_runs`` fixture (``smoke_runs.get(task,
+start, one after another, in a background thread at the lowest CPU priority, so they overlap with the
+tests that need none (those run first; conftest.py orders them). A test asks for a run with the ``smoke_runs`` fixture (``smoke_runs.get(task,
 seed)``), which waits for it. A run's numbers do not depend on what else the machine is doing (it keeps its
 threads; only its wall time grows).
 """
@@ -13,6 +13,7 @@ threads; only its wall time grows).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,8 +57,10 @@ class SmokeRuns:
         base = self.root / task
         base.mkdir(parents=True, exist_ok=True)
         wd = base / f"{task}-smoke-seed{seed}"
+        # at the lowest CPU priority: the tests in the foreground keep their speed, the smoke runs take
+        # what is left (their numbers do not depend on it: same threads, same arithmetic)
         r = run_cli(["run", task, "--profile", "smoke", "--seed", str(seed), "--work-dir", str(wd)], base,
-                    timeout=3600)
+                    timeout=3600, preexec_fn=lambda: os.nice(19))
         if r.returncode != 0:
             raise RuntimeError(f"fourm-eval run {task} --profile smoke --seed {seed} failed "
                                f"(exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
