@@ -366,21 +366,30 @@ class ResumeMissedEvalHook(Hook):
 class FaultInjectionHook(Hook):
     """Kills the process (SIGKILL, as a preemption does) at a named point, for resume tests:
     ``after_checkpoint:N`` (iteration N's checkpoint is complete), ``during_eval:N`` (inside
-    the evaluation at iteration N), ``after_iter:N``. Enabled only by FOURM_EVAL_KILL_AT."""
+    the evaluation at iteration N), ``after_iter:N``; ``...:N:SIGINT`` (or another signal name)
+    sends that signal instead, as a Ctrl-C or a scheduler's SIGTERM would, at an exact point.
+    Enabled only by FOURM_EVAL_KILL_AT."""
     priority = "LOWEST"
 
     def __init__(self, spec: str) -> None:
-        where, _, n = spec.partition(":")
-        if where not in ("after_checkpoint", "during_eval", "after_iter") or not n.isdigit():
-            raise ConfigError(f"FOURM_EVAL_KILL_AT={spec!r}: expected after_checkpoint:N, during_eval:N "
-                              "or after_iter:N")
-        self.where, self.n = where, int(n)
-
-    @staticmethod
-    def _kill() -> None:
-        import os
         import signal
-        os.kill(os.getpid(), signal.SIGKILL)
+
+        where, _, rest = spec.partition(":")
+        n, _, sig = rest.partition(":")
+        if where not in ("after_checkpoint", "during_eval", "after_iter") or not n.isdigit() \
+                or (sig and not isinstance(getattr(signal, sig, None), signal.Signals)):
+            raise ConfigError(f"FOURM_EVAL_KILL_AT={spec!r}: expected after_checkpoint:N, during_eval:N "
+                              "or after_iter:N, optionally with :SIGNAL (e.g. after_iter:35:SIGINT)")
+        self.where, self.n = where, int(n)
+        self.signal = getattr(signal, sig) if sig else signal.SIGKILL
+        self.sent = False
+
+    def _kill(self) -> None:
+        import os
+        if self.sent:  # a handled signal (SIGINT) lets the process go on to its handler's exit
+            return
+        self.sent = True
+        os.kill(os.getpid(), self.signal)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if runner.iter + 1 != self.n:
