@@ -5,8 +5,8 @@ The CI gate (test_ci_gate.py) needs every task's smoke at seeds 0 and 1, and eac
 need its seed-0 run: the same command, so it runs once. Tests declare the runs they use with
 ``@pytest.mark.smoke_runs((task, seed), ...)``; when collection is done (conftest.py) the declared runs
 start, one after another, in a background thread at the lowest CPU priority, so they overlap with the
-tests that need none (those run first; conftest.py orders them). A test asks for a run with the ``smoke_runs`` fixture (``smoke_runs.get(task,
-seed)``), which waits for it. A run's numbers do not depend on what else the machine is doing (it keeps its
+tests that need none (those run first; conftest.py orders them). A test asks for a run with the
+``smoke_runs`` fixture (``smoke_runs.get(task, seed)``), which waits for it. A run's numbers do not depend on what else the machine is doing (it keeps its
 threads; only its wall time grows).
 """
 
@@ -31,9 +31,6 @@ class SmokeRun:
     work_dir: Path
     record: dict
     proc: subprocess.CompletedProcess
-
-    def copy_record(self) -> dict:
-        return json.loads(json.dumps(self.record))
 
 
 class SmokeRuns:
