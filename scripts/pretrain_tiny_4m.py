@@ -6,6 +6,8 @@
 The objective, data and determinism are described in fourm_eval/pretrain.py; the
 recipe is ``fourm_eval.pretrain.Recipe`` (every field can be overridden here, e.g.
 ``--steps 300``; the shipped file uses the defaults). A few minutes on 2 CPU cores.
+``--stop-after 50 --out X`` re-runs the schedule's first 51 steps only (a partial model), to
+compare with the start of the card's training log.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from fourm_eval.pretrain import Recipe, main
 def cli() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="output .safetensors (default: the shipped file)")
+    ap.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                    help="stop after this logged step of the same schedule (a partial model, to check the "
+                         "start of the card's training log; needs --out)")
     for f in fields(Recipe):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
     args = ap.parse_args()
     overrides = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name) is not None}
-    main(args.out, **overrides)
+    main(args.out, stop_after=args.stop_after, **overrides)
 
 
 if __name__ == "__main__":
