@@ -659,8 +659,10 @@ def regress(dirs: list[Path] = typer.Argument(..., help="Run directories with th
                 [], "--noise-runs", help="With --update: runs of the same cells from perturbed copies of the "
                                          "checkpoint (benchmarks/gate_noise.py): the within-seed noise for the "
                                          "paired rule. Repeat the option for each folder."),
-            ignore_unexpected: bool = typer.Option(False, "--ignore-unexpected",
-                                                   help="Let runs without an expectation pass unchecked.")) -> None:
+            ignore_unexpected: bool = typer.Option(
+                False, "--allow-new", "--ignore-unexpected",
+                help="Let runs of cells without an expectation (a new task, profile or setting) pass; they are "
+                     "listed as new, not gated.")) -> None:
     """Compare runs with expected scores; exit 1 on a real drop, 0 if none, 2 on unusable input.
     Prints, per gated metric, the allowed drop: the smallest drop the gate detects at this seed count."""
     from .errors import FourmEvalError
@@ -709,6 +711,9 @@ def regress(dirs: list[Path] = typer.Argument(..., help="Run directories with th
           + "; ".join(f"{v.task} {v.metric} {v.threshold:.4f} ({v.rule}, n={v.cur_n})"
                       + ("" if v.unpaired_threshold is None else f" vs {v.unpaired_threshold:.4f} unpaired")
                       for v in verdicts))
+    from .regress import ungated_cells
+    for line in ungated_cells(records, exp):
+        print(f"new, not gated (--allow-new): {line}")
     n_bad = sum(v.regression for v in verdicts)
     console.print(f"{n_bad} regression(s) in {len(verdicts)} metric(s)", highlight=False)
     raise typer.Exit(1 if n_bad else 0)

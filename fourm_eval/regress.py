@@ -303,13 +303,20 @@ def compare(records: list[dict[str, Any]], expected: dict[str, Any], k: float | 
             per_seed={s: (exp_seeds.get(s, float("nan")), v) for s, v in cur.items()}))
     if missing:
         raise UnusableInput(f"no runs found for {len(missing)} expectation(s): " + " | ".join(missing))
-    expected_cells = {e["cell"] for e in expected["entries"]}
-    ungated = [f"{g.task}/{_bb_text(g)}/{g.profile} (cell {g.cell}; {', '.join(_gated(g))})"
-               for g in cells.values() if g.cell not in expected_cells and _gated(g)]
+    ungated = ungated_cells(records, expected)
     if ungated and not ignore_unexpected:
         raise UnusableInput("runs with gated metrics but no expectation (they would pass unchecked): "
-                            + "; ".join(ungated) + ". Add them with --update, or pass --ignore-unexpected")
+                            + "; ".join(ungated) + ". Add them with --update, or let them pass as new with "
+                            "--allow-new")
     return verdicts
+
+
+def ungated_cells(records: list[dict[str, Any]], expected: dict[str, Any]) -> list[str]:
+    """The cells of these runs that have gated metrics but no expectation (a new task, profile or
+    setting), one line each: task/backbone/profile, cell and the gated metrics."""
+    expected_cells = {e["cell"] for e in expected["entries"]}
+    return [f"{g.task}/{_bb_text(g)}/{g.profile} (cell {g.cell}; {', '.join(_gated(g))})"
+            for g in group_records(records) if g.cell not in expected_cells and _gated(g)]
 
 
 def _explain_missing(e: dict[str, Any], expected: dict[str, Any], cells: dict[str, CellGroup]) -> str:

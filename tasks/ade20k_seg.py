@@ -42,6 +42,7 @@ from mmengine.registry import METRICS
 
 from fourm_eval.errors import ConfigError
 
+from .mmreg import register as mm_register
 from .base import Log, Metric, PreparedData, Progress, Task
 
 NUM_CLASSES = 150
@@ -49,7 +50,7 @@ HEADS = ("convnext", "upernet")
 METRIC_PREFIX = "seg"
 
 
-@METRICS.register_module(force=True)
+@mm_register(METRICS)
 class FourmSegMetric(BaseMetric):
     """mIoU / mAcc / aAcc at full precision (``fourm_eval.metrics_seg``); with ``predictions_dir``
     every evaluation also writes the label PNGs (the last evaluation's stay)."""
@@ -386,7 +387,7 @@ def register() -> None:
         def __repr__(self) -> str:
             return f"FourmColorJitter(prob={self.prob}, {self.jitter!r})"
 
-    TRANSFORMS.register_module("FourmColorJitter", module=FourmColorJitter, force=True)
+    mm_register(TRANSFORMS, "FourmColorJitter")(FourmColorJitter)
     _REGISTERED = True
 
 

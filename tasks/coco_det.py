@@ -31,13 +31,14 @@ from mmengine.registry import METRICS
 
 from fourm_eval.errors import ConfigError
 
+from .mmreg import register as mm_register
 from .base import Log, Metric, PreparedData, Progress, Task
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULT_FILES = {"bbox": "coco_results.bbox.json", "segm": "coco_results.segm.json"}
 
 
-@METRICS.register_module(force=True)
+@mm_register(METRICS)
 class FourmCocoMetric(BaseMetric):
     """Box and mask AP at full precision (pycocotools' COCOeval; see fourm_eval.metrics_coco).
 

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from fourm_eval.errors import ConfigError
 
+from .mmreg import register as mm_register
+
 
 class ConvNeXtTokenHead(nn.Module):
     """Tokens as a (B, D, h, w) map -> (B, out_channels, h*k, w*k) with k = sqrt(preds_per_patch).
@@ -131,7 +133,7 @@ def register_mmseg() -> None:
                 y = self.dropout(y)
             return self.head.final(y).contiguous()  # NCHW memory, as ConvNeXtTokenHead.forward
 
-    MODELS.register_module("FourmConvNeXtHead", module=FourmConvNeXtHead, force=True)
+    mm_register(MODELS, "FourmConvNeXtHead")(FourmConvNeXtHead)
     _REGISTERED = True
 
 

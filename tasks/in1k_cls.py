@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 from fourm_eval.data.coco_check import DatasetError
 from fourm_eval.errors import ConfigError
 
+from .mmreg import register as mm_register
 from .base import Log, Metric, PreparedData, Progress, Task
 
 PRED_FILE = "val_predictions.csv"
@@ -141,7 +142,7 @@ def score_predictions(preds: dict[str, list[int]], truth: list[tuple[str, int]],
     return topk_accuracy([preds[f] for f in files], [labels[f] for f in files])
 
 
-@METRICS.register_module(force=True)
+@mm_register(METRICS)
 class FourmTopKMetric(BaseMetric):
     """Top-1 / top-5 of the model (and of its EMA when present); writes the predictions CSV(s)."""
 
@@ -179,7 +180,7 @@ class FourmTopKMetric(BaseMetric):
 
 
 # ------------------------------------------------------------------- data
-@DATASETS.register_module(force=True)
+@mm_register(DATASETS)
 class FourmImageFolder(Dataset):
     """The images of one split (a list of (relative path, class index)) with a timm transform."""
 
@@ -216,7 +217,7 @@ def build_transform(is_training: bool, image_size: int, crop_pct: float, interpo
 
 
 # ------------------------------------------------------------------ model
-@MODELS.register_module(force=True)
+@mm_register(MODELS)
 class FourmClsDataPreprocessor(BaseDataPreprocessor):
     """Stacks the per-image tensors of mmengine's ``pseudo_collate`` batches; moves them to the device."""
 
@@ -228,7 +229,7 @@ class FourmClsDataPreprocessor(BaseDataPreprocessor):
         return {"inputs": self.cast_data(x), "label": self.cast_data(y), "file": files}
 
 
-@MODELS.register_module(force=True)
+@mm_register(MODELS)
 class FourmClassifier(BaseModel):
     """Backbone (``FourmEvalViT``) + classification head; see the module docstring."""
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .mmreg import register as mm_register
+
 # floats sampled per chunk (64 MiB of float32): bounds the memory of a batched paste on large images
 MAX_CHUNK_ELEMS = 1 << 24
 
@@ -101,5 +103,5 @@ def register() -> None:
                 mask_preds = mask_preds[range(n), labels][:, None]
             return paste_masks_cpu(mask_preds, bboxes, int(img_h), int(img_w), threshold)
 
-    MODELS.register_module("FourmFCNMaskHead", module=FourmFCNMaskHead)
+    mm_register(MODELS, "FourmFCNMaskHead")(FourmFCNMaskHead)
     _REGISTERED = True

@@ -32,11 +32,12 @@ from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 
 from fourm_eval.errors import ConfigError, FourmEvalError
 
+from .mmreg import register as mm_register
 from .state import prune_checkpoints, rng_state, set_rng_state
 
 
 # ------------------------------------------------------------------ modules
-@MODELS.register_module("FourmLN2d", force=True)
+@mm_register(MODELS, "FourmLN2d")
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of an NCHW map.
 
@@ -56,7 +57,7 @@ class LayerNorm2d(nn.Module):
         return x.permute(0, 3, 1, 2).contiguous()
 
 
-@MODELS.register_module(force=True)
+@mm_register(MODELS)
 class FourmEvalViT(BaseModule):
     """A fourm-eval backbone (4M, DeiT III, MAE via ``build_backbone``) as an mm backbone.
 
@@ -88,7 +89,7 @@ class FourmEvalViT(BaseModule):
         return tuple(t.transpose(1, 2).reshape(t.shape[0], -1, rows, cols).contiguous() for t in feats)
 
 
-@MODELS.register_module(force=True)
+@mm_register(MODELS)
 class SimpleFeaturePyramid(BaseModule):
     """ViTDet's neck: multi-scale maps from the single stride-16 map."""
 
@@ -127,7 +128,7 @@ def _register_timm_lars() -> None:
     """timm's LARS in mmengine's optimiser registry (profiles with ``optimizer: lars``)."""
     from mmengine.registry import OPTIMIZERS
     from timm.optim import Lars
-    OPTIMIZERS.register_module("TimmLars", module=Lars, force=True)
+    mm_register(OPTIMIZERS, "TimmLars")(Lars)
 
 
 _register_timm_lars()
@@ -175,7 +176,7 @@ def write_group_table(groups: list[dict[str, Any]], path: Path) -> None:
                         len(g["params"]), sum(p.numel() for p in g["params"]), " ".join(g["param_names"][:3])])
 
 
-@OPTIM_WRAPPER_CONSTRUCTORS.register_module(force=True)
+@mm_register(OPTIM_WRAPPER_CONSTRUCTORS)
 class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     """AdamW groups from ``backbone.layer_id``; see :func:`layer_decay_groups`."""
 
@@ -209,7 +210,7 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
 
 # -------------------------------------------------------------------- hooks
-@HOOKS.register_module(force=True)
+@mm_register(HOOKS)
 class EvalAtStartHook(Hook):
     """Evaluate the untrained model once, before the first iteration (kept across resumes)."""
     priority = "LOW"
@@ -226,7 +227,7 @@ class EvalAtStartHook(Hook):
             atomic_write_json(self.out_file, {k: float(v) for k, v in (metrics or {}).items()})
 
 
-@HOOKS.register_module(force=True)
+@mm_register(HOOKS)
 class EvalHistoryHook(Hook):
     """Append every periodic evaluation (iteration, metrics) to a JSON-lines file."""
     priority = "LOW"
@@ -245,7 +246,7 @@ class NonFiniteLossError(FourmEvalError):
     """Training produced a NaN or infinite loss."""
 
 
-@HOOKS.register_module(force=True)
+@mm_register(HOOKS)
 class FiniteLossHook(Hook):
     """Stop with a clear error when the loss is NaN/inf; the last checkpoint stays on disk."""
     priority = "HIGHEST"
@@ -262,7 +263,7 @@ class FiniteLossHook(Hook):
                 "then run the same command again to resume from it.")
 
 
-@HOOKS.register_module(force=True)
+@mm_register(HOOKS)
 class CheckpointStateHook(Hook):
     """Make mmengine checkpoints loadable with ``weights_only=True`` and resumable bit-for-bit.
 
@@ -314,7 +315,7 @@ class CheckpointStateHook(Hook):
                                                         lambda: set_rng_state(state))
 
 
-@HOOKS.register_module(force=True)
+@mm_register(HOOKS)
 class IsolateEvalRngHook(Hook):
     """Every evaluation leaves the global random streams as it found them.
 
@@ -337,7 +338,7 @@ class IsolateEvalRngHook(Hook):
             self._saved = None
 
 
-@HOOKS.register_module(force=True)
+@mm_register(HOOKS)
 class ResumeMissedEvalHook(Hook):
     """After a resume at an evaluation iteration whose evaluation never finished (the run was
     killed during it, or between the checkpoint and it), run that evaluation first, so the

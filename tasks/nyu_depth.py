@@ -48,6 +48,7 @@ from mmengine.registry import DATASETS, METRICS, MODELS
 
 from fourm_eval.errors import ConfigError
 
+from .mmreg import register as mm_register
 from .base import Log, Metric, PreparedData, Progress, Task
 
 HEADS = ("convnext", "dpt")
@@ -91,7 +92,7 @@ def berhu(pred: torch.Tensor, gt: torch.Tensor, threshold: float = 0.2) -> torch
 
 
 # -------------------------------------------------------------------- head
-@MODELS.register_module(force=True)
+@mm_register(MODELS)
 class FourmDepthHead(BaseModule):
     """A dense head with one output channel and a softplus: depth in metres.
 
@@ -170,11 +171,11 @@ def _register_dataset() -> None:
                 return items
             return [d for d in items if Path(d["img_path"]).stem in self._names]
 
-    DATASETS.register_module("FourmNYUDataset", module=FourmNYUDataset, force=True)
+    mm_register(DATASETS, "FourmNYUDataset")(FourmNYUDataset)
 
 
 # ------------------------------------------------------------------ metric
-@METRICS.register_module(force=True)
+@mm_register(METRICS)
 class FourmDepthMetric(BaseMetric):
     """The Eigen-convention metrics of ``fourm_eval.metrics_depth`` on the saved predictions.
 

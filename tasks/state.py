@@ -139,9 +139,11 @@ def init_distributed_cpu(launcher: str) -> dict[str, Any] | None:
     launcher_env(launcher)
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
-    if "CPUDistributedDataParallel" not in MODEL_WRAPPERS.module_dict:
-        @MODEL_WRAPPERS.register_module()
-        class CPUDistributedDataParallel(MMDistributedDataParallel):
-            def __init__(self, module, device_ids=None, **kwargs):  # CPU modules take no device_ids
-                super().__init__(module=module, device_ids=None, **kwargs)
+    from .mmreg import register as mm_register
+
+    class CPUDistributedDataParallel(MMDistributedDataParallel):
+        def __init__(self, module, device_ids=None, **kwargs):  # CPU modules take no device_ids
+            super().__init__(module=module, device_ids=None, **kwargs)
+
+    mm_register(MODEL_WRAPPERS)(CPUDistributedDataParallel)
     return dict(type="CPUDistributedDataParallel", broadcast_buffers=False, find_unused_parameters=False)

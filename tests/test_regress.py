@@ -122,8 +122,10 @@ def test_expectations_are_keyed_by_cell(tmp_path):
     _runs(tmp_path / "mix" / "b", [0.10, 0.12], config={"lr": 2e-4})
     r = _invoke(tmp_path / "mix", "--expected", exp)
     assert r.exit_code == 2 and "no expectation (they would pass unchecked)" in r.output
-    r = _invoke(tmp_path / "mix", "--expected", exp, "--ignore-unexpected")
+    assert "--allow-new" in r.output
+    r = _invoke(tmp_path / "mix", "--expected", exp, "--allow-new")
     assert r.exit_code == 0, r.output
+    assert "new, not gated (--allow-new): " in r.output and r.output.count("new, not gated") == 1
 
 
 def test_unusable_input_exits_2(tmp_path):

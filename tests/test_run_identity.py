@@ -82,7 +82,7 @@ def test_other_settings_and_random_init_are_other_rows_and_keys(real_runs):
     r = run_cli(["regress", str(root), "--expected", str(exp)], tmp)
     assert r.returncode == 2 and "no expectation (they would pass unchecked)" in r.stderr
     assert "nyu-depth/4m-tiny(random)/smoke" in r.stderr and r.stderr.count("(cell ") == 2
-    r = run_cli(["regress", str(root), "--expected", str(exp), "--ignore-unexpected"], tmp)
+    r = run_cli(["regress", str(root), "--expected", str(exp), "--allow-new"], tmp)
     assert r.returncode == 0 and "[paired" not in r.stdout and "[unpaired" in r.stdout  # no noise runs given
     cur = [l for l in r.stdout.splitlines() if l.startswith("ok nyu-depth") and " delta1 " in l]
     assert len(cur) == 1 and "current" in cur[0] and "(n 2)" in cur[0]  # neither berhu nor random entered
