@@ -43,7 +43,7 @@ from mmengine.registry import METRICS
 from fourm_eval.errors import ConfigError
 
 from .mmreg import register as mm_register
-from .base import Log, Metric, PreparedData, Progress, Task
+from .base import Log, Metric, PreparedData, Progress, RunContext, Task
 
 NUM_CLASSES = 150
 HEADS = ("convnext", "upernet")
@@ -231,8 +231,9 @@ class Ade20kSeg(Task):
     def register_mm(self) -> None:
         register()
 
-    def runner_parts(self, p: dict[str, Any], data: PreparedData, *, backbone_cfg: dict[str, Any],
-                     embed_dim: int, sched: dict[str, Any], seed: int, predictions_dir: Path) -> dict[str, Any]:
+    def runner_parts(self, ctx: RunContext) -> dict[str, Any]:
+        p, data, backbone_cfg, embed_dim = ctx.profile, ctx.data, ctx.backbone_cfg, ctx.embed_dim
+        predictions_dir = ctx.predictions_dir
         checks = data.private["checks"]
         train_pipe, test_pipe = build_pipelines(p)
 

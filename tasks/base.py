@@ -46,6 +46,27 @@ class PreparedData:
     private: dict[str, Any] = field(default_factory=dict)  # task-only state (annotation files, class ids)
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What the shared runner hands to :meth:`Task.runner_parts`, in one object. The contract test
+    builds it with the same function (:func:`fourm_eval.tasks.runner.run_context`).
+
+    ``backbone_cfg`` is ``FourmEvalViT``'s config (``tasks/mm.py``), resolved by the runner: ``name``,
+    ``checkpoint`` (None: random init), ``allow_pickle``, ``drop_path_rate`` (profile ``drop_path``),
+    ``grad_checkpointing``, ``num_heads`` (only when given for a 4M file without metadata), ``img_size``
+    (timm baselines: profile ``image_size``), and every option of :meth:`Task.backbone_options`.
+    A task adds only its own keys (e.g. ``out_indices``, ``final_norm``)."""
+
+    profile: dict[str, Any]        # the resolved profile: --set applied, per-size values resolved, model_size
+    data: PreparedData             # this task's check_data result
+    backbone_cfg: dict[str, Any]
+    embed_dim: int                 # the backbone's token width
+    num_layers: int                # its number of blocks (for heads that read several depths)
+    schedule: dict[str, Any]       # tasks.runner.schedule(): max_iters, val_interval, checkpoint_interval, ...
+    seed: int
+    predictions_dir: Path          # where every validation writes its predictions (the last one stays)
+
+
 class Task(ABC):
     name: ClassVar[str]            # "coco-det": the CLI name, the record's ``task``
     title: ClassVar[str]           # one line for listings
@@ -90,12 +111,11 @@ class Task(ABC):
         """Import/register the OpenMMLab modules the task's config names (idempotent)."""
 
     @abstractmethod
-    def runner_parts(self, p: dict[str, Any], data: PreparedData, *, backbone_cfg: dict[str, Any],
-                     embed_dim: int, sched: dict[str, Any], seed: int, predictions_dir: Path) -> dict[str, Any]:
+    def runner_parts(self, ctx: RunContext) -> dict[str, Any]:
         """``model``, ``train_dataset``, ``val_dataset`` and ``val_evaluator`` configs for mmengine
         (the shared runner wraps the datasets in loaders and adds loop, optimiser and hooks).
 
-        The evaluator writes the predictions of every validation into ``predictions_dir``
+        The evaluator writes the predictions of every validation into ``ctx.predictions_dir``
         (the last one stays: the final model's)."""
 
     def verify_runner(self, runner: Any, data: PreparedData) -> None:

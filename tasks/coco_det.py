@@ -32,7 +32,7 @@ from mmengine.registry import METRICS
 from fourm_eval.errors import ConfigError
 
 from .mmreg import register as mm_register
-from .base import Log, Metric, PreparedData, Progress, Task
+from .base import Log, Metric, PreparedData, Progress, RunContext, Task
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULT_FILES = {"bbox": "coco_results.bbox.json", "segm": "coco_results.segm.json"}
@@ -265,8 +265,9 @@ class CocoDet(Task):
     def register_mm(self) -> None:
         register()
 
-    def runner_parts(self, p: dict[str, Any], data: PreparedData, *, backbone_cfg: dict[str, Any],
-                     embed_dim: int, sched: dict[str, Any], seed: int, predictions_dir: Path) -> dict[str, Any]:
+    def runner_parts(self, ctx: RunContext) -> dict[str, Any]:
+        p, data, backbone_cfg, embed_dim = ctx.profile, ctx.data, ctx.backbone_cfg, ctx.embed_dim
+        predictions_dir = ctx.predictions_dir
         checks, classes, cat_ids = (data.private[k] for k in ("checks", "classes", "cat_ids"))
         train_ann = checks["train"].used_ann_file or checks["train"].ann_file
         val_ann = checks["val"].used_ann_file or checks["val"].ann_file

@@ -41,7 +41,7 @@ from fourm_eval.data.coco_check import DatasetError
 from fourm_eval.errors import ConfigError
 
 from .mmreg import register as mm_register
-from .base import Log, Metric, PreparedData, Progress, Task
+from .base import Log, Metric, PreparedData, Progress, RunContext, Task
 
 PRED_FILE = "val_predictions.csv"
 PRED_FILE_EMA = "val_predictions_ema.csv"
@@ -434,8 +434,9 @@ class In1kCls(Task):
         import importlib
         importlib.import_module(".mm", __package__)  # FourmEvalViT, the optimiser constructor and the hooks
 
-    def runner_parts(self, p: dict[str, Any], data: PreparedData, *, backbone_cfg: dict[str, Any],
-                     embed_dim: int, sched: dict[str, Any], seed: int, predictions_dir: Path) -> dict[str, Any]:
+    def runner_parts(self, ctx: RunContext) -> dict[str, Any]:
+        p, data, backbone_cfg, embed_dim = ctx.profile, ctx.data, ctx.backbone_cfg, ctx.embed_dim
+        predictions_dir = ctx.predictions_dir
         classes = data.private["classes"]
         files = data.private["files"]
         if not files:

@@ -49,7 +49,7 @@ from mmengine.registry import DATASETS, METRICS, MODELS
 from fourm_eval.errors import ConfigError
 
 from .mmreg import register as mm_register
-from .base import Log, Metric, PreparedData, Progress, Task
+from .base import Log, Metric, PreparedData, Progress, RunContext, Task
 
 HEADS = ("convnext", "dpt")
 LOSSES = ("silog", "berhu")
@@ -369,16 +369,13 @@ class NyuDepth(Task):
     def register_mm(self) -> None:
         register()
 
-    def runner_parts(self, p: dict[str, Any], data: PreparedData, *, backbone_cfg: dict[str, Any],
-                     embed_dim: int, sched: dict[str, Any], seed: int, predictions_dir: Path) -> dict[str, Any]:
+    def runner_parts(self, ctx: RunContext) -> dict[str, Any]:
+        p, data, backbone_cfg, embed_dim = ctx.profile, ctx.data, ctx.backbone_cfg, ctx.embed_dim
+        predictions_dir = ctx.predictions_dir
         checks = data.private["checks"]
         train_pipe, test_pipe = build_pipelines(p)
         bcfg = dict(backbone_cfg)
-        n_layers = None
-        if p["head"] == "dpt":  # DPT's blocks depend on the depth: the same look-up the runner made
-            from fourm_eval.backbones import backbone_info
-            n_layers = backbone_info(bcfg["name"], bcfg.get("checkpoint"), bool(bcfg.get("allow_pickle")),
-                                     num_heads=bcfg.get("num_heads"))["num_layers"]
+        n_layers = ctx.num_layers if p["head"] == "dpt" else None  # DPT's blocks depend on the depth
         root = str(data.root)
 
         def ds(split: str, pipe: list, test_mode: bool) -> dict:

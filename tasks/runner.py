@@ -24,7 +24,7 @@ import torch
 from fourm_eval.console import RunConsole
 from fourm_eval.errors import ConfigError, FourmEvalWarning
 
-from .base import Task
+from .base import PreparedData, RunContext, Task
 from .profiles import apply_overrides, load_profile, resolve_interval, resolve_per_size, resolve_size
 from .runs import mark_predictions, predictions_state, rank_zero
 
@@ -52,14 +52,21 @@ def schedule(p: dict[str, Any], n_train: int, world: int) -> dict[str, Any]:
     else:
         warmup = int(sch.get("warmup_iters", 0))
     decay = sch.get("decay", "step")
-    if decay not in ("step", "cosine"):
-        raise ConfigError(f"schedule.decay must be 'step' (lr x0.1 at the milestones) or 'cosine', not {decay!r}")
-    if decay == "cosine" and sch.get("milestones"):
-        raise ConfigError("schedule: milestones apply to decay 'step' only, not to 'cosine'")
+    if decay not in ("step", "cosine", "poly"):
+        raise ConfigError(f"schedule.decay must be 'step' (lr x0.1 at the milestones), 'cosine' or 'poly' "
+                          f"(mmseg's: lr x (1 - t)^power), not {decay!r}")
+    if decay != "step" and sch.get("milestones"):
+        raise ConfigError(f"schedule: milestones apply to decay 'step' only, not to {decay!r}")
+    if decay != "poly" and "poly_power" in sch:
+        raise ConfigError(f"schedule: poly_power applies to decay 'poly' only, not to {decay!r}")
+    power = float(sch.get("poly_power", 1.0))
+    if power <= 0:
+        raise ConfigError(f"schedule.poly_power must be positive, not {power}")
     return dict(per_gpu_batch=per_gpu, eff_batch=eff_batch, max_iters=max_iters, val_interval=val_every,
                 checkpoint_interval=ckpt_every, warmup=min(warmup, max_iters), decay=decay,
                 milestones=[int(m * max_iters) for m in sch.get("milestones", [])],
-                min_lr_ratio=float(sch.get("min_lr_ratio", 0.0)))
+                min_lr_ratio=float(sch.get("min_lr_ratio", 0.0)),
+                **({"poly_power": power} if decay == "poly" else {}))
 
 
 def optimizer_cfg(p: dict[str, Any]) -> dict[str, Any]:
@@ -110,6 +117,12 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         # half a cosine from the end of the warm-up to min_lr_ratio x lr (default 0) at the last iteration
         schedulers.append(dict(type="CosineAnnealingLR", by_epoch=False, begin=sched["warmup"],
                                end=sched["max_iters"], eta_min_ratio=sched.get("min_lr_ratio", 0.0)))
+    if sched.get("decay") == "poly" and sched["warmup"] < sched["max_iters"]:
+        # mmseg's PolyLR from the end of the warm-up: lr x (1 - t/T)^power down to eta_min, which mmengine
+        # takes as one absolute lr for every parameter group (mmseg's configs: 0 or 1e-4); here
+        # min_lr_ratio x the profile's lr
+        schedulers.append(dict(type="PolyLR", by_epoch=False, begin=sched["warmup"], end=sched["max_iters"],
+                               power=sched["poly_power"], eta_min=float(p["lr"]) * sched.get("min_lr_ratio", 0.0)))
     hooks = [dict(type="FiniteLossHook"), dict(type="CheckpointStateHook", keep=int(p.get("max_keep_ckpts", 2))),
              dict(type="EvalHistoryHook", out_file=str(work_dir / "eval_history.jsonl")),
              dict(type="IsolateEvalRngHook"),
@@ -154,6 +167,22 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
                    custom_hooks=[dict(type="IsolateEvalRngHook")])
         cfg["default_hooks"] = {k: v for k, v in cfg["default_hooks"].items() if k in ("timer", "logger")}
     return cfg
+
+
+def run_context(task: Task, p: dict[str, Any], data: PreparedData, *, name: str, checkpoint: str | None,
+                info: dict[str, Any], options: dict[str, Any], world: int, seed: int, predictions_dir: Path,
+                allow_pickle: bool = False, num_heads: int | None = None) -> RunContext:
+    """The one object :meth:`Task.runner_parts` receives (see :class:`RunContext` for each field)."""
+    backbone_cfg = dict(name=name, checkpoint=checkpoint, allow_pickle=allow_pickle,
+                        drop_path_rate=float(p["drop_path"]), grad_checkpointing=bool(p.get("grad_checkpointing")),
+                        **options)
+    if num_heads is not None:
+        backbone_cfg["num_heads"] = int(num_heads)
+    if not name.startswith("4m"):
+        backbone_cfg["img_size"] = int(p["image_size"])
+    return RunContext(profile=p, data=data, backbone_cfg=backbone_cfg, embed_dim=int(info["embed_dim"]),
+                      num_layers=int(info["num_layers"]), schedule=schedule(p, data.n_train, world), seed=seed,
+                      predictions_dir=Path(predictions_dir))
 
 
 def resolve_run_profile(task: Task, profile: str, sets: list[str] | None, info: dict[str, Any],
@@ -323,23 +352,16 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     if src is not None and src["run"] is not None:
         _check_same_data(src, data, root, warns, console)
 
-    backbone_cfg = dict(name=name, checkpoint=ckpt_path, allow_pickle=allow_pickle,
-                        drop_path_rate=float(p["drop_path"]), grad_checkpointing=bool(p.get("grad_checkpointing")),
-                        **options)
-    if num_heads is not None:
-        backbone_cfg["num_heads"] = int(num_heads)
-    if not name.startswith("4m"):
-        backbone_cfg["img_size"] = int(p["image_size"])
-
     task.register_mm()
     allow_mmengine_checkpoint_types()
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    sched = schedule(p, data.n_train, world)
-    pred_dir = wd.path / PREDICTIONS_DIR
-    parts = task.runner_parts(p, data, backbone_cfg=backbone_cfg, embed_dim=info["embed_dim"], sched=sched,
-                              seed=seed, predictions_dir=pred_dir)
+    ctx = run_context(task, p, data, name=name, checkpoint=ckpt_path, info=info, options=options, world=world,
+                      seed=seed, predictions_dir=wd.path / PREDICTIONS_DIR, allow_pickle=allow_pickle,
+                      num_heads=num_heads)
+    sched, pred_dir = ctx.schedule, ctx.predictions_dir
+    parts = task.runner_parts(ctx)
     vis_backends, logger_record = resolve_loggers(p.get("loggers") or [], wd.path, task.name, name, seed)
     cfg = runner_cfg(task, p, parts, sched=sched, work_dir=wd.path, seed=seed, launcher=launcher,
                      eval_only=src is not None, vis_backends=vis_backends)

@@ -126,3 +126,42 @@ def test_cosine_schedule_with_a_warmup_epoch():
     p["schedule"]["warmup_iters"] = 5
     with pytest.raises(ConfigError, match="not both"):
         schedule(p, n_train=100, world=1)
+
+
+def test_poly_schedule_follows_mmsegs_formula():
+    """decay: poly (mmseg's standard): after the warm-up, lr x (1 - t / T)^power, stepped by mmengine's own
+    schedulers built from the runner's config; poly_power only with poly; milestones only with step."""
+    import copy
+
+    import torch
+    from mmengine.optim import OptimWrapper
+    from mmengine.registry import PARAM_SCHEDULERS
+
+    from fourm_eval.errors import ConfigError
+    from fourm_eval.tasks import get_task
+    from fourm_eval.tasks.profiles import apply_overrides, load_profile, resolve_per_size
+    from fourm_eval.tasks.runner import runner_cfg, schedule
+
+    p = resolve_per_size(apply_overrides(load_profile("ade20k-seg", "smoke"), ["schedule.decay=poly"]), "tiny")
+    p["schedule"].pop("warmup_epochs", None)
+    p["schedule"].update(warmup_iters=10, length=50, poly_power=0.9)
+    s = schedule(p, n_train=100, world=1)
+    assert s["decay"] == "poly" and s["poly_power"] == 0.9 and s["warmup"] == 10
+    cfg = runner_cfg(get_task("ade20k-seg"), p, dict(model={}, train_dataset={}, val_dataset={}, val_evaluator={}),
+                     sched=s, work_dir=Path("/tmp/x"), seed=0, launcher="none")
+    assert [c["type"] for c in cfg["param_scheduler"]] == ["LinearLR", "PolyLR"]
+    lr0 = float(p["lr"])
+    opt = OptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr0))
+    scheds = [PARAM_SCHEDULERS.build({**copy.deepcopy(c), "optimizer": opt}) for c in cfg["param_scheduler"]]
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.optimizer.param_groups[0]["lr"])
+        for sc in scheds:
+            sc.step()
+    for t in range(10, 50):
+        assert lrs[t] == pytest.approx(lr0 * (1 - (t - 10) / 40) ** 0.9, rel=1e-6, abs=1e-12), t
+    assert lrs[0] < lr0 * 0.01
+    bad = copy.deepcopy(p)
+    bad["schedule"]["decay"] = "cosine"
+    with pytest.raises(ConfigError, match="poly_power applies to decay 'poly' only"):
+        schedule(bad, n_train=100, world=1)

@@ -17,6 +17,7 @@ from fourm_eval.data.coco_check import DatasetError
 from fourm_eval.data.coco_mini import make_mini_coco
 from fourm_eval.tasks import coco_det
 from fourm_eval.tasks.profiles import load_profile
+from task_context import run_context_for
 
 # the mini dataset's circle / square / triangle get non-contiguous ids; "star" is declared, never annotated
 REMAP = {1: 17, 2: 90, 3: 1}
@@ -55,8 +56,7 @@ def _build(root: Path, work: Path):
     data = task.check_data(root, p, skip_bad_images=False, out_dir=work / "data", log=lambda _: None)
     cat_ids = data.private["cat_ids"]
     task.register_mm()
-    cfg = task.runner_parts(p, data, backbone_cfg=dict(name="4m-tiny"), embed_dim=64, sched={}, seed=0,
-                            predictions_dir=work / "predictions")
+    cfg = task.runner_parts(run_context_for(task, p, data, work / "predictions"))
     train = DATASETS.build(cfg["train_dataset"])
     val = DATASETS.build(cfg["val_dataset"])
     coco_det.check_label_order(train, cat_ids, "train")

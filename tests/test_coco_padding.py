@@ -6,6 +6,7 @@ import torch
 from fourm_eval.data.coco_mini import make_mini_coco
 from fourm_eval.tasks import get_task
 from fourm_eval.tasks.profiles import apply_overrides, load_profile
+from task_context import run_context_for
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,7 @@ def built(tmp_path_factory):
     p = apply_overrides(load_profile(task.name, "smoke"), ["image_size=192", "lsj_scale=[0.5, 0.6]"])
     data = task.check_data(root, p, skip_bad_images=False, out_dir=tmp / "data", log=lambda _: None)
     task.register_mm()
-    parts = task.runner_parts(p, data, backbone_cfg=dict(name="4m-tiny"), embed_dim=128, sched={}, seed=0,
-                              predictions_dir=tmp / "pred")
+    parts = task.runner_parts(run_context_for(task, p, data, tmp / "pred"))
     with DefaultScope.overwrite_default_scope("mmdet"):
         pre = MODELS.build(parts["model"]["data_preprocessor"])
         train, val = DATASETS.build(parts["train_dataset"]), DATASETS.build(parts["val_dataset"])

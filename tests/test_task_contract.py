@@ -8,6 +8,7 @@ import pytest
 from fourm_eval.tasks import all_tasks, get_task
 from fourm_eval.tasks.base import Task
 from fourm_eval.tasks.profiles import list_profiles, load_profile
+from task_context import run_context_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = list(all_tasks().values())
@@ -57,8 +58,7 @@ def test_model_builds_and_record_holds_main_metrics(task, tmp_path):
     data = task.check_data(root, p, skip_bad_images=False, out_dir=tmp_path / "data", log=lambda _: None)
     assert data.n_train > 0 and data.n_val > 0 and data.record
     task.register_mm()
-    parts = task.runner_parts(p, data, backbone_cfg=dict(name="4m-tiny"), embed_dim=128, sched={}, seed=0,
-                              predictions_dir=tmp_path / "pred")
+    parts = task.runner_parts(run_context_for(task, p, data, tmp_path / "pred"))
     assert {"model", "train_dataset", "val_dataset", "val_evaluator"} <= set(parts)
     with DefaultScope.overwrite_default_scope(task.mm_scope):
         model = MODELS.build(ConfigDict(parts["model"]))
