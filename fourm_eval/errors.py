@@ -19,6 +19,10 @@ class ConfigError(FourmEvalError):
     """A configuration value or option is invalid."""
 
 
+class PredictionsError(FourmEvalError):
+    """A predictions file or folder is incomplete or holds files not in the task's format."""
+
+
 class FourmEvalWarning(UserWarning):
     """A value was inferred from a partial signal (a file's kind, an architecture from
     tensor shapes); if the inference is wrong, so is the number. Shown loudly and

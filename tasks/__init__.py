@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .base import Metric, Task
 
 # modules of this package that hold shared machinery, not tasks (not imported by the scan)
-_SHARED = {"base", "mm", "mmreg", "mask_paste", "runner", "runs", "profiles", "state", "dense_heads"}
+_SHARED = {"base", "dense_heads", "kits", "mask_paste", "mm", "mmreg", "profiles", "runner", "runs", "state"}
 _TASKS: dict[str, "Task"] | None = None
 
 

@@ -75,6 +75,7 @@ class Task(ABC):
     requires: ClassVar[tuple[str, ...]]  # `doctor` check names this task needs (e.g. "mmdet", "mmcv ops")
     prediction_format: ClassVar[str]     # one line: what the saved predictions are
     mm_scope: ClassVar[str]        # the OpenMMLab default scope of its runner ("mmdet", "mmseg")
+    settings: ClassVar[tuple] = () # its profile keys beyond the runner's (``tasks.schema.Setting``; kit's included)
 
     # ---------------------------------------------------------------- data
     @abstractmethod

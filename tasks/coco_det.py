@@ -32,6 +32,7 @@ from mmengine.registry import METRICS
 from fourm_eval.errors import ConfigError
 
 from .mmreg import register as mm_register
+from .schema import S, SUBSET_SETTINGS
 from .base import Log, Metric, PreparedData, Progress, RunContext, Task
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -219,6 +220,27 @@ class CocoDet(Task):
     prediction_format = ("COCO results json per IoU type (coco_results.bbox.json, coco_results.segm.json with RLE "
                          "masks; original category ids), as the COCO evaluation server takes")
     mm_scope = "mmdet"
+    settings = SUBSET_SETTINGS + (
+        S("image_size", "int", "square input (LSJ crop, padded test images)", unit="px"),
+        S("detector", "str", "ViTDet's detector", choices=("mask_rcnn", "cascade_mask_rcnn")),
+        S("lsj_scale", "list", "large-scale jitter scale range", item="float", length=2),
+        S("attention", "str", "backbone attention: global in every block, or ViTDet's windows with global "
+          "blocks at each quarter", default="global", choices=("global", "window")),
+        S("window_size", "int", "window attention: window side", unit="tokens"),
+        S("neck_channels", "int", "simple feature pyramid channels"),
+        S("head", "section", "the R-CNN heads", per_size=False),
+        S("head.bbox_head", "str", "box head", choices=("4conv1fc", "2fc")),
+        S("head.fc_channels", "int", "box head fc width"),
+        S("head.mask_convs", "int", "mask head convolutions"),
+        S("head.rpn_samples", "int", "RPN anchors sampled per image"),
+        S("head.rcnn_samples", "int", "RoIs sampled per image"),
+        S("head.rcnn_pos_fraction", "float", "share of positives among sampled RoIs", default=0.25),
+        S("head.rcnn_neg_iou_gap", "float", "RoIs with IoU in [0.5 - gap, 0.5) are ignored", default=0.0),
+        S("head.rpn_pre_nms", "int", "training proposals before NMS"),
+        S("head.rpn_post_nms", "int", "training proposals after NMS"),
+        S("head.rpn_pre_nms_test", "int", "test proposals before NMS"),
+        S("head.rpn_post_nms_test", "int", "test proposals after NMS"),
+    )
 
     # data
     def make_mini(self, out: Path, seed: int = 0) -> Path:

@@ -41,6 +41,7 @@ from fourm_eval.data.coco_check import DatasetError
 from fourm_eval.errors import ConfigError
 
 from .mmreg import register as mm_register
+from .schema import S, SUBSET_SETTINGS
 from .base import Log, Metric, PreparedData, Progress, RunContext, Task
 
 PRED_FILE = "val_predictions.csv"
@@ -366,6 +367,29 @@ class In1kCls(Task):
                          "top5 = class indices best first (index = position of the wnid in sorted order), "
                          "scores = their probabilities")
     mm_scope = "mmengine"
+    settings = SUBSET_SETTINGS + (
+        S("image_size", "int", "square crop", unit="px"),
+        S("mode", "str", "finetune, or linear (frozen backbone, BN + linear head)", choices=("finetune", "linear")),
+        S("pool", "str", "pooling of the final tokens (cls: DeiT III / MAE only)", choices=("mean", "cls")),
+        S("probe_blocks", "int", "linear mode: average the pooled tokens of the last k blocks", default=1),
+        S("eval_crop_pct", "float", "centre-crop evaluation: short side to image_size / this"),
+        S("interpolation", "str", "resize interpolation (timm's names)", choices=("bicubic", "bilinear", "nearest")),
+        S("augment", "section", "training augmentation (timm)", per_size=False),
+        S("augment.rrc_scale", "list", "random-resized-crop area range", item="float", length=2),
+        S("augment.rrc_ratio", "list", "random-resized-crop aspect range", item="float", length=2),
+        S("augment.hflip", "float", "horizontal flip probability"),
+        S("augment.rand_augment", "str", "timm RandAugment policy (null: none)", null=True),
+        S("augment.random_erasing", "float", "random erasing probability"),
+        S("augment.mixup", "float", "mixup alpha (0: off)"),
+        S("augment.cutmix", "float", "cutmix alpha (0: off)"),
+        S("augment.mixup_prob", "float", "probability of mixing a batch"),
+        S("augment.mixup_switch_prob", "float", "probability of cutmix instead of mixup"),
+        S("augment.label_smoothing", "float", "label smoothing"),
+        S("ema", "section", "model EMA (timm ModelEmaV3)", per_size=False),
+        S("ema.enabled", "bool", "keep and evaluate an EMA of the weights"),
+        S("ema.decay", "float", "EMA decay"),
+        S("ema.warmup", "bool", "timm's EMA decay warm-up", default=False),
+    )
 
     # data
     def make_mini(self, out: Path, seed: int = 0) -> Path:

@@ -5,8 +5,8 @@ class registered with ``force=True`` silently replaces any other of the same nam
 module (two tasks each defining a ``SegMetric`` would both build the last one imported).
 ``register`` refuses that: a name already taken by another definition, in the registry or
 in any of its children (mmdet's and mmseg's scopes), is an error naming both modules.
-Registering the same definition again (a module imported again, a function that defines its
-class each call) is allowed and keeps the newest class object.
+Registering the same definition again (a module imported again, or under another module name,
+a function that defines its class each call) is allowed and keeps the newest class object.
 """
 
 from __future__ import annotations
@@ -24,6 +24,20 @@ class RegistryClashError(FourmEvalError):
 
 def _origin(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+
+
+def _definition(obj: Any) -> tuple[str, str]:
+    """What makes two class objects one definition: the source file (one file imported under two
+    module names, e.g. ``tasks.x`` from a checkout and ``fourm_eval.tasks.x``, is one definition)
+    and the qualified name."""
+    import inspect
+    import os
+
+    try:
+        where = os.path.realpath(inspect.getsourcefile(obj) or "")
+    except TypeError:
+        where = ""
+    return where or getattr(obj, "__module__", "?"), getattr(obj, "__qualname__", getattr(obj, "__name__", "?"))
 
 
 def _taken(registry: Any, name: str) -> list[tuple[str, Any]]:
@@ -44,7 +58,7 @@ def register(registry: Any, name: str | None = None) -> Callable[[T], T]:
     def do(cls: T) -> T:
         key = name or cls.__name__
         for scope, old in _taken(registry, key):
-            if old is not cls and _origin(old) != _origin(cls):
+            if old is not cls and _definition(old) != _definition(cls):
                 raise RegistryClashError(
                     f"OpenMMLab registry {registry.name!r} (scope {scope!r}): the name {key!r} is taken by "
                     f"{_origin(old)}, and {_origin(cls)} wants it too; give one of them another name "

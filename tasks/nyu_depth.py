@@ -1,25 +1,5 @@
-"""NYUv2 monocular depth, on mmsegmentation 1.2's depth path.
-
-Model: backbone (4M / DeiT III / MAE through ``build_backbone``) -> a dense head ->
-one channel -> softplus: depth in metres, always positive. mmseg's ``DepthEstimator``
-runs it (data preprocessing, whole-image inference, padding removed, prediction resized
-to the image's full size).
-
-Heads (``head`` in the profile, recorded):
-
-* ``convnext`` (default; 4M-21 Appendix G uses a ConvNeXt head for NYUv2): MultiMAE's
-  ConvNeXt adapter on the last block's tokens (``tasks/dense_heads.py``, shared with the
-  segmentation task), 1 output channel at stride 4;
-* ``dpt`` (MultiMAE's NYUv2 head): DPT's reassemble (tokens of the last block of each
-  quarter of the encoder, projected and resampled x4, x2, x1, x0.5) and fusion blocks,
-  mmseg's ``DPTHead`` with 1 output channel, without batch norm (DPT's depth heads use none).
-
-Losses (``loss``, recorded): ``silog`` (default): the scale-invariant log loss
-sqrt(mean d^2 - 0.5 (mean d)^2), d = log g - log p, per image, averaged over the batch
-(mmseg's ``silog_loss``); ``berhu`` (MultiMAE's): the reversed Huber loss with threshold
-c = ``berhu_threshold`` x the batch's largest absolute error, |d| below c, (d^2 + c^2) / 2c
-above, averaged over the batch's valid pixels. Both use only pixels whose ground truth lies in
-(1e-3, 10] m, the metric's range.
+"""NYUv2 monocular depth, on the depth kit (``tasks/kits/depth.py``: mmseg's ``DepthEstimator``,
+the ``convnext`` / ``dpt`` heads, ``silog`` / ``berhu`` losses, predictions and metric).
 
 Data: the layout of ``fourm_eval.data.nyu`` (mmseg's NYUDataset: images/ + annotations/,
 16-bit PNG depth in millimetres). Training: the image's short side resized to
@@ -39,118 +19,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from mmengine.evaluator import BaseMetric
-from mmengine.model import BaseModule
-from mmengine.registry import DATASETS, METRICS, MODELS
+from mmengine.registry import DATASETS
 
 from fourm_eval.errors import ConfigError
 
+from .base import Log, Metric, PreparedData, Progress, RunContext
+from .kits.depth import DepthTask
+from .schema import S
 from .mmreg import register as mm_register
-from .base import Log, Metric, PreparedData, Progress, RunContext, Task
-
-HEADS = ("convnext", "dpt")
-LOSSES = ("silog", "berhu")
-PATCH = 16  # every backbone here has 16-pixel patches; test inputs are padded to a multiple of it
-METRIC_PREFIX = "depth"
-
-
-# ------------------------------------------------------------------ losses
-def valid_mask(gt: torch.Tensor) -> torch.Tensor:
-    from fourm_eval.metrics_depth import MAX_DEPTH, MIN_DEPTH
-    return (gt > MIN_DEPTH) & (gt <= MAX_DEPTH)
-
-
-def silog(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Scale-invariant log loss (lambda 0.5) per image over its valid pixels, mean over the images
-    that have any (mmseg's ``silog_loss``); 0 (with a graph) for a batch without valid pixels."""
-    from mmseg.models.losses.silog_loss import silog_loss
-
-    from fourm_eval.metrics_depth import MIN_DEPTH
-
-    mask = valid_mask(gt)
-    keep = mask.flatten(1).any(1)
-    if not keep.any():
-        return pred.sum() * 0.0
-    target = torch.where(mask, gt, torch.zeros_like(gt))  # silog_loss scores target > eps only
-    return silog_loss(pred[keep], target[keep], eps=MIN_DEPTH, reduction="mean")
-
-
-def berhu(pred: torch.Tensor, gt: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
-    """Reversed Huber loss over the batch's valid pixels, c = threshold x max |pred - gt| (no gradient
-    through c)."""
-    mask = valid_mask(gt)
-    if not mask.any():
-        return pred.sum() * 0.0
-    d = (pred - gt)[mask].abs()
-    c = (threshold * d.max()).detach()
-    if float(c) <= 0:  # every error is 0
-        return d.mean()
-    return torch.where(d <= c, d, (d * d + c * c) / (2 * c)).mean()
-
-
-# -------------------------------------------------------------------- head
-@mm_register(MODELS)
-class FourmDepthHead(BaseModule):
-    """A dense head with one output channel and a softplus: depth in metres.
-
-    The interface mmseg's ``DepthEstimator`` calls (``loss``, ``predict``, ``align_corners``,
-    ``num_classes``, ``out_channels``); the head itself is ``ConvNeXtTokenHead``
-    (``tasks/dense_heads.py``) or mmseg's ``DPTHead``."""
-
-    def __init__(self, head: str, in_channels: int, loss: str = "silog", berhu_threshold: float = 0.2,
-                 convnext: dict | None = None, dpt: dict | None = None, init_cfg: Any = None):
-        super().__init__(init_cfg=init_cfg)
-        if head not in HEADS:
-            raise ConfigError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
-        if loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
-        self.kind, self.loss_kind, self.berhu_threshold = head, loss, float(berhu_threshold)
-        self.align_corners, self.num_classes, self.out_channels = False, 1, 1
-        if head == "convnext":
-            from .dense_heads import ConvNeXtTokenHead
-            c = dict(convnext or {})
-            self.head = ConvNeXtTokenHead(in_channels, 1, decoder_dim=int(c["decoder_dim"]),
-                                          preds_per_patch=int(c["preds_per_patch"]), depth=int(c["depth"]))
-        else:
-            from mmengine.registry import DefaultScope
-            from mmseg.models.decode_heads.dpt_head import DPTHead
-            c = dict(dpt or {})
-            # DPTHead builds its loss from mmseg's registry; a process whose default scope is another
-            # library's (e.g. after a coco-det run in the same process) must not redirect that lookup
-            with DefaultScope.overwrite_default_scope("mmseg"):
-                self.head = DPTHead(in_channels=[in_channels] * 4, in_index=[0, 1, 2, 3],
-                                    input_transform="multiple_select", channels=int(c["channels"]),
-                                    embed_dims=in_channels, post_process_channels=[int(v) for v in
-                                                                                  c["post_process_channels"]],
-                                    readout_type="ignore", patch_size=PATCH, num_classes=1, out_channels=1,
-                                    threshold=0.5, norm_cfg=None, dropout_ratio=0.0, align_corners=False,
-                                    loss_decode=dict(type="SiLogLoss"))  # unused: the loss is computed here
-
-    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Backbone maps -> (B, 1, h, w) depth in metres at the head's resolution."""
-        if self.kind == "convnext":
-            raw = self.head(inputs[-1])
-        else:  # DPTHead takes (feature map, class token) pairs; the token is unused ("ignore" readout)
-            raw = self.head([[x, None] for x in inputs])
-        return F.softplus(raw)
-
-    def loss(self, inputs: Sequence[torch.Tensor], batch_data_samples: list, train_cfg: Any = None) -> dict:
-        gt = torch.stack([ds.gt_depth_map.data for ds in batch_data_samples]).float()
-        pred = F.interpolate(self.forward(inputs), size=gt.shape[-2:], mode="bilinear", align_corners=False)
-        if self.loss_kind == "silog":
-            return {"loss_depth": silog(pred, gt)}
-        return {"loss_depth": berhu(pred, gt, self.berhu_threshold)}
-
-    def predict(self, inputs: Sequence[torch.Tensor], batch_img_metas: list[dict], test_cfg: Any = None) -> torch.Tensor:
-        """Depth resized to the (padded) network input; ``DepthEstimator`` removes the padding and
-        resizes to the image's full size."""
-        meta = batch_img_metas[0]
-        size = meta.get("pad_shape", meta["img_shape"])[:2]
-        return F.interpolate(self.forward(inputs), size=tuple(int(s) for s in size), mode="bilinear",
-                             align_corners=False)
 
 
 # ---------------------------------------------------------------- dataset
@@ -174,82 +50,7 @@ def _register_dataset() -> None:
     mm_register(DATASETS, "FourmNYUDataset")(FourmNYUDataset)
 
 
-# ------------------------------------------------------------------ metric
-@mm_register(METRICS)
-class FourmDepthMetric(BaseMetric):
-    """The Eigen-convention metrics of ``fourm_eval.metrics_depth`` on the saved predictions.
-
-    Each prediction is rounded to whole millimetres as the 16-bit PNG stores it, written to
-    ``predictions_dir`` (when given) and scored from those millimetres against the ground-truth
-    file, so ``fourm-eval evaluate`` on the folder gives the same numbers."""
-
-    default_prefix = METRIC_PREFIX
-
-    def __init__(self, predictions_dir: str | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.predictions_dir = predictions_dir
-
-    def process(self, data_batch: dict, data_samples: Sequence[dict]) -> None:
-        from fourm_eval.data.nyu import MM_PER_M, metres_to_mm, read_depth_m, write_depth_mm
-        from fourm_eval.metrics_depth import image_metrics
-
-        for ds in data_samples:
-            pred = ds["pred_depth_map"]["data"].squeeze(0).float().cpu().numpy()
-            mm = metres_to_mm(pred)
-            name = Path(ds["img_path"]).stem
-            if self.predictions_dir:
-                write_depth_mm(Path(self.predictions_dir) / f"{name}.png", mm)
-            gt = read_depth_m(ds["depth_map_path"])
-            self.results.append((name, image_metrics(mm.astype(np.float64) / MM_PER_M, gt, name=name)))
-
-    def compute_metrics(self, results: list) -> dict[str, float]:
-        from fourm_eval.metrics_depth import aggregate
-        return aggregate(dict(results))
-
-
-def evaluate_folder(predictions: Path, data_root: Path) -> dict[str, float]:
-    """Score a folder of 16-bit millimetre PNGs (one per test image, ``NAME.png``) against
-    ``data_root``'s test split; named errors for missing, extra, 8-bit or mis-sized files."""
-    from fourm_eval.data.nyu import DEPTH_SUFFIX, MM_PER_M, NyuDataError, depth_dir, list_split, read_depth_m, \
-        read_depth_mm
-    from fourm_eval.metrics_depth import aggregate, image_metrics
-
-    predictions = Path(predictions)
-    if not predictions.is_dir():
-        raise NyuDataError(f"{predictions}: not a folder; NYUv2 predictions are a folder of 16-bit PNGs in "
-                           "millimetres, one per test image, named like the image (NAME.png)")
-    names, _ = list_split(Path(data_root), "test")
-    # meta.json: what the files are (the run's iteration, final or not), written beside them by fourm-eval
-    have = {p.stem: p for p in predictions.iterdir() if p.is_file() and not p.name.startswith(".")
-            and p.name != "meta.json"}
-    not_png = sorted(p.name for p in have.values() if p.suffix != DEPTH_SUFFIX)
-    if not_png:
-        raise NyuDataError(f"{predictions}: {len(not_png)} file(s) that are not .png predictions, e.g. {not_png[:3]}")
-    missing = sorted(set(names) - set(have))
-    if missing:
-        raise NyuDataError(f"{predictions}: no prediction for {len(missing)} of the {len(names)} test images, e.g. "
-                           f"{[n + DEPTH_SUFFIX for n in missing[:3]]}")
-    extra = sorted(set(have) - set(names))
-    if extra:
-        raise NyuDataError(f"{predictions}: {len(extra)} prediction(s) for no test image of {data_root}, e.g. "
-                           f"{[n + DEPTH_SUFFIX for n in extra[:3]]}")
-    per = {}
-    for name in names:
-        gt = read_depth_m(depth_dir(Path(data_root), "test") / f"{name}{DEPTH_SUFFIX}")
-        pred = read_depth_mm(have[name])
-        if pred.shape != gt.shape:
-            raise NyuDataError(f"{have[name]}: prediction is {pred.shape[1]}x{pred.shape[0]} (width x height), the "
-                               f"test image {gt.shape[1]}x{gt.shape[0]}; predictions are at the image's full size")
-        per[name] = image_metrics(pred.astype(np.float64) / MM_PER_M, gt, name=str(have[name]))
-    return aggregate(per)
-
-
 # ------------------------------------------------------------------ config
-def dpt_blocks(depth: int) -> list[int]:
-    """DPT's four blocks: the last of each quarter of the encoder (2, 5, 8, 11 for 12 blocks)."""
-    return [depth * k // 4 - 1 for k in range(1, 5)]
-
-
 def build_pipelines(p: dict[str, Any]) -> tuple[list, list]:
     s = int(p["image_size"])
     big = 1 << 16  # no cap on the long side: the short side alone sets the scale
@@ -271,32 +72,8 @@ def build_pipelines(p: dict[str, Any]) -> tuple[list, list]:
     return train, test
 
 
-def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: int,
-                    num_layers: int | None = None) -> dict:
-    head = p["head"]
-    if head not in HEADS:
-        raise ConfigError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
-    if head == "convnext":
-        out_indices = [-1]  # the last block, without the encoder's final norm (MultiMAE's adapters)
-    else:
-        if not num_layers:
-            raise ConfigError("the dpt head needs the backbone's number of blocks")
-        out_indices = dpt_blocks(num_layers)
-    return dict(
-        type="DepthEstimator",
-        data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
-                               bgr_to_rgb=True, pad_val=0, seg_pad_val=0, size_divisor=PATCH,
-                               test_cfg=dict(size_divisor=PATCH)),  # 0 after normalisation, as everywhere here
-        backbone=dict(type="FourmEvalViT", out_indices=out_indices, final_norm=False, **backbone_cfg),
-        decode_head=dict(type="FourmDepthHead", head=head, in_channels=embed_dim, loss=p["loss"],
-                         berhu_threshold=float(p["berhu_threshold"]), convnext=dict(p["convnext"]),
-                         dpt=dict(p["dpt"])),
-        test_cfg=dict(mode="whole"),
-    )
-
-
 # --------------------------------------------------------------------- task
-class NyuDepth(Task):
+class NyuDepth(DepthTask):
     name = "nyu-depth"
     title = "NYUv2 monocular depth (ConvNeXt or DPT head, Eigen-crop metrics, mmseg)"
     data_kind = "nyu"
@@ -308,10 +85,13 @@ class NyuDepth(Task):
         Metric("rmse", unit="m", higher_is_better=False, description="root mean squared error (metres), per image"),
         Metric("log10", unit="log10 units", higher_is_better=False, description="mean |log10 p - log10 g|"),
     )
-    requires = ("torch", "timm", "mmengine", "mmcv", "mmcv ops", "mmsegmentation")
     prediction_format = ("one 16-bit PNG per test image, depth in millimetres (0 = none), at the image's full size, "
                          "named like the image (NAME.png)")
-    mm_scope = "mmseg"
+    scored_split = "test"
+    settings = DepthTask.settings + (
+        S("color_jitter", "bool", "mmseg's PhotoMetricDistortion on training images"),
+        S("hflip", "bool", "random horizontal flip (p 0.5) of training images"),
+    )
 
     # data
     def make_mini(self, out: Path, seed: int = 0) -> Path:
@@ -366,28 +146,18 @@ class NyuDepth(Task):
         return PreparedData(root, checks["train"].n_images, test.n_images, record, private={"checks": checks})
 
     # model and runner
-    def register_mm(self) -> None:
-        register()
+    def register_extra(self) -> None:
+        _register_dataset()
 
-    def runner_parts(self, ctx: RunContext) -> dict[str, Any]:
-        p, data, backbone_cfg, embed_dim = ctx.profile, ctx.data, ctx.backbone_cfg, ctx.embed_dim
-        predictions_dir = ctx.predictions_dir
-        checks = data.private["checks"]
-        train_pipe, test_pipe = build_pipelines(p)
-        bcfg = dict(backbone_cfg)
-        n_layers = ctx.num_layers if p["head"] == "dpt" else None  # DPT's blocks depend on the depth
-        root = str(data.root)
+    def pipelines(self, p: dict[str, Any]) -> tuple[list, list]:
+        return build_pipelines(p)
 
-        def ds(split: str, pipe: list, test_mode: bool) -> dict:
-            c = checks[split]
-            return dict(type="FourmNYUDataset", data_root=root, img_suffix=c.img_suffix, depth_map_suffix=".png",
-                        data_prefix=dict(img_path=f"images/{split}", depth_map_path=f"annotations/{split}"),
-                        names=list(c.names), test_mode=test_mode, pipeline=pipe, backend_args=None)
-
-        return dict(model=build_model_cfg(p, bcfg, embed_dim, n_layers), train_dataset=ds("train", train_pipe, False),
-                    val_dataset=ds("test", test_pipe, True),
-                    val_evaluator=dict(type="FourmDepthMetric",
-                                       predictions_dir=str(predictions_dir) if predictions_dir else None))
+    def dataset_cfg(self, ctx: RunContext, split: str, pipeline: list, test_mode: bool) -> dict:
+        c = ctx.data.private["checks"][split]
+        return dict(type="FourmNYUDataset", data_root=str(ctx.data.root), img_suffix=c.img_suffix,
+                    depth_map_suffix=".png", data_prefix=dict(img_path=f"images/{split}",
+                                                              depth_map_path=f"annotations/{split}"),
+                    names=list(c.names), test_mode=test_mode, pipeline=pipeline, backend_args=None)
 
     def verify_runner(self, runner: Any, data: PreparedData) -> None:
         from fourm_eval.data.nyu import NyuDataError
@@ -397,12 +167,9 @@ class NyuDepth(Task):
                 raise NyuDataError(f"{split}: mmseg's dataset lists {len(got)} pairs, the data check kept "
                                    f"{len(data.private['checks'][split].names)}; they must be the same")
 
-    # metrics and predictions
-    def record_metrics(self, evaluator_out: dict[str, float]) -> dict[str, float]:
-        return {k.removeprefix(METRIC_PREFIX + "/"): float(v) for k, v in evaluator_out.items()}
-
-    def evaluate(self, predictions: Path, data_root: Path) -> dict[str, float]:
-        return evaluate_folder(predictions, data_root)
+    def ground_truth_files(self, root: Path) -> dict[str, Path]:
+        from fourm_eval.data.nyu import DEPTH_SUFFIX, depth_dir, list_split
+        return {n: depth_dir(Path(root), "test") / f"{n}{DEPTH_SUFFIX}" for n in list_split(Path(root), "test")[0]}
 
     def footnote(self, record: dict[str, Any]) -> str:
         c = record.get("config", {})
@@ -421,16 +188,6 @@ class NyuDepth(Task):
                 f", {c.get('schedule', {}).get('decay', 'step')} decay; full fine-tuning; layer decay "
                 f"{c.get('layer_decay', '?')}, drop path {c.get('drop_path', '?')}; Eigen crop, ground truth in "
                 "(0.001, 10] m, per-image mean; final model (not best-on-test)")
-
-
-def register() -> None:
-    """mmseg's modules in its registries, the shared mm modules, the dataset (idempotent)."""
-    from mmseg.utils import register_all_modules
-
-    from . import mm  # noqa: F401 - the backbone adapter, optimiser constructor and hooks
-
-    register_all_modules(init_default_scope=True)
-    _register_dataset()
 
 
 TASK = NyuDepth()

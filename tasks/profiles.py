@@ -101,11 +101,15 @@ def load_profile(task: str, profile: str) -> dict[str, Any]:
     else:
         out["profile"] = path.stem
     out["profile_file"] = str(path)
+    from . import get_task
+    from .schema import validate
+    validate(out, get_task(task), str(path))
     return out
 
 
-def apply_overrides(cfg: dict[str, Any], sets: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides; the key must exist (typos are errors)."""
+def apply_overrides(cfg: dict[str, Any], sets: list[str], declared: Any = ()) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides; the key must exist in the profile or be one of the ``declared``
+    keys (the task's schema: ``tasks.schema.settings_of``), so typos are errors."""
     cfg = copy.deepcopy(cfg)
     for item in sets:
         if "=" not in item:
@@ -126,8 +130,11 @@ def apply_overrides(cfg: dict[str, Any], sets: list[str]) -> dict[str, Any]:
             if not isinstance(node.get(p), dict):
                 raise ConfigError(f"--set {key}: '{p}' is not a section of the profile")
             node = node[p]
-        if parts[-1] not in node:
-            raise ConfigError(f"--set {key}: unknown setting; known here: {', '.join(sorted(node))}")
+        if parts[-1] not in node and key.strip() not in declared:
+            prefix = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
+            known = sorted(set(node) | {k[len(prefix):] for k in declared
+                                        if k.startswith(prefix) and "." not in k[len(prefix):]})
+            raise ConfigError(f"--set {key}: unknown setting; known here: {', '.join(known)}")
         node[parts[-1]] = value
     return cfg
 

@@ -26,6 +26,7 @@ from fourm_eval.errors import ConfigError, FourmEvalWarning
 
 from .base import PreparedData, RunContext, Task
 from .profiles import apply_overrides, load_profile, resolve_interval, resolve_per_size, resolve_size
+from .schema import default, settings_of, size_hw, validate
 from .runs import mark_predictions, predictions_state, rank_zero
 
 PREDICTIONS_DIR = "predictions"
@@ -50,8 +51,8 @@ def schedule(p: dict[str, Any], n_train: int, world: int) -> dict[str, Any]:
             raise ConfigError("schedule: give warmup_iters or warmup_epochs, not both")
         warmup = round(float(sch["warmup_epochs"]) * n_train / eff_batch)
     else:
-        warmup = int(sch.get("warmup_iters", 0))
-    decay = sch.get("decay", "step")
+        warmup = int(sch.get("warmup_iters", default("schedule.warmup_iters")))
+    decay = sch.get("decay", default("schedule.decay"))
     if decay not in ("step", "cosine", "poly"):
         raise ConfigError(f"schedule.decay must be 'step' (lr x0.1 at the milestones), 'cosine' or 'poly' "
                           f"(mmseg's: lr x (1 - t)^power), not {decay!r}")
@@ -59,19 +60,19 @@ def schedule(p: dict[str, Any], n_train: int, world: int) -> dict[str, Any]:
         raise ConfigError(f"schedule: milestones apply to decay 'step' only, not to {decay!r}")
     if decay != "poly" and "poly_power" in sch:
         raise ConfigError(f"schedule: poly_power applies to decay 'poly' only, not to {decay!r}")
-    power = float(sch.get("poly_power", 1.0))
+    power = float(sch.get("poly_power", default("schedule.poly_power")))
     if power <= 0:
         raise ConfigError(f"schedule.poly_power must be positive, not {power}")
     return dict(per_gpu_batch=per_gpu, eff_batch=eff_batch, max_iters=max_iters, val_interval=val_every,
                 checkpoint_interval=ckpt_every, warmup=min(warmup, max_iters), decay=decay,
-                milestones=[int(m * max_iters) for m in sch.get("milestones", [])],
-                min_lr_ratio=float(sch.get("min_lr_ratio", 0.0)),
+                milestones=[int(m * max_iters) for m in sch.get("milestones", default("schedule.milestones"))],
+                min_lr_ratio=float(sch.get("min_lr_ratio", default("schedule.min_lr_ratio"))),
                 **({"poly_power": power} if decay == "poly" else {}))
 
 
 def optimizer_cfg(p: dict[str, Any]) -> dict[str, Any]:
     """The profile's optimiser: ``adamw`` (default; ``betas``), ``sgd`` or ``lars`` (``momentum``)."""
-    kind = str(p.get("optimizer", "adamw")).lower()
+    kind = str(p.get("optimizer", default("optimizer"))).lower()
     lr, wd = float(p["lr"]), float(p["weight_decay"])
     if kind == "adamw":
         return dict(type="AdamW", lr=lr, betas=tuple(p["betas"]), weight_decay=wd)
@@ -95,14 +96,14 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
     """The full mmengine config: the task's parts plus the shared loop, optimiser and hooks.
     ``eval_only``: no training parts (loop, loader, optimiser, schedulers, training hooks)."""
     nw = int(p["num_workers"])
-    amp = p.get("amp", "auto")
+    amp = p.get("amp", default("amp"))
     use_bf16 = (amp == "bf16" or (amp == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
     optim_wrapper = dict(
         type="AmpOptimWrapper" if use_bf16 else "OptimWrapper",
         optimizer=optimizer_cfg(p),
         constructor="LayerDecayOptimWrapperConstructor",
         paramwise_cfg=dict(layer_decay_rate=float(p["layer_decay"]), backbone_attr="backbone.net",
-                           head_lr_mult=float(p.get("head_lr_mult", 1.0)),
+                           head_lr_mult=float(p.get("head_lr_mult", default("head_lr_mult"))),
                            table_path=str(work_dir / "param_groups.csv")),
         clip_grad=dict(max_norm=float(p["clip_grad"])) if p.get("clip_grad") else None)
     if use_bf16:
@@ -123,12 +124,12 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         # min_lr_ratio x the profile's lr
         schedulers.append(dict(type="PolyLR", by_epoch=False, begin=sched["warmup"], end=sched["max_iters"],
                                power=sched["poly_power"], eta_min=float(p["lr"]) * sched.get("min_lr_ratio", 0.0)))
-    hooks = [dict(type="FiniteLossHook"), dict(type="CheckpointStateHook", keep=int(p.get("max_keep_ckpts", 2))),
+    hooks = [dict(type="FiniteLossHook"), dict(type="CheckpointStateHook", keep=int(p.get("max_keep_ckpts", default("max_keep_ckpts")))),
              dict(type="EvalHistoryHook", out_file=str(work_dir / "eval_history.jsonl")),
              dict(type="IsolateEvalRngHook"),
              dict(type="ResumeMissedEvalHook", history_file=str(work_dir / "eval_history.jsonl"),
                   val_interval=sched["val_interval"], max_iters=sched["max_iters"])]
-    if p.get("eval_at_start", False):
+    if p.get("eval_at_start", default("eval_at_start")):
         hooks.append(dict(type="EvalAtStartHook", out_file=str(work_dir / "eval_step0.json")))
     cuda = torch.cuda.is_available()
     cfg = dict(
@@ -136,7 +137,7 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         work_dir=str(work_dir),
         model=parts["model"],
         train_dataloader=_loader(parts["train_dataset"], sched["per_gpu_batch"], True, True, nw, seed),
-        val_dataloader=_loader(parts["val_dataset"], int(p.get("val_batch_size", 1)), False, False, nw, seed),
+        val_dataloader=_loader(parts["val_dataset"], int(p.get("val_batch_size", default("val_batch_size"))), False, False, nw, seed),
         val_evaluator=parts["val_evaluator"],
         train_cfg=dict(type="IterBasedTrainLoop", max_iters=sched["max_iters"], val_interval=sched["val_interval"]),
         val_cfg=dict(type="ValLoop"),
@@ -144,7 +145,7 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         param_scheduler=schedulers,
         default_hooks=dict(
             timer=dict(type="IterTimerHook"),
-            logger=dict(type="LoggerHook", interval=int(p.get("log_interval", 50)), log_metric_by_epoch=False),
+            logger=dict(type="LoggerHook", interval=int(p.get("log_interval", default("log_interval"))), log_metric_by_epoch=False),
             param_scheduler=dict(type="ParamSchedulerHook"),
             # keeps every checkpoint; CheckpointStateHook prunes old ones once a newer one is complete
             checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=sched["checkpoint_interval"],
@@ -153,7 +154,7 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         custom_hooks=hooks,
         env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                      dist_cfg=dict(backend="nccl" if cuda else "gloo")),
-        log_processor=dict(type="LogProcessor", window_size=int(p.get("log_interval", 50)), by_epoch=False),
+        log_processor=dict(type="LogProcessor", window_size=int(p.get("log_interval", default("log_interval"))), by_epoch=False),
         visualizer=dict(type="Visualizer", vis_backends=vis_backends or [dict(type="LocalVisBackend")],
                         name="fourm_eval_vis"),
         log_level="INFO",
@@ -179,7 +180,8 @@ def run_context(task: Task, p: dict[str, Any], data: PreparedData, *, name: str,
     if num_heads is not None:
         backbone_cfg["num_heads"] = int(num_heads)
     if not name.startswith("4m"):
-        backbone_cfg["img_size"] = int(p["image_size"])
+        h, w = size_hw(p["image_size"])
+        backbone_cfg["img_size"] = h if h == w else (h, w)
     return RunContext(profile=p, data=data, backbone_cfg=backbone_cfg, embed_dim=int(info["embed_dim"]),
                       num_layers=int(info["num_layers"]), schedule=schedule(p, data.n_train, world), seed=seed,
                       predictions_dir=Path(predictions_dir))
@@ -188,7 +190,9 @@ def run_context(task: Task, p: dict[str, Any], data: PreparedData, *, name: str,
 def resolve_run_profile(task: Task, profile: str, sets: list[str] | None, info: dict[str, Any],
                         size: str | None) -> tuple[dict[str, Any], str | None]:
     """The profile with overrides applied and per-size values resolved for the backbone."""
-    p = apply_overrides(load_profile(task.name, profile), sets or [])
+    p = apply_overrides(load_profile(task.name, profile), sets or [], declared=settings_of(task))
+    if sets:
+        validate(p, task, f"{p['profile_file']} with --set {' '.join(sets)}")
     bsize, note = resolve_size(info["embed_dim"], info["num_layers"], size)
     p = resolve_per_size(p, bsize)
     p["model_size"] = bsize
@@ -471,7 +475,7 @@ def _train(runner: Any, task: Task, data: Any, p: dict[str, Any], sched: dict[st
         console.line(f"initialised from {init_src['run_dir']} ({Path(init_src['checkpoint']).name}, "
                      f"{init_record.get('loaded_tensors', '?')} tensors)")
     runner.train()
-    train_end = _train_end_scalars(runner, int(p.get("log_interval", 50)))
+    train_end = _train_end_scalars(runner, int(p.get("log_interval", default("log_interval"))))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # rank 0 has written the evaluation history; all ranks now agree on it
     history = wd.eval_history()

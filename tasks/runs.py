@@ -435,9 +435,9 @@ def predictions_state(predictions: str | Path) -> dict[str, Any] | None:
     return dict(ev) if isinstance(ev, dict) else {}
 
 
-def mark_predictions(pred_dir: str | Path, **fields: Any) -> None:
-    """Merge ``fields`` into the ``evaluation`` section of ``pred_dir/meta.json`` (created if absent;
-    whatever else the task wrote there is kept)."""
+def update_predictions_meta(pred_dir: str | Path, entries: dict[str, Any]) -> dict[str, Any]:
+    """Merge top-level ``entries`` into ``pred_dir/meta.json`` (created if absent; other entries, such
+    as the ``evaluation`` section, are kept); returns the new content."""
     f = Path(pred_dir) / PREDICTIONS_META
     meta: dict[str, Any] = {}
     if f.is_file():
@@ -445,8 +445,22 @@ def mark_predictions(pred_dir: str | Path, **fields: Any) -> None:
             meta = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             meta = {}
-    ev = dict(meta.get("evaluation") or {})
+    if not isinstance(meta, dict):
+        meta = {}
+    meta.update(entries)
+    atomic_write_json(f, meta)
+    return meta
+
+
+def mark_predictions(pred_dir: str | Path, **fields: Any) -> None:
+    """Merge ``fields`` into the ``evaluation`` section of ``pred_dir/meta.json`` (created if absent;
+    whatever else the task wrote there is kept)."""
+    f = Path(pred_dir) / PREDICTIONS_META
+    try:
+        meta = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    ev = dict((meta.get("evaluation") if isinstance(meta, dict) else None) or {})
     ev.update(fields)
     ev["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    meta["evaluation"] = ev
-    atomic_write_json(f, meta)
+    update_predictions_meta(pred_dir, {"evaluation": ev})

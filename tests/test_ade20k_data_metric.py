@@ -14,8 +14,18 @@ from PIL import Image
 from fourm_eval.data.ade_check import check_split
 from fourm_eval.data.ade_mini import MINI_CLASSES, make_mini_ade20k
 from fourm_eval.data.coco_check import DatasetError
-from fourm_eval.metrics_seg import (PredictionsError, evaluate_folder, image_areas, reduce_zero_label, summarize,
-                                    write_prediction_png)
+from fourm_eval.data.pngmap import write_png_map
+from fourm_eval.metrics_seg import PredictionsError, image_areas, reduce_zero_label, summarize
+from fourm_eval.tasks import get_task
+from fourm_eval.tasks.kits.dense import score_folder
+
+ADE = get_task("ade20k-seg")
+
+
+def evaluate_folder(pred_dir, gt):
+    """The dense kit's folder scoring with the ADE20K task's encoding, metric and summary."""
+    metrics, extras = score_folder(ADE, pred_dir, gt)
+    return {**metrics, **extras}
 
 K = 150
 
@@ -111,20 +121,22 @@ def test_prediction_pngs_round_trip_to_the_metric(tmp_path):
         label = reduce_zero_label(np.asarray(Image.open(path)))
         pred = np.where(label == 255, 3, label)
         pred[0, 0] = 149
-        write_prediction_png(pred_dir / f"{stem}.png", pred)
+        write_png_map(pred_dir / f"{stem}.png", ADE.encode(pred))
         stored = np.asarray(Image.open(pred_dir / f"{stem}.png"))
         assert stored.dtype == np.uint8 and stored.min() >= 1 and stored.max() <= 150  # ADE20K's 1..150
         assert (stored.astype(int) - 1 == pred).all()
         total += image_areas(pred, label, K)
-    assert evaluate_folder(pred_dir, gt, K) == summarize(total)
+    assert evaluate_folder(pred_dir, gt) == summarize(total)
 
 
 @pytest.mark.parametrize("problem,match", [
-    ("missing", "have no prediction: img1"),
-    ("extra", "match no validation image: stray"),
-    ("size", "must have the image's size"),
+    ("missing", r"no prediction for 1 of the 2 val images, e.g. \['img1.png'\]"),
+    ("extra", r"1 prediction\(s\) for no val image, e.g. \['stray.png'\]"),
+    ("size", "prediction is 9x6 .* its ground truth .*img1.png 8x6; predictions are at the image's full size"),
     ("corrupt", "does not decode"),
-    ("rgb", "single-channel 8-bit"),
+    ("rgb", "an? RGB PNG; predictions must be single-channel 8-bit PNGs"),
+    ("sixteen", "a 16-bit PNG; predictions must be single-channel 8-bit"),
+    ("not-png", "1 file\\(s\\) that are not .png predictions"),
     ("value", "values \\[151\\] above 150"),
     ("nofolder", "predictions folder not found"),
 ])
@@ -145,12 +157,16 @@ def test_bad_predictions_are_named_errors(tmp_path, problem, match):
         target.write_bytes(target.read_bytes()[:30])
     elif problem == "rgb":
         Image.fromarray(np.ones((6, 8, 3), np.uint8)).save(target)
+    elif problem == "sixteen":
+        write_png_map(target, np.ones((6, 8), np.uint16))
+    elif problem == "not-png":
+        (pred_dir / "notes.txt").write_text("x")
     elif problem == "value":
         Image.fromarray(np.full((6, 8), 151, np.uint8), mode="L").save(target)
     elif problem == "nofolder":
         shutil.rmtree(pred_dir)
     with pytest.raises(PredictionsError, match=match):
-        evaluate_folder(pred_dir, gt, K)
+        evaluate_folder(pred_dir, gt)
 
 
 # --------------------------------------------------------------- data check
@@ -245,7 +261,7 @@ def test_cli_data_check_and_evaluate_print_named_errors(mini, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fourm_eval.cli", "evaluate", "ade20k-seg", "--predictions",
                         str(pred), "--data-root", str(mini)], capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
-    assert r.returncode == 2 and "have no prediction" in out and "Traceback" not in out
+    assert r.returncode == 2 and "no prediction for" in out and "Traceback" not in out
 
 
 def test_meta_json_limits_evaluation_to_the_run_images(mini, tmp_path):

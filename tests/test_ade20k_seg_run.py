@@ -71,13 +71,23 @@ def test_smoke_report_and_rerun(smoke_run):
     assert r2.returncode == 0 and "already holds a finished run" in r2.stdout
 
 
-def test_upernet_head_runs_and_rescores(tmp_path, tiny_ade):
+def test_upernet_head_with_a_rectangular_crop_and_poly_decay_runs_and_rescores(tmp_path, tiny_ade):
+    """mmseg's Cityscapes-style recipe parts: a non-square crop (32 x 64: a 2 x 4 token grid, sliding
+    windows of that shape) and poly decay (poly_power, absent from the profile, given by --set)."""
     r = _run(["run", "ade20k-seg", "--data-root", str(tiny_ade), *QUICK, "--set", "head=upernet",
-              "--set", "upernet.channels=32", "--set", "upernet.aux_channels=16", "--work-dir", str(tmp_path / "u")],
-             tmp_path)
+              "--set", "upernet.channels=32", "--set", "upernet.aux_channels=16", "--set", "image_size=[32,64]",
+              "--set", "slide_stride=21", "--set", "schedule.decay=poly", "--set", "schedule.poly_power=0.9",
+              "--set", "schedule.warmup_epochs=0",
+              "--work-dir", str(tmp_path / "u")], tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rec = json.loads((tmp_path / "u" / "result.json").read_text())
     assert rec["config"]["head"] == "upernet" and rec["backbone"]["options"]["out_indices"] == [0, 1, 2, 3]
+    assert rec["config"]["image_size"] == [32, 64]
+    assert rec["config"]["schedule_resolved"]["decay"] == "poly" and rec["config"]["schedule_resolved"]["poly_power"] == 0.9
+    from mmengine.config import Config
+    cfg = Config.fromfile(next((tmp_path / "u").glob("2*.py")))  # the run's full mmengine config
+    assert tuple(cfg.model.test_cfg.crop_size) == tuple(cfg.model.data_preprocessor.size) == (32, 64)
+    assert [(c.type, c.get("power")) for c in cfg.param_scheduler] == [("PolyLR", 0.9)]
     assert rec["dataset"]["subsets"]["val"]["n"] == 3
     assert "UperNet" in __import__("fourm_eval.tasks", fromlist=["get_task"]).get_task("ade20k-seg").footnote(rec)
     ev = _run(["evaluate", "ade20k-seg", "--predictions", str(tmp_path / "u" / "predictions"), "--data-root",
@@ -158,8 +168,11 @@ def test_poly_schedule_follows_mmsegs_formula():
         lrs.append(opt.optimizer.param_groups[0]["lr"])
         for sc in scheds:
             sc.step()
+    # mmengine's PolyLR (mmseg's schedule) reaches eta_min at the last iteration of its span:
+    # lr = lr0 (1 - i / (T - 1))^power, i = iterations since the warm-up, T = 40 its length
     for t in range(10, 50):
-        assert lrs[t] == pytest.approx(lr0 * (1 - (t - 10) / 40) ** 0.9, rel=1e-6, abs=1e-12), t
+        assert lrs[t] == pytest.approx(lr0 * (1 - (t - 10) / 39) ** 0.9, rel=1e-6, abs=1e-12), t
+    assert lrs[49] == 0.0
     assert lrs[0] < lr0 * 0.01
     bad = copy.deepcopy(p)
     bad["schedule"]["decay"] = "cosine"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fourm_eval.errors import ConfigError
-from tasks.dense_heads import ConvNeXtTokenHead
+from fourm_eval.tasks.dense_heads import ConvNeXtTokenHead
 
 
 def _probe_head(in_ch, decoder_dim, ppp):
@@ -102,7 +102,7 @@ def test_mmseg_decode_head_wraps_it():
     """The mmseg head: logits at stride 4 for mmseg to upsample; no unused conv_seg left behind."""
     from mmseg.registry import MODELS
 
-    from tasks.dense_heads import register_mmseg
+    from fourm_eval.tasks.dense_heads import register_mmseg
 
     from mmengine.registry import DefaultScope
 

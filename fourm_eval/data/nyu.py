@@ -17,7 +17,6 @@ Every check failure is a :class:`NyuDataError` naming the file and what was expe
 from __future__ import annotations
 
 import hashlib
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,13 +24,12 @@ from typing import Any, Callable
 import numpy as np
 
 from .coco_check import DatasetError
+from .pngmap import read_png_map, write_png_map
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEPTH_SUFFIX = ".png"
 MM_PER_M = 1000.0
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_COLOUR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale + alpha", 6: "RGBA"}
 
 
 class NyuDataError(DatasetError):
@@ -47,44 +45,10 @@ def depth_dir(root: Path, split: str) -> Path:
 
 
 # ---------------------------------------------------------------- depth PNG files
-def png_header(path: Path) -> tuple[int, int, int, int]:
-    """(width, height, bit depth, colour type) from a PNG's IHDR chunk; a named error for non-PNG files."""
-    path = Path(path)
-    if not path.is_file():
-        raise NyuDataError(f"{path}: depth file not found")
-    with open(path, "rb") as f:
-        head = f.read(33)
-    if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        raise NyuDataError(f"{path}: not a PNG file; depth maps must be 16-bit single-channel PNGs in millimetres")
-    width, height, bit_depth, colour = struct.unpack(">IIBB", head[16:26])
-    return width, height, bit_depth, colour
-
-
 def read_depth_mm(path: Path) -> np.ndarray:
     """A depth PNG as an (H, W) uint16 array of millimetres; named errors for 8-bit, colour or corrupt files."""
-    from PIL import Image
-
-    path = Path(path)
-    width, height, bit_depth, colour = png_header(path)
-    if colour != 0:
-        raise NyuDataError(f"{path}: a {_COLOUR_TYPES.get(colour, f'colour type {colour}')} PNG; depth maps must be "
-                           "single-channel (grayscale) 16-bit PNGs in millimetres")
-    if bit_depth != 16:
-        raise NyuDataError(f"{path}: a {bit_depth}-bit PNG; depth maps must be 16-bit PNGs in millimetres "
-                           "(8 bits cannot hold millimetres up to 10 m)")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise NyuDataError(f"{path}: does not decode as a PNG ({type(e).__name__}: {e})") from None
-    if arr.shape != (height, width):
-        raise NyuDataError(f"{path}: decodes to shape {arr.shape}, expected ({height}, {width})")
-    if arr.dtype != np.uint16:
-        if arr.min() < 0 or arr.max() > 65535:
-            raise NyuDataError(f"{path}: values outside 0..65535 after decoding")
-        arr = arr.astype(np.uint16)
-    return arr
+    return read_png_map(path, bits=16, what="depth map", error=NyuDataError,
+                        needs="in millimetres (8 bits cannot hold millimetres up to 10 m)")
 
 
 def read_depth_m(path: Path) -> np.ndarray:
@@ -101,17 +65,11 @@ def metres_to_mm(depth_m: np.ndarray) -> np.ndarray:
 
 
 def write_depth_mm(path: Path, depth_mm: np.ndarray) -> None:
-    """Write an (H, W) uint16 millimetre array as a 16-bit grayscale PNG."""
-    from PIL import Image
-
-    arr = np.ascontiguousarray(depth_mm)
-    if arr.dtype != np.uint16 or arr.ndim != 2:
+    """Write an (H, W) uint16 millimetre array as a 16-bit grayscale PNG (atomically)."""
+    arr = np.asarray(depth_mm)
+    if arr.dtype != np.uint16:
         raise ValueError(f"expected an (H, W) uint16 array, got {arr.dtype} {arr.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
+    write_png_map(path, arr)
 
 
 # ------------------------------------------------------------------ the layout
@@ -250,5 +208,5 @@ def split_record(c: SplitCheck) -> dict[str, Any]:
 
 
 __all__ = ["DEPTH_SUFFIX", "MM_PER_M", "NyuDataError", "SPLITS", "SplitCheck", "check_pair", "check_split",
-           "depth_dir", "image_dir", "layout_digest", "list_split", "median_depth_m", "metres_to_mm", "png_header",
+           "depth_dir", "image_dir", "layout_digest", "list_split", "median_depth_m", "metres_to_mm",
            "read_depth_m", "read_depth_mm", "split_record", "write_depth_mm"]
