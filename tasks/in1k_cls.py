@@ -37,7 +37,7 @@ from mmengine.model import BaseDataPreprocessor, BaseModel
 from mmengine.registry import DATASETS, METRICS, MODELS
 from torch.utils.data import Dataset
 
-from fourm_eval.data.coco_check import DatasetError
+from fourm_eval.data.checks import DatasetError
 from fourm_eval.errors import ConfigError
 
 from .mmreg import register as mm_register

@@ -25,14 +25,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .coco_check import DatasetError, check_image, problem_listing
+from .checks import DatasetError, check_image, check_samples, files_by_stem, pair_files, seeded_subset
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 NUM_CLASSES = 150
@@ -67,13 +66,9 @@ def split_dirs(root: Path, split: str) -> tuple[Path, Path]:
     return img_dir, ann_dir
 
 
-def _stems(folder: Path, suffix: str) -> dict[str, Path]:
-    return {p.stem: p for p in folder.iterdir() if p.is_file() and p.suffix == suffix}
-
-
 def annotation_files(root: Path, split: str) -> dict[str, Path]:
     """stem -> annotation PNG of a split (no check beyond the folder's existence)."""
-    return _stems(split_dirs(root, split)[1], ANN_SUFFIX)
+    return files_by_stem(split_dirs(root, split)[1], ANN_SUFFIX)
 
 
 def annotation_digest(root: Path, split: str) -> str:
@@ -124,23 +119,13 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
                 progress: Callable[[int, int], None] | None = None, subset: int | None = None,
                 subset_seed: int = 0, workers: int | None = None) -> SplitCheck:
     img_dir, ann_dir = split_dirs(root, split)
-    images, anns = _stems(img_dir, IMG_SUFFIX), _stems(ann_dir, ANN_SUFFIX)
+    images, anns = files_by_stem(img_dir, IMG_SUFFIX), files_by_stem(ann_dir, ANN_SUFFIX)
     if not images:
         raise DatasetError(f"{img_dir}: no {IMG_SUFFIX} images")
-    bad: list[tuple[str, str]] = []
-    for s in sorted(set(images) - set(anns)):
-        bad.append((str(images[s]), f"no annotation {ann_dir / (s + ANN_SUFFIX)}"))
-    for s in sorted(set(anns) - set(images)):
-        bad.append((str(anns[s]), f"no image {img_dir / (s + IMG_SUFFIX)}"))
-    stems = sorted(set(images) & set(anns))
-    n_subset = None
-    if subset is not None and int(subset) < len(stems):
-        # a seeded random subset (not the first N in name order), chosen before the file checks
-        pick = np.random.default_rng(int(subset_seed)).choice(len(stems), size=int(subset), replace=False)
-        stems = sorted(stems[i] for i in pick)
-        n_subset = len(stems)
+    stems, unpaired = pair_files(images, anns, img_dir, ann_dir, IMG_SUFFIX, ANN_SUFFIX)
+    stems, n_subset = seeded_subset(stems, subset, subset_seed)  # before the file checks: only those are read
 
-    def one(stem: str) -> tuple[str, list[tuple[str, str]], np.ndarray | None]:
+    def one(stem: str) -> tuple[list[tuple[str, str]], np.ndarray | None]:
         errs = []
         reason = check_image(images[stem])
         if reason:
@@ -148,25 +133,12 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
         a_reason, present = check_annotation(anns[stem], images[stem])
         if a_reason:
             errs.append((str(anns[stem]), a_reason))
-        return stem, errs, present
+        return errs, present
 
-    ok, present_any = [], np.zeros(NUM_CLASSES, dtype=bool)
-    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 2)) as pool:
-        for i, (stem, errs, present) in enumerate(pool.map(one, stems)):
-            if errs:
-                bad.extend(errs)
-            else:
-                ok.append(stem)
-                present_any[present] = True
-            if progress:
-                progress(i + 1, len(stems))
-    where = f"{split} ({img_dir.parent.parent})"
-    if bad and not skip_bad_images:
-        raise DatasetError(f"{len(bad)} problem(s) in ADE20K {where}:\n{problem_listing(bad)}\n"
-                           "Fix or remove those files, or pass --skip-bad-images to drop the samples (they are "
-                           "counted in result.json).")
-    if not ok:
-        raise DatasetError(f"ADE20K {where}: no usable image/annotation pair")
+    present_any = np.zeros(NUM_CLASSES, dtype=bool)
+    ok, bad = check_samples(stems, one, skip_bad=skip_bad_images, where=f"ADE20K {split} ({img_dir.parent.parent})",
+                            bad=unpaired, on_ok=lambda _, present: present_any.__setitem__(present, True),
+                            progress=progress, workers=workers)
     res = SplitCheck(split, img_dir, ann_dir, ok, bad, [int(c) for c in np.flatnonzero(present_any)], n_subset)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,26 +26,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..checkpoints import sha256_file
-from ..errors import FourmEvalError
+from .checks import DatasetError, check_image, check_samples, seeded_subset
 from ..results import atomic_write_json
-
-
-class DatasetError(FourmEvalError):
-    """The dataset on disk does not have the expected layout or content."""
-
-
-def problem_listing(bad: list[tuple[str, str]], show: int = 10) -> str:
-    """The first ``show`` (file, reason) problems, one indented line each, then how many more."""
-    listing = "\n  ".join(f"{f}: {r}" for f, r in bad[:show])
-    more = f"\n  ... and {len(bad) - show} more" if len(bad) > show else ""
-    return f"  {listing}{more}"
 
 
 @dataclass
@@ -82,22 +69,6 @@ def annotation_digest(root: Path, split: str) -> str:
 @functools.lru_cache(maxsize=16)
 def _digest(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
-
-
-def check_image(path: Path) -> str | None:
-    """None if the image decodes, else the reason."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        return "file not found"
-    try:
-        with Image.open(path) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"does not decode ({type(e).__name__}: {e})"
-    return None
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -174,38 +145,28 @@ def check_split(root: Path, split: str, skip_bad_images: bool, out_dir: Path | N
     if subset is not None and int(subset) < len(data["images"]):
         # a seeded random subset (not the first N, which follow the file's order), chosen before the
         # image check so that only the images used are decoded; the ids are written beside the copy
-        import numpy as np
-        all_ids = sorted(im["id"] for im in data["images"])
-        pick = np.random.default_rng(int(subset_seed)).choice(len(all_ids), size=int(subset), replace=False)
-        subset_ids = sorted(all_ids[i] for i in pick)
+        subset_ids, _ = seeded_subset(sorted(im["id"] for im in data["images"]), subset, subset_seed)
         keep = set(subset_ids)
         data["images"] = [im for im in data["images"] if im["id"] in keep]
         data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
-    files = [img_dir / im["file_name"] for im in data["images"]]
-    workers = workers or min(8, (os.cpu_count() or 2))
-    bad: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(workers) as pool:
-        for i, (f, reason) in enumerate(zip(files, pool.map(check_image, files))):
-            if reason:
-                bad.append((str(f), reason))
-            if progress:
-                progress(i + 1, len(files))
+    files = {im["file_name"]: img_dir / im["file_name"] for im in data["images"]}
+
+    def one(name: str) -> tuple[list[tuple[str, str]], None]:
+        reason = check_image(files[name])
+        return ([(str(files[name]), reason)] if reason else []), None
+
+    _, bad = check_samples(list(files), one, skip_bad=skip_bad_images, where=f"COCO {split}2017 ({root})",
+                           progress=progress, workers=workers)
     by_id = sorted(data["categories"], key=lambda c: c["id"])
     reorder = by_id != data["categories"]
     data["categories"] = by_id
     result = SplitCheck(split, ann, img_dir, len(data["images"]), len(data["annotations"]), by_id,
                         ann_sha256 or sha256_file(ann), bad)
-    if bad and not skip_bad_images:
-        raise DatasetError(f"{len(bad)} image(s) of {split}2017 cannot be used:\n{problem_listing(bad)}\n"
-                           "Fix or remove them, or pass --skip-bad-images to drop them (they are counted "
-                           "in result.json).")
     if bad:
         bad_names = {Path(f).name for f, _ in bad}
         keep_ids = {im["id"] for im in data["images"] if im["file_name"] not in bad_names}
         data["images"] = [im for im in data["images"] if im["id"] in keep_ids]
         data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep_ids]
-        if not data["images"]:
-            raise DatasetError(f"{split}2017: every image is unusable")
         result.n_images, result.n_annotations = len(data["images"]), len(data["annotations"])
     # the copy mmdet reads: without the bad images, categories in id order (see the module docstring);
     # no out_dir is a check only (``fourm-eval data check``), which writes nothing

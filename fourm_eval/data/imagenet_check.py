@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .coco_check import DatasetError, check_image, problem_listing
+from .checks import DatasetError, check_image, problem_listing
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "val")

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .coco_check import DatasetError
+from .checks import DatasetError, check_samples, raising
 from .pngmap import read_png_map, write_png_map
 
 SPLITS = ("train", "test")
@@ -165,25 +165,18 @@ def check_split(root: Path, split: str, *, skip_bad: bool = False, histogram: bo
                 progress: Callable[[int, int], None] | None = None) -> SplitCheck:
     """Check every pair of a split (every image decodes, depth format and size, valid pixels)."""
     names, suffix = list_split(root, split)
-    ok, bad, sizes = [], [], {}
+    sizes: dict[str, int] = {}
     hist = np.zeros(65536, dtype=np.int64) if histogram else None
-    for i, name in enumerate(names):
-        try:
-            depth = check_pair(root, split, name, suffix, need_crop_pixels=split == "test")
-        except NyuDataError as e:
-            if not skip_bad:
-                raise
-            bad.append((name, str(e)))
-        else:
-            ok.append(name)
-            key = f"{depth.shape[0]}x{depth.shape[1]}"
-            sizes[key] = sizes.get(key, 0) + 1
-            if hist is not None:
-                hist += np.bincount(depth.ravel(), minlength=65536)
-        if progress:
-            progress(i + 1, len(names))
-    if not ok:
-        raise NyuDataError(f"{image_dir(root, split)}: no usable image/depth pair ({len(bad)} skipped)")
+
+    def count(_: str, depth: np.ndarray) -> None:  # in name order, from the checking threads' results
+        key = f"{depth.shape[0]}x{depth.shape[1]}"
+        sizes[key] = sizes.get(key, 0) + 1
+        if hist is not None:
+            np.add(hist, np.bincount(depth.ravel(), minlength=65536), out=hist)
+
+    check = raising(lambda n: check_pair(root, split, n, suffix, need_crop_pixels=split == "test"), NyuDataError)
+    ok, bad = check_samples(names, check, skip_bad=skip_bad, where=f"NYUv2 {split} ({root})", error=NyuDataError,
+                            on_ok=count, progress=progress, workers=1)
     return SplitCheck(split, ok, suffix, sizes, bad, hist)
 
 

@@ -38,6 +38,7 @@ from fourm_eval.errors import PredictionsError
 
 from ..base import RunContext, Task
 from ..mmreg import register as mm_register
+from ..schema import S
 
 
 class DenseTask(Task):
@@ -134,6 +135,14 @@ class DenseTask(Task):
                                        f"ground truth in the {self.scored_split} split of {data_root}: {unknown[:5]}")
             gt = {s: gt[s] for s in stems}
         return score_folder(self, Path(predictions), gt)[0]
+
+
+CONVNEXT_SETTINGS = (
+    S("convnext", "section", "the ConvNeXt head (MultiMAE's adapter, tasks/dense_heads.py)", per_size=False),
+    S("convnext.decoder_dim", "int", "features per token after the first linear"),
+    S("convnext.preds_per_patch", "int", "sub-patches per token (a square number)"),
+    S("convnext.depth", "int", "ConvNeXt blocks"),
+)
 
 
 def quarter_blocks(depth: int) -> list[int]:
@@ -259,4 +268,4 @@ class FourmDenseMetric(BaseMetric):
         return metrics
 
 
-__all__ = ["DenseTask", "FourmDenseMetric", "batch_norm", "quarter_blocks", "score_folder"]
+__all__ = ["CONVNEXT_SETTINGS", "DenseTask", "FourmDenseMetric", "batch_norm", "quarter_blocks", "score_folder"]

@@ -34,7 +34,7 @@ from fourm_eval.errors import ConfigError
 from ..base import RunContext
 from ..schema import S
 from ..mmreg import register as mm_register
-from .dense import DenseTask, quarter_blocks
+from .dense import CONVNEXT_SETTINGS, DenseTask, quarter_blocks
 
 HEADS = ("convnext", "dpt")
 LOSSES = ("silog", "berhu")
@@ -172,10 +172,7 @@ class DepthTask(DenseTask):
     settings = (
         S("image_size", "int", "training crop and test short side (square crops)", unit="px"),
         S("head", "str", "depth head", choices=HEADS),
-        S("convnext", "section", "the ConvNeXt head (MultiMAE's adapter)", per_size=False),
-        S("convnext.decoder_dim", "int", "features per token after the first linear"),
-        S("convnext.preds_per_patch", "int", "sub-patches per token (a square number)"),
-        S("convnext.depth", "int", "ConvNeXt blocks"),
+        *CONVNEXT_SETTINGS,
         S("dpt", "section", "the DPT head (mmseg's DPTHead, no batch norm)", per_size=False),
         S("dpt.channels", "int", "fusion channels"),
         S("dpt.post_process_channels", "list", "reassemble channels of the four levels", item="int", length=4),

@@ -18,7 +18,7 @@ from fourm_eval.errors import ConfigError
 
 from ..base import RunContext
 from ..schema import S, size_hw
-from .dense import DenseTask, batch_norm, quarter_blocks
+from .dense import CONVNEXT_SETTINGS, DenseTask, batch_norm, quarter_blocks
 
 SEG_HEADS = ("convnext", "upernet")
 
@@ -38,10 +38,7 @@ class SegmentationTask(DenseTask):
     map_bits = 8
     settings = (
         S("head", "str", "decode head", choices=SEG_HEADS),
-        S("convnext", "section", "the ConvNeXt head (MultiMAE's adapter)", per_size=False),
-        S("convnext.decoder_dim", "int", "features per token after the first linear"),
-        S("convnext.preds_per_patch", "int", "sub-patches per token (a square number)"),
-        S("convnext.depth", "int", "ConvNeXt blocks"),
+        *CONVNEXT_SETTINGS,
         S("upernet", "section", "UperNet + auxiliary FCN head on the quarter blocks", per_size=False),
         S("upernet.channels", "int", "UPerHead channels"),
         S("upernet.pool_scales", "list", "PPM pool scales", item="int"),
@@ -60,7 +57,7 @@ class SegmentationTask(DenseTask):
         return (pred.astype(np.int64) + int(self.reduce_zero_label)).astype(np.uint8)
 
     def read_ground_truth(self, path: Path) -> np.ndarray:
-        from fourm_eval.data.coco_check import DatasetError
+        from fourm_eval.data.checks import DatasetError
         from fourm_eval.data.pngmap import read_png_map
         from fourm_eval.metrics_seg import reduce_zero_label
 
@@ -131,7 +128,7 @@ class SegmentationTask(DenseTask):
 
     def verify_runner(self, runner: Any, data: Any) -> None:
         """Crop and padding fit the patch grid; the mmseg datasets hold the checked samples and classes."""
-        from fourm_eval.data.coco_check import DatasetError
+        from fourm_eval.data.checks import DatasetError
 
         model = getattr(runner.model, "module", runner.model)
         patch = int(model.backbone.net.patch_size)
