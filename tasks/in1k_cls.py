@@ -459,8 +459,7 @@ class In1kCls(Task):
         importlib.import_module(".mm", __package__)  # FourmEvalViT, the optimiser constructor and the hooks
 
     def runner_parts(self, ctx: RunContext) -> dict[str, Any]:
-        p, data, backbone_cfg, embed_dim = ctx.profile, ctx.data, ctx.backbone_cfg, ctx.embed_dim
-        predictions_dir = ctx.predictions_dir
+        p, data, backbone_cfg, predictions_dir = ctx.profile, ctx.data, ctx.backbone_cfg, ctx.predictions_dir
         classes = data.private["classes"]
         files = data.private["files"]
         if not files:
