@@ -72,7 +72,7 @@ def test_predictions_are_full_size_16bit_and_rescore_exactly(smoke):
 
 
 def test_evaluate_names_bad_prediction_folders(smoke, tmp_path):
-    from fourm_eval.data.nyu import NyuDataError
+    from fourm_eval.errors import PredictionsError
     from fourm_eval.tasks import get_task
 
     _, wd, rec, _ = smoke
@@ -95,7 +95,7 @@ def test_evaluate_names_bad_prediction_folders(smoke, tmp_path):
 
     for how, msg in (("missing", "no prediction for 1 of the 60"), ("extra", "for no test image"),
                      ("8bit", "8-bit PNG"), ("size", "at the image's full size")):
-        with pytest.raises(NyuDataError, match=msg):
+        with pytest.raises(PredictionsError, match=msg):
             task.evaluate(broken(how), root)
     r = _run(["evaluate", "nyu-depth", "--predictions", str(tmp_path / "missing"), "--data-root", str(root)],
              tmp_path)
