@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Log, Metric, PreparedData, Progress, RunContext
+from .kits.dense import COLOR_JITTER_SETTINGS
 from .kits.segmentation import SegmentationTask
 from .schema import S, SUBSET_SETTINGS, size_hw
 
@@ -57,12 +58,7 @@ class Ade20kSeg(SegmentationTask):
     scored_split = "val"
     settings = SegmentationTask.settings + SUBSET_SETTINGS + (
         S("lsj_scale", "list", "large-scale jitter: the long side to image_size x U(lo, hi)", item="float", length=2),
-        S("color_jitter", "section", "colour jitter (torchvision's ColorJitter, MultiMAE's values)", per_size=False),
-        S("color_jitter.prob", "float", "probability per image"),
-        S("color_jitter.brightness", "float", "brightness"),
-        S("color_jitter.contrast", "float", "contrast"),
-        S("color_jitter.saturation", "float", "saturation"),
-        S("color_jitter.hue", "float", "hue"),
+        *COLOR_JITTER_SETTINGS,
         S("cat_max_ratio", "float", "mmseg RandomCrop: retry crops where one class covers more than this"),
         S("test_scale", "list", "test resize: (long side cap, short side), aspect kept", item="int", length=2,
           unit="px"),

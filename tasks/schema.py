@@ -61,6 +61,11 @@ def S(key: str, kind: str, doc: str, default: Any = REQUIRED, **kw: Any) -> Sett
     return Setting(key, kind, doc, default, **kw)
 
 
+def floats(section: str, **docs: str) -> tuple[Setting, ...]:
+    """Required float keys of one section: ``floats("color_jitter", prob="probability", ...)``."""
+    return tuple(S(f"{section}.{k}", "float", doc) for k, doc in docs.items())
+
+
 RUNNER_SETTINGS: tuple[Setting, ...] = (
     S("image_size", "size", "training crop (and the timm baselines' input size)", unit="px"),
     S("batch_size", "int", "total batch over all processes (the per-process batch is batch_size / world size)"),
@@ -261,5 +266,5 @@ if __name__ == "__main__":
     _main()
 
 
-__all__ = ["MARKERS", "REQUIRED", "default", "RUNNER_SETTINGS", "SUBSET_SETTINGS", "Setting", "S", "merged", "render_markdown", "settings_of", "size_hw",
+__all__ = ["MARKERS", "REQUIRED", "default", "floats", "RUNNER_SETTINGS", "SUBSET_SETTINGS", "Setting", "S", "merged", "render_markdown", "settings_of", "size_hw",
            "readme_with_schema", "validate"]

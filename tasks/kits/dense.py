@@ -38,7 +38,7 @@ from fourm_eval.errors import PredictionsError
 
 from ..base import RunContext, Task
 from ..mmreg import register as mm_register
-from ..schema import S
+from ..schema import S, floats
 
 
 class DenseTask(Task):
@@ -142,6 +142,14 @@ CONVNEXT_SETTINGS = (
     S("convnext.decoder_dim", "int", "features per token after the first linear"),
     S("convnext.preds_per_patch", "int", "sub-patches per token (a square number)"),
     S("convnext.depth", "int", "ConvNeXt blocks"),
+)
+
+
+# the kit's FourmColorJitter transform, as a task's profile section ``color_jitter``
+COLOR_JITTER_SETTINGS = (
+    S("color_jitter", "section", "colour jitter (torchvision's ColorJitter, MultiMAE's values)", per_size=False),
+    *floats("color_jitter", prob="probability per image", brightness="brightness", contrast="contrast",
+            saturation="saturation", hue="hue"),
 )
 
 
@@ -268,4 +276,4 @@ class FourmDenseMetric(BaseMetric):
         return metrics
 
 
-__all__ = ["CONVNEXT_SETTINGS", "DenseTask", "FourmDenseMetric", "batch_norm", "quarter_blocks", "score_folder"]
+__all__ = ["COLOR_JITTER_SETTINGS", "CONVNEXT_SETTINGS", "DenseTask", "FourmDenseMetric", "batch_norm", "quarter_blocks", "score_folder"]
