@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Log, Metric, PreparedData, Progress, RunContext
-from .kits.dense import COLOR_JITTER_SETTINGS
+from .kits.dense import COLOR_JITTER_SETTINGS, px
 from .kits.segmentation import SegmentationTask
 from .schema import S, SUBSET_SETTINGS, size_hw
 
@@ -56,6 +56,7 @@ class Ade20kSeg(SegmentationTask):
     num_classes = 150
     reduce_zero_label = True  # 0 "other" ignored, value v -> class v - 1
     scored_split = "val"
+    xl_tuning_published = "LoRA rank 64"
     settings = SegmentationTask.settings + SUBSET_SETTINGS + (
         S("lsj_scale", "list", "large-scale jitter: the long side to image_size x U(lo, hi)", item="float", length=2),
         *COLOR_JITTER_SETTINGS,
@@ -142,25 +143,11 @@ class Ade20kSeg(SegmentationTask):
                     reduce_zero_label=True, test_mode=test_mode, pipeline=pipeline)
 
     # the protocol, in words
-    def footnote(self, record: dict[str, Any]) -> str:
-        c = record.get("config", {})
-        sch = c.get("schedule_resolved", {})
-        head = c.get("head", "?")
-        if head == "convnext":
-            h = c.get("convnext", {})
-            head_txt = (f"ConvNeXt head (MultiMAE; dim {h.get('decoder_dim', '?')}, {h.get('preds_per_patch', '?')} "
-                        f"predictions per patch, {h.get('depth', '?')} blocks) on the last block")
-        else:
-            head_txt = "UperNet + auxiliary FCN head on blocks at depth 1/4, 1/2, 3/4, 1 (multi-level neck)"
-        tuning = "full fine-tuning"
-        if c.get("model_size") == "xl":
-            tuning += " (4M-21 fine-tunes XL with LoRA rank 64; LoRA is not implemented yet)"
-        return (f"{self.name} / {record.get('profile')}: {head_txt}; {c.get('image_size', '?')} px crops, large-scale "
-                f"jitter {c.get('lsj_scale', '?')}, colour jitter; {sch.get('max_iters', '?')} iterations at batch "
-                f"{sch.get('eff_batch', '?')}, cosine; {tuning}; layer decay {c.get('layer_decay', '?')}, drop path "
-                f"{c.get('drop_path', '?')}; sliding window {c.get('image_size', '?')} / stride "
-                f"{c.get('slide_stride', '?')}; mIoU over the classes present in predictions or ground truth of "
-                "the val set (mmseg's rule), final model (not best-on-val)")
+    def footnote_training(self, c: dict[str, Any]) -> str:
+        return f"{px(c.get('image_size'))} px crops, large-scale jitter {c.get('lsj_scale', '?')}, colour jitter"
+
+    def footnote_test(self, c: dict[str, Any]) -> str:
+        return f"sliding window {px(c.get('image_size'))} / stride {c.get('slide_stride', '?')}"
 
 
 def class_names() -> list[str]:

@@ -26,9 +26,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmengine.evaluator import BaseMetric
-from mmengine.registry import METRICS
-
 from fourm_eval.errors import ConfigError
 
 from .mmreg import register as mm_register
@@ -39,52 +36,16 @@ STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULT_FILES = {"bbox": "coco_results.bbox.json", "segm": "coco_results.segm.json"}
 
 
-@mm_register(METRICS)
-class FourmCocoMetric(BaseMetric):
-    """Box and mask AP at full precision (pycocotools' COCOeval; see fourm_eval.metrics_coco).
-
-    With ``predictions_dir`` every evaluation also writes its results in the COCO
-    results format (the last one stays: the final model's)."""
-
-    default_prefix = "coco"
-
-    def __init__(self, ann_file: str, cat_ids: list[int], with_masks: bool = True,
-                 predictions_dir: str | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.ann_file = ann_file
-        self.cat_ids = list(cat_ids)
-        self.with_masks = with_masks
-        self.predictions_dir = predictions_dir
-
-    def process(self, data_batch: dict, data_samples: list) -> None:
-        from fourm_eval.metrics_coco import encode_masks, to_coco_results
-        for ds in data_samples:
-            pred = ds["pred_instances"]
-            masks = pred.get("masks") if self.with_masks else None
-            rles = encode_masks(masks.cpu().numpy()) if masks is not None else None
-            dets, segs = to_coco_results(ds["img_id"], pred["bboxes"].cpu().numpy(),
-                                         pred["scores"].cpu().numpy(), pred["labels"].cpu().numpy(),
-                                         self.cat_ids, rles)
-            self.results.append((ds["img_id"], dets, segs if rles is not None else None))
-
-    def compute_metrics(self, results: list) -> dict[str, float]:
-        from fourm_eval.metrics_coco import evaluate
-        dets = [d for _, ds, _ in results for d in ds]
-        segs = [s for _, _, ss in results if ss is not None for s in ss] if self.with_masks else None
-        img_ids = sorted({int(i) for i, _, _ in results})
-        if self.predictions_dir:
-            write_predictions(Path(self.predictions_dir), dets, segs, img_ids)
-        return evaluate(self.ann_file, dets, segs, img_ids=img_ids)
-
-
 def write_predictions(out: Path, dets: list[dict], segs: list[dict] | None, img_ids: list[int]) -> None:
     from fourm_eval.results import atomic_write_json
+
+    from .runs import update_predictions_meta
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / RESULT_FILES["bbox"], dets)
     if segs is not None:
         atomic_write_json(out / RESULT_FILES["segm"], segs)
-    atomic_write_json(out / "meta.json", {"format": "COCO results (one file per IoU type)",
-                                          "image_ids": img_ids})
+    # merged: the run's ``evaluation`` section (iteration, complete) is kept
+    update_predictions_meta(out, {"format": "COCO results (one file per IoU type)", "image_ids": img_ids})
 
 
 # ------------------------------------------------------------------ config
@@ -331,6 +292,59 @@ def register() -> None:
 
     register_all_modules(init_default_scope=True)
     register_mask_head()
+    _register_metric()
+
+
+_METRIC_REGISTERED = False
+
+
+def _register_metric() -> None:
+    """``FourmCocoMetric`` in mmengine's METRICS (idempotent; defined here, not at import, so that the
+    task scan does not import mmengine's evaluator and torch)."""
+    global _METRIC_REGISTERED
+    if _METRIC_REGISTERED:
+        return
+    from mmengine.evaluator import BaseMetric
+    from mmengine.registry import METRICS
+
+    class FourmCocoMetric(BaseMetric):
+        """Box and mask AP at full precision (pycocotools' COCOeval; see fourm_eval.metrics_coco).
+
+        With ``predictions_dir`` every evaluation also writes its results in the COCO
+        results format (the last one stays: the final model's)."""
+
+        default_prefix = "coco"
+
+        def __init__(self, ann_file: str, cat_ids: list[int], with_masks: bool = True,
+                     predictions_dir: str | None = None, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.ann_file = ann_file
+            self.cat_ids = list(cat_ids)
+            self.with_masks = with_masks
+            self.predictions_dir = predictions_dir
+
+        def process(self, data_batch: dict, data_samples: list) -> None:
+            from fourm_eval.metrics_coco import encode_masks, to_coco_results
+            for ds in data_samples:
+                pred = ds["pred_instances"]
+                masks = pred.get("masks") if self.with_masks else None
+                rles = encode_masks(masks.cpu().numpy()) if masks is not None else None
+                dets, segs = to_coco_results(ds["img_id"], pred["bboxes"].cpu().numpy(),
+                                             pred["scores"].cpu().numpy(), pred["labels"].cpu().numpy(),
+                                             self.cat_ids, rles)
+                self.results.append((ds["img_id"], dets, segs if rles is not None else None))
+
+        def compute_metrics(self, results: list) -> dict[str, float]:
+            from fourm_eval.metrics_coco import evaluate
+            dets = [d for _, ds, _ in results for d in ds]
+            segs = [s for _, _, ss in results if ss is not None for s in ss] if self.with_masks else None
+            img_ids = sorted({int(i) for i, _, _ in results})
+            if self.predictions_dir:
+                write_predictions(Path(self.predictions_dir), dets, segs, img_ids)
+            return evaluate(self.ann_file, dets, segs, img_ids=img_ids)
+
+    mm_register(METRICS, "FourmCocoMetric")(FourmCocoMetric)
+    _METRIC_REGISTERED = True
 
 
 def datasets_and_model(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int, data_root: Path,

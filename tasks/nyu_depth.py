@@ -19,8 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmengine.registry import DATASETS
-
 from fourm_eval.errors import ConfigError
 
 from .base import Log, Metric, PreparedData, Progress, RunContext
@@ -31,6 +29,7 @@ from .mmreg import register as mm_register
 
 # ---------------------------------------------------------------- dataset
 def _register_dataset() -> None:
+    from mmengine.registry import DATASETS
     from mmseg.datasets import NYUDataset
 
     class FourmNYUDataset(NYUDataset):
@@ -88,6 +87,7 @@ class NyuDepth(DepthTask):
     prediction_format = ("one 16-bit PNG per test image, depth in millimetres (0 = none), at the image's full size, "
                          "named like the image (NAME.png)")
     scored_split = "test"
+    xl_tuning_published = "LoRA rank 8"
     settings = DepthTask.settings + (
         S("color_jitter", "bool", "mmseg's PhotoMetricDistortion on training images"),
         S("hflip", "bool", "random horizontal flip (p 0.5) of training images"),
@@ -171,23 +171,13 @@ class NyuDepth(DepthTask):
         from fourm_eval.data.nyu import DEPTH_SUFFIX, depth_dir, list_split
         return {n: depth_dir(Path(root), "test") / f"{n}{DEPTH_SUFFIX}" for n in list_split(Path(root), "test")[0]}
 
-    def footnote(self, record: dict[str, Any]) -> str:
-        c = record.get("config", {})
-        sch = c.get("schedule_resolved", {})
-        head = c.get("head", "?")
-        hd = c.get(head, {}) if isinstance(c.get(head), dict) else {}
-        head_txt = (f"ConvNeXt head (decoder dim {hd.get('decoder_dim', '?')}, {hd.get('preds_per_patch', '?')} "
-                    f"predictions per patch, {hd.get('depth', '?')} blocks) on the last block" if head == "convnext"
-                    else f"DPT head ({hd.get('channels', '?')} channels) over four blocks" if head == "dpt"
-                    else f"{head} head")
+    def footnote_training(self, c: dict[str, Any]) -> str:
         aug = ["random crop"] + (["colour jitter"] if c.get("color_jitter") else []) + \
             (["horizontal flip"] if c.get("hflip") else [])
-        return (f"{self.name} / {record.get('profile')}: {head_txt}, softplus output in metres, {c.get('loss', '?')} "
-                f"loss; {c.get('image_size', '?')} px crops ({', '.join(aug)}), tested at short side "
-                f"{c.get('image_size', '?')}; {sch.get('max_iters', '?')} iterations at batch {sch.get('eff_batch', '?')}"
-                f", {c.get('schedule', {}).get('decay', 'step')} decay; full fine-tuning; layer decay "
-                f"{c.get('layer_decay', '?')}, drop path {c.get('drop_path', '?')}; Eigen crop, ground truth in "
-                "(0.001, 10] m, per-image mean; final model (not best-on-test)")
+        return f"{c.get('image_size', '?')} px crops ({', '.join(aug)})"
+
+    def footnote_test(self, c: dict[str, Any]) -> str:
+        return f"tested at short side {c.get('image_size', '?')}"
 
 
 TASK = NyuDepth()

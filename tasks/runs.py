@@ -420,34 +420,39 @@ def _meta_file(predictions: str | Path) -> Path:
     return p / PREDICTIONS_META if p.is_dir() or not p.suffix else p.parent / PREDICTIONS_META
 
 
-def predictions_state(predictions: str | Path) -> dict[str, Any] | None:
-    """The ``evaluation`` section of a predictions folder's meta.json (iteration, complete, final,
-    eval_only); {} when meta.json exists but does not say (an older fourm-eval, or a run killed
-    while writing it); None without meta.json (another project's predictions)."""
-    f = _meta_file(predictions)
+def read_predictions_meta(f: Path) -> dict[str, Any] | None:
+    """A predictions ``meta.json`` as a dict: None when there is no such file, {} when it does not
+    read as a JSON object (a run killed while writing it: atomic writes make that rare)."""
     if not f.is_file():
         return None
     try:
         meta = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    ev = meta.get("evaluation") if isinstance(meta, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def predictions_state(predictions: str | Path) -> dict[str, Any] | None:
+    """The ``evaluation`` section of a predictions folder's meta.json (iteration, complete, final,
+    eval_only); {} when meta.json exists but does not say (an older fourm-eval, or a run killed
+    while writing it); None without meta.json (another project's predictions)."""
+    meta = read_predictions_meta(_meta_file(predictions))
+    if meta is None:
+        return None
+    ev = meta.get("evaluation")
     return dict(ev) if isinstance(ev, dict) else {}
 
 
-def update_predictions_meta(pred_dir: str | Path, entries: dict[str, Any]) -> dict[str, Any]:
-    """Merge top-level ``entries`` into ``pred_dir/meta.json`` (created if absent; other entries, such
-    as the ``evaluation`` section, are kept); returns the new content."""
+def update_predictions_meta(pred_dir: str | Path, entries: dict[str, Any],
+                            evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge top-level ``entries`` (and ``evaluation`` into the ``evaluation`` section) into
+    ``pred_dir/meta.json``, created if absent; everything else is kept. Returns the new content."""
     f = Path(pred_dir) / PREDICTIONS_META
-    meta: dict[str, Any] = {}
-    if f.is_file():
-        try:
-            meta = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            meta = {}
-    if not isinstance(meta, dict):
-        meta = {}
+    meta = read_predictions_meta(f) or {}
     meta.update(entries)
+    if evaluation:
+        ev = meta.get("evaluation")
+        meta["evaluation"] = {**(ev if isinstance(ev, dict) else {}), **evaluation}
     atomic_write_json(f, meta)
     return meta
 
@@ -455,12 +460,4 @@ def update_predictions_meta(pred_dir: str | Path, entries: dict[str, Any]) -> di
 def mark_predictions(pred_dir: str | Path, **fields: Any) -> None:
     """Merge ``fields`` into the ``evaluation`` section of ``pred_dir/meta.json`` (created if absent;
     whatever else the task wrote there is kept)."""
-    f = Path(pred_dir) / PREDICTIONS_META
-    try:
-        meta = json.loads(f.read_text()) if f.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        meta = {}
-    ev = dict((meta.get("evaluation") if isinstance(meta, dict) else None) or {})
-    ev.update(fields)
-    ev["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    update_predictions_meta(pred_dir, {"evaluation": ev})
+    update_predictions_meta(pred_dir, {}, {**fields, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -89,7 +89,9 @@ def test_upernet_head_with_a_rectangular_crop_and_poly_decay_runs_and_rescores(t
     assert tuple(cfg.model.test_cfg.crop_size) == tuple(cfg.model.data_preprocessor.size) == (32, 64)
     assert [(c.type, c.get("power")) for c in cfg.param_scheduler] == [("PolyLR", 0.9)]
     assert rec["dataset"]["subsets"]["val"]["n"] == 3
-    assert "UperNet" in __import__("fourm_eval.tasks", fromlist=["get_task"]).get_task("ade20k-seg").footnote(rec)
+    from fourm_eval.tasks import get_task
+    note = get_task("ade20k-seg").footnote(rec)  # the kit's footnote says what ran
+    assert "UperNet" in note and ", poly decay;" in note and "sliding window 32 x 64 / stride 21" in note, note
     ev = _run(["evaluate", "ade20k-seg", "--predictions", str(tmp_path / "u" / "predictions"), "--data-root",
                str(tiny_ade), "--out", str(tmp_path / "e.json")], tmp_path)
     assert ev.returncode == 0, ev.stderr[-2000:]

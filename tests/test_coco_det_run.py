@@ -136,7 +136,8 @@ def test_killed_run_resumes_to_the_same_numbers(reference_run, tmp_path):
     """Preempted three times, each at another kind of point (right after iteration 4's checkpoint;
     inside the validation after iteration 8's checkpoint; at iteration 10, between checkpoints), the
     same command resumes each time and ends with the uninterrupted run's numbers and evaluation
-    history (the validation the second kill interrupted is redone)."""
+    history (the validation the second kill interrupted is redone). Other settings in the preempted
+    run's folder are refused without touching it."""
     base, ref_dir, _ = reference_run
     wd = tmp_path / "killed"
     resumed_from = None
@@ -148,6 +149,11 @@ def test_killed_run_resumes_to_the_same_numbers(reference_run, tmp_path):
         if resumed_from is not None:
             assert f"(resuming from iter_{resumed_from}.pth" in killed.stdout, (kill_at, killed.stdout[-2000:])
         resumed_from = ckpt
+    # the same folder with other settings is another run: refused, and the preempted run is untouched
+    listing = sorted(p.name for p in wd.iterdir())
+    other = _run(base + ["--set", "schedule.length=16", "--work-dir", str(wd)], tmp_path)
+    assert other.returncode == 2 and "holds a different run" in other.stderr, other.stderr[-2000:]
+    assert "profile.{schedule}" in other.stderr and sorted(p.name for p in wd.iterdir()) == listing
     again = _run(base + ["--work-dir", str(wd)], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(resuming from iter_8.pth" in again.stdout, again.stdout[-2000:]
@@ -156,13 +162,6 @@ def test_killed_run_resumes_to_the_same_numbers(reference_run, tmp_path):
     assert a["metrics"] == b["metrics"]
     assert a["eval_history"] == b["eval_history"]
     assert [i["status"] for i in b["provenance"]["invocations"]] == ["killed"] * 3 + ["finished"]
-
-
-def test_work_dir_with_a_different_run_is_refused(tmp_path, tiny_coco):
-    args = ["run", "coco-det", "--data-root", str(tiny_coco), *QUICK, "--work-dir", str(tmp_path / "w")]
-    assert _run(args + ["--set", "schedule.length=2", "--set", "schedule.val_interval=2"], tmp_path).returncode == 0
-    r = _run(args + ["--set", "schedule.length=4", "--set", "schedule.val_interval=4"], tmp_path)
-    assert r.returncode == 2 and "holds a different run" in r.stderr and "profile.{schedule}" in r.stderr
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

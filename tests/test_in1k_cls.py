@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from fourm_eval.data.coco_check import DatasetError
+from fourm_eval.data.checks import DatasetError
+from fourm_eval.errors import PredictionsError
 from fourm_eval.data.imagenet_mini import SHAPES, make_mini_imagenet, mini_wnids
 from fourm_eval.tasks import get_task
 from fourm_eval.tasks import in1k_cls as T
+from fourm_eval.tasks.kits import classification_model as CM
+from fourm_eval.tasks.kits.classification import PRED_FILE, topk_accuracy
 
 from cli_runner import run_cli as _run
 TASK = get_task("in1k-cls")
@@ -26,16 +29,16 @@ def test_topk_against_hand_computation():
                           [0.10, 0.10, 0.60, 0.05, 0.05, 0.10]])   # label 2: top-1 hit
     labels = [1, 4, 0, 2]
     # by hand: top-1 hits images 0 and 3 (2/4); top-5 hits images 0, 1, 3 (3/4)
-    m = T.FourmTopKMetric(num_classes=6)
+    m = CM.FourmTopKMetric(num_classes=6)
     m.process({}, [{"file": f"val/x/{i}.JPEG", "label": y, "probs": p} for i, (p, y) in enumerate(zip(probs, labels))])
     assert m.compute_metrics(m.results) == {"top1": 0.5, "top5": 0.75}
-    assert T.topk_accuracy([[1, 2, 3, 4, 0], [0, 2, 3, 4, 1], [5, 4, 3, 2, 1]], [1, 4, 0]) == {"top1": 1 / 3,
+    assert topk_accuracy([[1, 2, 3, 4, 0], [0, 2, 3, 4, 1], [5, 4, 3, 2, 1]], [1, 4, 0]) == {"top1": 1 / 3,
                                                                                            "top5": 2 / 3}
 
 
 def test_topk_with_fewer_than_five_classes():
     """With 3 classes every image's top-5 holds its label (top-5 = 1), top-1 by hand."""
-    m = T.FourmTopKMetric(num_classes=3)
+    m = CM.FourmTopKMetric(num_classes=3)
     probs = torch.tensor([[0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
     m.process({}, [{"file": "a", "label": 1, "probs": probs[0]}, {"file": "b", "label": 2, "probs": probs[1]}])
     assert m.compute_metrics(m.results) == {"top1": 0.5, "top5": 1.0}
@@ -105,9 +108,9 @@ def test_mini_is_deterministic_sorted_and_holds_odd_files(small_mini, tmp_path):
         with Image.open(f) as im:
             modes.setdefault((im.format, im.mode), f)
     assert {("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGB")} <= set(modes)
-    ds = T.FourmImageFolder(str(small_mini), str(tmp_path / "d" / "train_samples.json"),
-                            T.transform_cfg({"image_size": 32, "eval_crop_pct": 0.875, "interpolation": "bicubic",
-                                             "augment": {}}, False))
+    ds = CM.FourmImageFolder(str(small_mini), str(tmp_path / "d" / "train_samples.json"),
+                             T.transform_cfg({"image_size": 32, "eval_crop_pct": 0.875, "interpolation": "bicubic",
+                                              "augment": {}}, False))
     index = {rel: i for i, (rel, _) in enumerate(ds.samples)}
     for key in (("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGB")):
         rel = str(modes[key].relative_to(small_mini))
@@ -179,9 +182,9 @@ def test_malformed_predictions_are_named_errors(small_mini, tmp_path):
     }
     for name, (lines, msg) in cases.items():
         path = _write(tmp_path / f"{name}.csv", lines)
-        with pytest.raises(T.PredictionsError, match=msg):
+        with pytest.raises(PredictionsError, match=msg):
             TASK.evaluate(path, small_mini)
-    with pytest.raises(T.PredictionsError, match="not found"):
+    with pytest.raises(PredictionsError, match="not found"):
         TASK.evaluate(tmp_path / "absent.csv", small_mini)
     # the CLI prints the named error without a traceback
     r = _run(["evaluate", "in1k-cls", "--predictions", str(tmp_path / "dup.csv"), "--data-root", str(small_mini)],
@@ -241,7 +244,7 @@ def test_smoke_learns_and_rescores_exactly(smoke_run):
     assert rec["eval_history"][0]["iter"] == 0
     assert rec["config"]["schedule_resolved"]["decay"] == "cosine"
     # one row per val image, then an exact re-score from the file alone
-    rows = (wd / "predictions" / T.PRED_FILE).read_text().splitlines()
+    rows = (wd / "predictions" / PRED_FILE).read_text().splitlines()
     assert rows[0] == "file,top5,scores" and len(rows) == 1 + rec["dataset"]["n_val_images"]
     ev = _run(["evaluate", "in1k-cls", "--predictions", str(wd / "predictions"), "--data-root",
                rec["dataset"]["root"], "--out", str(tmp / "rescored.json")], tmp)

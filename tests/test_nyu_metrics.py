@@ -91,7 +91,7 @@ def test_unscorable_images_are_named_errors():
 
 # ------------------------------------------------------------------ losses
 def test_silog_by_hand_and_images_without_valid_pixels():
-    from fourm_eval.tasks.kits.depth import silog
+    from fourm_eval.tasks.kits.depth_head import silog
 
     pred = torch.tensor([[[[1.0, 2.0], [4.0, 3.0]]], [[[1.0, 1.0], [1.0, 1.0]]]], requires_grad=True)
     gt = torch.tensor([[[[2.0, 2.0], [2.0, 0.0]]], [[[0.0, 11.0], [0.0, 0.0]]]])  # image 2: nothing valid
@@ -110,7 +110,7 @@ def test_silog_by_hand_and_images_without_valid_pixels():
 
 
 def test_berhu_by_hand():
-    from fourm_eval.tasks.kits.depth import berhu
+    from fourm_eval.tasks.kits.depth_head import berhu
 
     pred = torch.tensor([[[[2.1, 1.5], [4.0, 7.0]]]])
     gt = torch.tensor([[[[2.0, 2.0], [3.0, 0.0]]]])  # errors on valid pixels: 0.1, -0.5, 1.0
@@ -124,7 +124,7 @@ def test_berhu_by_hand():
 @pytest.mark.parametrize("head", ["convnext", "dpt"])
 @pytest.mark.parametrize("hw", [(6, 8), (5, 5)])
 def test_heads_give_positive_depth_at_their_stride(head, hw):
-    from fourm_eval.tasks.kits.depth import FourmDepthHead
+    from fourm_eval.tasks.kits.depth_head import FourmDepthHead
 
     torch.manual_seed(0)
     h = FourmDepthHead(head, 32, convnext=dict(decoder_dim=64, preds_per_patch=16, depth=1),
@@ -146,7 +146,7 @@ def test_dpt_head_builds_whatever_the_default_scope():
     head, whose loss comes from mmseg's registry."""
     from mmengine.registry import DefaultScope
 
-    from fourm_eval.tasks.kits.depth import FourmDepthHead
+    from fourm_eval.tasks.kits.depth_head import FourmDepthHead
 
     with DefaultScope.overwrite_default_scope("mmdet"):
         h = FourmDepthHead("dpt", 32, dpt=dict(channels=8, post_process_channels=[4, 8, 16, 32]))

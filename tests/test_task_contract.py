@@ -20,6 +20,21 @@ def test_registry_finds_tasks():
         assert get_task(t.name) is t and get_task(t.data_kind) is t
 
 
+def test_registry_loads_without_torch():
+    """The task scan (results, report, evaluate, data check) imports no torch, mm model or evaluator
+    code: a task module defines its mm classes where ``register_mm`` reaches them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fourm_eval.tasks import all_tasks; ts = all_tasks(); "
+            "[t.metric(t.main_metrics[0]) for t in ts.values()]; "
+            "print(len(ts), sorted(m for m in ('torch', 'mmengine.model', 'mmengine.evaluator', 'mmdet', 'mmseg', "
+            "'timm', 'mmcv') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split(None, 1) == [str(len(TASKS)), "[]\n"], r.stdout
+
+
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
 def test_metrics_are_described(task):
     names = [m.name for m in task.metrics]

@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
-from mmengine.evaluator import BaseMetric
-from mmengine.registry import METRICS
 
 from fourm_eval.errors import PredictionsError
 
@@ -51,6 +49,8 @@ class DenseTask(Task):
     gt_path_key: ClassVar[str]       # data-sample meta key of the ground-truth file ("seg_map_path")
     map_bits: ClassVar[int]          # stored PNG bit depth, 8 or 16
     map_max: ClassVar[int | None] = None  # largest valid stored value (None: the bit depth's)
+    metric_words: ClassVar[str]      # the footnote's words for the metric (the kit of the kind says)
+    xl_tuning_published: ClassVar[str | None] = None  # how 4M-21 tunes XL on this task, when not fully
 
     # ------------------------------------------------------- declared by the task
     @abstractmethod
@@ -89,6 +89,14 @@ class DenseTask(Task):
     def register_extra(self) -> None:
         """Register the task's own mm modules (transforms, datasets, heads); idempotent."""
 
+    @abstractmethod
+    def footnote_training(self, c: dict[str, Any]) -> str:
+        """The footnote's words for the training crops and augmentation (``c``: the record's config)."""
+
+    @abstractmethod
+    def footnote_test(self, c: dict[str, Any]) -> str:
+        """The footnote's words for how the scored split is predicted (resize, windows)."""
+
     # ------------------------------------------------------- supplied by the kit
     def register_mm(self) -> None:
         from mmseg.utils import register_all_modules
@@ -99,6 +107,7 @@ class DenseTask(Task):
         register_all_modules(init_default_scope=True)
         register_mmseg()
         _register_color_jitter()
+        _register_metric()
         self.register_extra()
 
     def runner_parts(self, ctx: RunContext) -> dict[str, Any]:
@@ -110,6 +119,30 @@ class DenseTask(Task):
 
     def record_metrics(self, evaluator_out: dict[str, float]) -> dict[str, float]:
         return {k.removeprefix(self.metric_prefix + "/"): float(v) for k, v in evaluator_out.items()}
+
+    def footnote_head(self, c: dict[str, Any]) -> str:
+        """The head in words (a kit adds its own heads)."""
+        head = c.get("head", "?")
+        if head == "convnext":
+            h = c.get("convnext") if isinstance(c.get("convnext"), dict) else {}
+            return (f"ConvNeXt head (MultiMAE; decoder dim {h.get('decoder_dim', '?')}, {h.get('preds_per_patch', '?')} "
+                    f"predictions per patch, {h.get('depth', '?')} blocks) on the last block")
+        return f"{head} head"
+
+    def footnote(self, record: dict[str, Any]) -> str:
+        """The protocol from the record: head; training crops; schedule; tuning; test; metric."""
+        c = record.get("config") or {}
+        sch = c.get("schedule_resolved") or {}
+        tuning = f"{c.get('tuning', 'full')} fine-tuning"
+        if c.get("model_size") == "xl" and self.xl_tuning_published and c.get("tuning", "full") == "full":
+            tuning += f" (4M-21 fine-tunes XL with {self.xl_tuning_published}; not implemented here yet)"
+        parts = [self.footnote_head(c), self.footnote_training(c),
+                 f"{sch.get('max_iters', '?')} iterations at batch {sch.get('eff_batch', '?')}, "
+                 f"{sch.get('decay') or (c.get('schedule') or {}).get('decay', '?')} decay",
+                 f"{tuning}, layer decay {c.get('layer_decay', '?')}, drop path {c.get('drop_path', '?')}",
+                 self.footnote_test(c), self.metric_words,
+                 f"final model (not best-on-{self.scored_split})"]
+        return f"{self.name} / {record.get('profile')}: " + "; ".join(parts)
 
     def read_prediction(self, path: Path) -> np.ndarray:
         from fourm_eval.data.pngmap import read_png_map
@@ -151,6 +184,13 @@ COLOR_JITTER_SETTINGS = (
     *floats("color_jitter", prob="probability per image", brightness="brightness", contrast="contrast",
             saturation="saturation", hue="hue"),
 )
+
+
+def px(size: Any) -> str:
+    """A crop size in a footnote: ``96`` or ``32 x 64`` (height x width)."""
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return f"{size[0]} x {size[1]}"
+    return str(size if size is not None else "?")
 
 
 def quarter_blocks(depth: int) -> list[int]:
@@ -242,38 +282,52 @@ def _meta_stems(pred_dir: Path) -> list[str] | None:
     return stems
 
 
-@mm_register(METRICS)
-class FourmDenseMetric(BaseMetric):
-    """A dense task's metric in a run: each prediction is encoded as the task stores it, written to
-    ``predictions_dir`` (when given) and scored from the stored values, as ``fourm-eval evaluate``
-    scores the folder."""
+_METRIC_REGISTERED = False
 
-    def __init__(self, task: str, predictions_dir: str | None = None, **kwargs: Any):
-        from .. import get_task
 
-        self.task: DenseTask = get_task(task)  # type: ignore[assignment]
-        super().__init__(prefix=self.task.metric_prefix, **kwargs)
-        self.predictions_dir = Path(predictions_dir) if predictions_dir else None
+def _register_metric() -> None:
+    """``FourmDenseMetric`` in mmengine's METRICS (idempotent; imports mmengine's evaluator, and so
+    torch, only when a run registers its modules: the task scan stays light)."""
+    global _METRIC_REGISTERED
+    if _METRIC_REGISTERED:
+        return
+    from mmengine.evaluator import BaseMetric
+    from mmengine.registry import METRICS
 
-    def process(self, data_batch: dict, data_samples: Sequence[dict]) -> None:
-        from fourm_eval.data.pngmap import write_png_map
+    class FourmDenseMetric(BaseMetric):
+        """A dense task's metric in a run: each prediction is encoded as the task stores it, written to
+        ``predictions_dir`` (when given) and scored from the stored values, as ``fourm-eval evaluate``
+        scores the folder."""
 
-        t = self.task
-        for ds in data_samples:
-            stored = t.encode(ds[t.pred_field]["data"].squeeze(0).float().cpu().numpy())
-            name = Path(ds["img_path"]).stem
+        def __init__(self, task: str, predictions_dir: str | None = None, **kwargs: Any):
+            from .. import get_task
+
+            self.task: DenseTask = get_task(task)  # type: ignore[assignment]
+            super().__init__(prefix=self.task.metric_prefix, **kwargs)
+            self.predictions_dir = Path(predictions_dir) if predictions_dir else None
+
+        def process(self, data_batch: dict, data_samples: Sequence[dict]) -> None:
+            from fourm_eval.data.pngmap import write_png_map
+
+            t = self.task
+            for ds in data_samples:
+                stored = t.encode(ds[t.pred_field]["data"].squeeze(0).float().cpu().numpy())
+                name = Path(ds["img_path"]).stem
+                if self.predictions_dir:
+                    write_png_map(self.predictions_dir / f"{name}.png", stored)
+                gt_file = Path(ds[t.gt_path_key])
+                self.results.append((name, t.score(stored, t.read_ground_truth(gt_file), name, gt_file)))
+
+        def compute_metrics(self, results: list) -> dict[str, float]:
+            metrics, extras = self.task.summarize(dict(results))
             if self.predictions_dir:
-                write_png_map(self.predictions_dir / f"{name}.png", stored)
-            gt_file = Path(ds[t.gt_path_key])
-            self.results.append((name, t.score(stored, t.read_ground_truth(gt_file), name, gt_file)))
+                from ..runs import update_predictions_meta
+                update_predictions_meta(self.predictions_dir, {"format": self.task.prediction_format,
+                                                               "stems": sorted(r[0] for r in results), **extras})
+            return metrics
 
-    def compute_metrics(self, results: list) -> dict[str, float]:
-        metrics, extras = self.task.summarize(dict(results))
-        if self.predictions_dir:
-            from ..runs import update_predictions_meta
-            update_predictions_meta(self.predictions_dir, {"format": self.task.prediction_format,
-                                                           "stems": sorted(r[0] for r in results), **extras})
-        return metrics
+    mm_register(METRICS, "FourmDenseMetric")(FourmDenseMetric)
+    _METRIC_REGISTERED = True
 
 
-__all__ = ["COLOR_JITTER_SETTINGS", "CONVNEXT_SETTINGS", "DenseTask", "FourmDenseMetric", "batch_norm", "quarter_blocks", "score_folder"]
+__all__ = ["COLOR_JITTER_SETTINGS", "CONVNEXT_SETTINGS", "DenseTask", "batch_norm", "px", "quarter_blocks", "score_folder"]

@@ -33,6 +33,16 @@ class SegmentationTask(DenseTask):
     num_classes: ClassVar[int]
     reduce_zero_label: ClassVar[bool] = True
     metric_prefix = "seg"
+
+    @property
+    def metric_words(self) -> str:  # type: ignore[override]
+        return (f"mIoU over the classes present in predictions or ground truth of the {self.scored_split} set "
+                "(mmseg's rule)")
+
+    def footnote_head(self, c: dict[str, Any]) -> str:
+        if c.get("head") == "upernet":
+            return "UperNet + auxiliary FCN head on blocks at depth 1/4, 1/2, 3/4, 1 (multi-level neck)"
+        return super().footnote_head(c)
     pred_field = "pred_sem_seg"
     gt_path_key = "seg_map_path"
     map_bits = 8
