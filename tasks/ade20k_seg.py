@@ -35,7 +35,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .base import Log, Metric, PreparedData, Progress, RunContext
+from .base import Log, PreparedData, Progress, RunContext
 from .kits.dense import COLOR_JITTER_SETTINGS, px
 from .kits.segmentation import SegmentationTask
 from .schema import S, SUBSET_SETTINGS, size_hw
@@ -45,12 +45,7 @@ class Ade20kSeg(SegmentationTask):
     name = "ade20k-seg"
     title = "ADE20K semantic segmentation, 150 classes (ConvNeXt head or UperNet, mmseg)"
     data_kind = "ade20k"
-    metrics = (
-        Metric("mIoU", main=True, gated=True,
-               description="mean IoU over the classes present in predictions or ground truth of the val set"),
-        Metric("mAcc", description="mean per-class pixel accuracy over the classes present in the ground truth"),
-        Metric("aAcc", description="pixel accuracy over all labelled pixels"),
-    )
+    mini_data = "fourm_eval.data.ade_mini"
     prediction_format = ("one 8-bit PNG per validation image, <image stem>.png, the image's size, values 1..150 "
                          "(class k as k + 1), as the ADE20K benchmark server takes; plus meta.json")
     num_classes = 150
@@ -67,14 +62,6 @@ class Ade20kSeg(SegmentationTask):
     )
 
     # data
-    def make_mini(self, out: Path, seed: int = 0) -> Path:
-        from fourm_eval.data.ade_mini import make_mini_ade20k
-        return make_mini_ade20k(out, seed=seed)
-
-    def default_data_root(self) -> Path:
-        from fourm_eval.data.ade_mini import default_mini_ade20k
-        return default_mini_ade20k()
-
     def data_identity(self, root: Path) -> dict[str, Any]:
         from fourm_eval.data.ade_check import annotation_digest
         return {"annotations_sha256": {s: annotation_digest(Path(root), s) for s in ("train", "val")}}

@@ -77,14 +77,20 @@ class Task(ABC):
     mm_scope: ClassVar[str]        # the OpenMMLab default scope of its runner ("mmdet", "mmseg")
     settings: ClassVar[tuple] = () # its profile keys beyond the runner's (``tasks.schema.Setting``; kit's included)
 
+    mini_data: ClassVar[str]       # module of its built-in mini dataset: make(out, seed=...) and default()
+
     # ---------------------------------------------------------------- data
-    @abstractmethod
     def make_mini(self, out: Path, seed: int = 0) -> Path:
         """Write the deterministic synthetic mini dataset in the real on-disk layout."""
+        return self._mini_module().make(out, seed=seed)
 
-    @abstractmethod
     def default_data_root(self) -> Path:
         """The built-in mini dataset (generated once, cached), used when no data root is given."""
+        return self._mini_module().default()
+
+    def _mini_module(self) -> Any:
+        import importlib
+        return importlib.import_module(self.mini_data)
 
     @abstractmethod
     def data_identity(self, root: Path) -> dict[str, Any]:

@@ -173,6 +173,7 @@ class CocoDet(Task):
     name = "coco-det"
     title = "COCO detection + instance segmentation (ViTDet-style Mask R-CNN, mmdet)"
     data_kind = "coco"
+    mini_data = "fourm_eval.data.coco_mini"
     metrics = tuple(
         [Metric(f"box_{s}", main=s == "AP", gated=s in ("AP", "AP50"), description=f"box {s} (COCOeval)")
          for s in STATS]
@@ -204,14 +205,6 @@ class CocoDet(Task):
     )
 
     # data
-    def make_mini(self, out: Path, seed: int = 0) -> Path:
-        from fourm_eval.data.coco_mini import make_mini_coco
-        return make_mini_coco(out, seed=seed)
-
-    def default_data_root(self) -> Path:
-        from fourm_eval.data.coco_mini import default_mini_coco
-        return default_mini_coco()
-
     def data_identity(self, root: Path) -> dict[str, Any]:
         from fourm_eval.data.coco_check import annotation_digest
         return {"annotations_sha256": {s: annotation_digest(root, s) for s in ("train", "val")}}

@@ -32,8 +32,8 @@ from typing import Any
 from fourm_eval.data.checks import DatasetError
 from fourm_eval.errors import ConfigError
 
-from .base import Log, Metric, PreparedData, Progress, RunContext, Task
-from .kits.classification import read_predictions_csv, score_predictions
+from .base import Log, PreparedData, Progress, RunContext, Task
+from .kits.classification import CLASSIFICATION_METRICS, read_predictions_csv, score_predictions
 from .schema import S, SUBSET_SETTINGS
 
 
@@ -42,12 +42,8 @@ class In1kCls(Task):
     name = "in1k-cls"
     title = "ImageNet-1K classification (full fine-tuning, 4M-21 recipe; linear probe, MAE recipe)"
     data_kind = "imagenet"
-    metrics = (
-        Metric("top1", main=True, gated=True, description="top-1 accuracy, centre-crop evaluation"),
-        Metric("top5", description="top-5 accuracy, centre-crop evaluation"),
-        Metric("top1_ema", description="top-1 accuracy of the EMA weights (profiles with ema.enabled)"),
-        Metric("top5_ema", description="top-5 accuracy of the EMA weights (profiles with ema.enabled)"),
-    )
+    mini_data = "fourm_eval.data.imagenet_mini"
+    metrics = CLASSIFICATION_METRICS
     requires = ("torch", "timm", "mmengine")
     prediction_format = ("CSV with header file,top5,scores: one row per val image, file relative to the data root, "
                          "top5 = class indices best first (index = position of the wnid in sorted order), "
@@ -78,14 +74,6 @@ class In1kCls(Task):
     )
 
     # data
-    def make_mini(self, out: Path, seed: int = 0) -> Path:
-        from fourm_eval.data.imagenet_mini import make_mini_imagenet
-        return make_mini_imagenet(out, seed=seed)
-
-    def default_data_root(self) -> Path:
-        from fourm_eval.data.imagenet_mini import default_mini_imagenet
-        return default_mini_imagenet()
-
     def data_identity(self, root: Path) -> dict[str, Any]:
         from fourm_eval.data.imagenet_check import listing_digest
         return {"listing_sha256": {s: listing_digest(root, s) for s in ("train", "val")}}
@@ -110,9 +98,8 @@ class In1kCls(Task):
         for split, lst in listings.items():
             label = f"checking {split}/"
             cb = (lambda i, n, label=label: progress(label, i, n)) if progress else None
-            ic.check_images(root, lst, progress=cb)
+            ic.check_images(root, lst, skip_bad_images, progress=cb)
             n_bad = len(lst.bad_images)
-            ic.drop_bad(lst, skip_bad_images)
             log(f"{lst.folder}: {len(lst.samples)} images in {len(lst.classes_present)} class folders, every image "
                 "decodes" + (f"; {n_bad} unusable image(s) skipped" if n_bad else "")
                 + (f"; {len(lst.other_files)} non-image file(s) ignored, e.g. {lst.other_files[0]}"

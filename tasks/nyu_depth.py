@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from fourm_eval.errors import ConfigError
 
-from .base import Log, Metric, PreparedData, Progress, RunContext
+from .base import Log, PreparedData, Progress, RunContext
 from .kits.depth import DepthTask
 from .schema import S
 from .mmreg import register as mm_register
@@ -76,14 +76,7 @@ class NyuDepth(DepthTask):
     name = "nyu-depth"
     title = "NYUv2 monocular depth (ConvNeXt or DPT head, Eigen-crop metrics, mmseg)"
     data_kind = "nyu"
-    metrics = (
-        Metric("delta1", main=True, gated=True, description="share of pixels with max(p/g, g/p) < 1.25"),
-        Metric("delta2", description="share of pixels with max(p/g, g/p) < 1.25^2"),
-        Metric("delta3", description="share of pixels with max(p/g, g/p) < 1.25^3"),
-        Metric("abs_rel", unit="ratio", higher_is_better=False, gated=True, description="mean |p - g| / g"),
-        Metric("rmse", unit="m", higher_is_better=False, description="root mean squared error (metres), per image"),
-        Metric("log10", unit="log10 units", higher_is_better=False, description="mean |log10 p - log10 g|"),
-    )
+    mini_data = "fourm_eval.data.nyu_mini"
     prediction_format = ("one 16-bit PNG per test image, depth in millimetres (0 = none), at the image's full size, "
                          "named like the image (NAME.png)")
     scored_split = "test"
@@ -94,14 +87,6 @@ class NyuDepth(DepthTask):
     )
 
     # data
-    def make_mini(self, out: Path, seed: int = 0) -> Path:
-        from fourm_eval.data.nyu_mini import make_mini_nyu
-        return make_mini_nyu(out, seed=seed)
-
-    def default_data_root(self) -> Path:
-        from fourm_eval.data.nyu_mini import default_mini_nyu
-        return default_mini_nyu()
-
     def data_identity(self, root: Path) -> dict[str, Any]:
         from fourm_eval.data.nyu import layout_digest
         return {"files_sha256": layout_digest(root)}

@@ -113,3 +113,7 @@ def default_mini_ade20k() -> Path:
     from ..paths import cached_build
 
     return cached_build(f"ade20k-mini-v{MINI_VERSION}", "MINI_ADE20K", make_mini_ade20k)
+
+
+# the interface of a built-in mini dataset (a task names this module as its ``mini_data``)
+make, default = make_mini_ade20k, default_mini_ade20k

@@ -148,3 +148,7 @@ def default_mini_coco() -> Path:
     """The cached default mini dataset (generated on first use)."""
     from ..paths import cached_build
     return cached_build(f"coco-mini-v{MINI_VERSION}", "MINI_COCO", make_mini_coco)
+
+
+# the interface of a built-in mini dataset (a task names this module as its ``mini_data``)
+make, default = make_mini_coco, default_mini_coco

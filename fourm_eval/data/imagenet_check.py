@@ -22,12 +22,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checks import DatasetError, check_image, problem_listing
+from .checks import DatasetError, check_image, check_samples
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "val")
@@ -106,35 +105,22 @@ def list_split(root: Path, split: str, classes: list[str]) -> SplitListing:
     return SplitListing(split, folder, samples, dirs, sorted(other))
 
 
-def check_images(root: Path, listing: SplitListing, progress: Callable[[int, int], None] | None = None,
-                 workers: int | None = None) -> None:
-    """Decode every image (by content); failures go to ``listing.bad_images``."""
-    files = [Path(root) / rel for rel, _ in listing.samples]
-    workers = workers or min(8, (os.cpu_count() or 2))
-    bad = []
-    with ThreadPoolExecutor(workers) as pool:
-        for i, ((rel, _), reason) in enumerate(zip(listing.samples, pool.map(check_image, files))):
-            if reason:
-                bad.append((rel, reason))
-            if progress and ((i + 1) % 256 == 0 or i + 1 == len(files)):
-                progress(i + 1, len(files))
-    listing.bad_images = bad
+def check_images(root: Path, listing: SplitListing, skip_bad_images: bool,
+                 progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> None:
+    """Decode every image (by content). A failure is a named error listing every unusable image, or
+    (``skip_bad_images``) the image is dropped from the samples and kept in ``listing.bad_images``."""
+    root = Path(root)
 
+    def one(rel: str) -> tuple[list[tuple[str, str]], None]:
+        reason = check_image(root / rel)
+        return ([(str(root / rel), reason)] if reason else []), None
 
-def drop_bad(listing: SplitListing, skip_bad_images: bool) -> None:
-    """Refuse undecodable images, or (``skip_bad_images``) drop them from the samples."""
-    bad = listing.bad_images
-    if not bad:
-        return
-    if not skip_bad_images:
-        shown = problem_listing([(str(listing.folder.parent / f), r) for f, r in bad])
-        raise DatasetError(f"{len(bad)} image(s) of {listing.split}/ cannot be used:\n{shown}\n"
-                           "Fix or remove them, or pass --skip-bad-images to drop them (they are counted in "
-                           "result.json).")
-    drop = {f for f, _ in bad}
-    listing.samples = [s for s in listing.samples if s[0] not in drop]
-    if not listing.samples:
-        raise DatasetError(f"{listing.folder}: every image is unusable")
+    rels = [rel for rel, _ in listing.samples]
+    ok, problems = check_samples(rels, one, skip_bad=skip_bad_images, where=f"{listing.split}/ of {root}",
+                                 progress=progress, workers=workers)
+    kept = set(ok)
+    listing.bad_images = [(str(Path(f).relative_to(root)), r) for f, r in problems]
+    listing.samples = [s for s in listing.samples if s[0] in kept]
 
 
 def listing_digest(root: Path, split: str) -> str:

@@ -158,3 +158,7 @@ def default_mini_imagenet() -> Path:
     from ..paths import cached_build
 
     return cached_build(f"imagenet-mini-v{MINI_VERSION}", "MINI_IMAGENET", make_mini_imagenet)
+
+
+# the interface of a built-in mini dataset (a task names this module as its ``mini_data``)
+make, default = make_mini_imagenet, default_mini_imagenet

@@ -145,4 +145,8 @@ def default_mini_nyu() -> Path:
     return cached_build(f"nyu-mini-v{MINI_VERSION}", MARKER, make_mini_nyu)
 
 
+# the interface of a built-in mini dataset (a task names this module as its ``mini_data``)
+make, default = make_mini_nyu, default_mini_nyu
+
+
 __all__ = ["MINI_VERSION", "default_mini_nyu", "make_mini_nyu", "render_scene"]

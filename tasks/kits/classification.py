@@ -20,6 +20,14 @@ from pathlib import Path
 
 from fourm_eval.errors import PredictionsError
 
+from ..base import Metric
+
+CLASSIFICATION_METRICS = (
+    Metric("top1", main=True, gated=True, description="top-1 accuracy, centre-crop evaluation"),
+    Metric("top5", description="top-5 accuracy, centre-crop evaluation"),
+    Metric("top1_ema", description="top-1 accuracy of the EMA weights (profiles with ema.enabled)"),
+    Metric("top5_ema", description="top-5 accuracy of the EMA weights (profiles with ema.enabled)"),
+)
 PRED_FILE = "val_predictions.csv"
 PRED_FILE_EMA = "val_predictions_ema.csv"
 CSV_HEADER = ["file", "top5", "scores"]
@@ -115,5 +123,5 @@ def score_predictions(preds: dict[str, list[int]], truth: list[tuple[str, int]],
     return topk_accuracy([preds[f] for f in files], [labels[f] for f in files])
 
 
-__all__ = ["CSV_HEADER", "PRED_FILE", "PRED_FILE_EMA", "PredictionsError", "TOPK", "read_predictions_csv",
+__all__ = ["CLASSIFICATION_METRICS", "CSV_HEADER", "PRED_FILE", "PRED_FILE_EMA", "PredictionsError", "TOPK", "read_predictions_csv",
            "score_predictions", "topk_accuracy", "write_predictions_csv"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from fourm_eval.errors import ConfigError
 
-from ..base import RunContext
+from ..base import Metric, RunContext
 from ..schema import S
 from .dense import CONVNEXT_SETTINGS, DenseTask, quarter_blocks
 
@@ -69,6 +69,14 @@ class DepthTask(DenseTask):
     pred_field = "pred_depth_map"
     gt_path_key = "depth_map_path"
     map_bits = 16
+    metrics = (  # the Eigen-convention metrics (fourm_eval.metrics_depth)
+        Metric("delta1", main=True, gated=True, description="share of pixels with max(p/g, g/p) < 1.25"),
+        Metric("delta2", description="share of pixels with max(p/g, g/p) < 1.25^2"),
+        Metric("delta3", description="share of pixels with max(p/g, g/p) < 1.25^3"),
+        Metric("abs_rel", unit="ratio", higher_is_better=False, gated=True, description="mean |p - g| / g"),
+        Metric("rmse", unit="m", higher_is_better=False, description="root mean squared error (metres), per image"),
+        Metric("log10", unit="log10 units", higher_is_better=False, description="mean |log10 p - log10 g|"),
+    )
     metric_words = "Eigen crop, ground truth in (0.001, 10] m, per-image mean"
     settings = (
         S("image_size", "int", "training crop and test short side (square crops)", unit="px"),

@@ -16,7 +16,7 @@ import numpy as np
 
 from fourm_eval.errors import ConfigError
 
-from ..base import RunContext
+from ..base import Metric, RunContext
 from ..schema import S, size_hw
 from .dense import CONVNEXT_SETTINGS, DenseTask, batch_norm, quarter_blocks
 
@@ -33,6 +33,12 @@ class SegmentationTask(DenseTask):
     num_classes: ClassVar[int]
     reduce_zero_label: ClassVar[bool] = True
     metric_prefix = "seg"
+    metrics = (  # mmseg's counting (fourm_eval.metrics_seg)
+        Metric("mIoU", main=True, gated=True,
+               description="mean IoU over the classes present in predictions or ground truth of the scored split"),
+        Metric("mAcc", description="mean per-class pixel accuracy over the classes present in the ground truth"),
+        Metric("aAcc", description="pixel accuracy over all labelled pixels"),
+    )
 
     @property
     def metric_words(self) -> str:  # type: ignore[override]
