@@ -103,7 +103,12 @@ def test_meta_image_ids_restrict_the_evaluation(coco, tmp_path):
     dets, segs = _fake_results(ann)
     ids = sorted({d["image_id"] for d in dets})[:4]
     dets = [d for d in dets if d["image_id"] in ids]
+    # written inside a validation: the run's mark (an evaluation in progress) stays beside the ids
+    from fourm_eval.tasks.runs import mark_predictions, predictions_state
+    mark_predictions(tmp_path / "pred", iteration=8, complete=False)
     write_predictions(tmp_path / "pred", json.loads(json.dumps(dets)), None, ids)
+    assert predictions_state(tmp_path / "pred") == {**predictions_state(tmp_path / "pred"), "iteration": 8,
+                                                    "complete": False}
     got = get_task("coco-det").evaluate(tmp_path / "pred", coco)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann))
