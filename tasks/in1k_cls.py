@@ -4,8 +4,8 @@ On the classification kit (``tasks/kits/classification.py``: the predictions CSV
 ``classification_model.py``: ``FourmClassifier`` on the shared backbone adapter ``FourmEvalViT``,
 so the shared layer-decay optimiser, hooks, resume and evaluation apply):
 
-* ``mode: finetune``: tokens of the last block (before the encoder's final norm) ->
-  mean over the patch tokens -> LayerNorm -> Linear (4M has no CLS token; DeiT III and
+* ``mode: finetune``: tokens of the last block (after the encoder's final norm with
+  ``final_norm: true``, as ml-4m's FourMViT; before it with false) -> mean over the patch tokens -> LayerNorm -> Linear (4M has no CLS token; DeiT III and
   MAE use the same pooling by default; ``pool: cls`` takes their normed CLS token, recorded).
 * ``mode: linear``: the backbone is frozen (no parameter trains, it stays in eval mode):
   mean-pooled tokens of the last ``probe_blocks`` blocks, each after the encoder's final
@@ -43,6 +43,7 @@ class In1kCls(Task):
     title = "ImageNet-1K classification (full fine-tuning, 4M-21 recipe; linear probe, MAE recipe)"
     data_kind = "imagenet"
     mini_data = "fourm_eval.data.imagenet_mini"
+    base_scaled_lr = True  # ml-4m, MAE and MultiMAE write a base lr x total batch / 256
     metrics = CLASSIFICATION_METRICS
     requires = ("torch", "timm", "mmengine")
     prediction_format = ("CSV with header file,top5,scores: one row per val image, file relative to the data root, "
@@ -54,6 +55,8 @@ class In1kCls(Task):
         S("mode", "str", "finetune, or linear (frozen backbone, BN + linear head)", choices=("finetune", "linear")),
         S("pool", "str", "pooling of the final tokens (cls: DeiT III / MAE only)", choices=("mean", "cls")),
         S("probe_blocks", "int", "linear mode: average the pooled tokens of the last k blocks", default=1),
+        S("final_norm", "bool", "the encoder's final norm on the tokens the head reads (ml-4m's FourMViT applies "
+          "it; MAE's global-pool fine-tuning does not, its linear probe does)"),
         S("eval_crop_pct", "float", "centre-crop evaluation: short side to image_size / this"),
         S("interpolation", "str", "resize interpolation (timm's names)", choices=("bicubic", "bilinear", "nearest")),
         S("augment", "section", "training augmentation (timm)", per_size=False),
@@ -170,13 +173,16 @@ class In1kCls(Task):
         size = c.get("image_size", "?")
         crop = c.get("eval_crop_pct", "?")
         resize = round(size / crop) if isinstance(size, int) and isinstance(crop, float) else "?"
+        lr = (f"blr {c['blr']} (peak lr {(c.get('lr_resolved') or {}).get('lr', '?')})" if c.get("blr") is not None
+              else f"lr {c.get('lr', '?')}")
+        normed = {True: " after the final norm", False: " before the final norm"}.get(c.get("final_norm"), "")
         if c.get("mode") == "linear":
             how = (f"linear probe (frozen backbone, mean-pooled tokens of the last {c.get('probe_blocks', '?')} "
-                   f"block(s) after the final norm, BatchNorm without affine + Linear); {c.get('optimizer', '?')} "
-                   f"lr {c.get('lr', '?')}")
+                   f"block(s){normed}, BatchNorm without affine + Linear); {c.get('optimizer', '?')} "
+                   f"{lr}")
         else:
-            how = (f"full fine-tuning ({c.get('pool', '?')}-pooled last-block tokens, LayerNorm + Linear); AdamW lr "
-                   f"{c.get('lr', '?')}, layer decay {c.get('layer_decay', '?')}, drop path {c.get('drop_path', '?')}, "
+            how = (f"full fine-tuning ({c.get('pool', '?')}-pooled last-block tokens{normed}, LayerNorm + Linear); AdamW "
+                   f"{lr}, layer decay {c.get('layer_decay', '?')}, drop path {c.get('drop_path', '?')}, "
                    f"mixup {aug.get('mixup', '?')} / cutmix {aug.get('cutmix', '?')}, label smoothing "
                    f"{aug.get('label_smoothing', '?')}")
         return (f"{self.name} / {record.get('profile')}: {how}; {sch.get('max_iters', '?')} iterations at batch "
@@ -201,7 +207,7 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], num_classes
                  switch_prob=float(a["mixup_switch_prob"]), mode="batch")
     return dict(type="FourmClassifier", backbone=dict(backbone_cfg), num_classes=int(num_classes),
                 mode=str(p["mode"]), pool=str(p["pool"]), probe_blocks=int(p["probe_blocks"]), mixup=mixup,
-                label_smoothing=float(a["label_smoothing"]), ema=dict(p["ema"]))
+                label_smoothing=float(a["label_smoothing"]), ema=dict(p["ema"]), final_norm=bool(p["final_norm"]))
 
 
 TASK = In1kCls()

@@ -26,7 +26,7 @@ from fourm_eval.errors import ConfigError, FourmEvalWarning
 
 from .base import PreparedData, RunContext, Task
 from .profiles import apply_overrides, load_profile, resolve_interval, resolve_per_size, resolve_size
-from .schema import default, settings_of, size_hw, validate
+from .schema import default, effective_lr, settings_of, size_hw, validate
 from .runs import mark_predictions, predictions_state, rank_zero
 
 PREDICTIONS_DIR = "predictions"
@@ -70,10 +70,11 @@ def schedule(p: dict[str, Any], n_train: int, world: int) -> dict[str, Any]:
                 **({"poly_power": power} if decay == "poly" else {}))
 
 
-def optimizer_cfg(p: dict[str, Any]) -> dict[str, Any]:
-    """The profile's optimiser: ``adamw`` (default; ``betas``), ``sgd`` or ``lars`` (``momentum``)."""
+def optimizer_cfg(p: dict[str, Any], lr: float) -> dict[str, Any]:
+    """The profile's optimiser at peak lr ``lr`` (``effective_lr``): ``adamw`` (default; ``betas``),
+    ``sgd`` or ``lars`` (``momentum``)."""
     kind = str(p.get("optimizer", default("optimizer"))).lower()
-    lr, wd = float(p["lr"]), float(p["weight_decay"])
+    wd = float(p["weight_decay"])
     if kind == "adamw":
         return dict(type="AdamW", lr=lr, betas=tuple(p["betas"]), weight_decay=wd)
     if kind == "sgd":
@@ -96,11 +97,12 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
     """The full mmengine config: the task's parts plus the shared loop, optimiser and hooks.
     ``eval_only``: no training parts (loop, loader, optimiser, schedulers, training hooks)."""
     nw = int(p["num_workers"])
+    lr = effective_lr(p, sched["eff_batch"])["lr"]
     amp = p.get("amp", default("amp"))
     use_bf16 = (amp == "bf16" or (amp == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
     optim_wrapper = dict(
         type="AmpOptimWrapper" if use_bf16 else "OptimWrapper",
-        optimizer=optimizer_cfg(p),
+        optimizer=optimizer_cfg(p, lr),
         constructor="LayerDecayOptimWrapperConstructor",
         paramwise_cfg=dict(layer_decay_rate=float(p["layer_decay"]), backbone_attr="backbone.net",
                            head_lr_mult=float(p.get("head_lr_mult", default("head_lr_mult"))),
@@ -123,7 +125,7 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         # takes as one absolute lr for every parameter group (mmseg's configs: 0 or 1e-4); here
         # min_lr_ratio x the profile's lr
         schedulers.append(dict(type="PolyLR", by_epoch=False, begin=sched["warmup"], end=sched["max_iters"],
-                               power=sched["poly_power"], eta_min=float(p["lr"]) * sched.get("min_lr_ratio", 0.0)))
+                               power=sched["poly_power"], eta_min=lr * sched.get("min_lr_ratio", 0.0)))
     hooks = [dict(type="FiniteLossHook"), dict(type="CheckpointStateHook", keep=int(p.get("max_keep_ckpts", default("max_keep_ckpts")))),
              dict(type="EvalHistoryHook", out_file=str(work_dir / "eval_history.jsonl")),
              dict(type="IsolateEvalRngHook"),
@@ -385,7 +387,8 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         ("data", f"{root}: {data.n_train} training / {data.n_val} validation images"),
         ("profile", f"{p['profile']} ({p['profile_file']}), seed {seed}, model size {p['model_size']}"),
         ("schedule", f"{sched['max_iters']} iterations at batch {sched['eff_batch']} ({world} process(es)), "
-                     f"{p['image_size']} px, lr {p['lr']}, layer decay {p['layer_decay']}")
+                     f"{p['image_size']} px, {lr_words(effective_lr(p, sched['eff_batch']))}, layer decay "
+                     f"{p['layer_decay']}")
         if src is None else ("evaluation only", f"{src['checkpoint']} (iteration {src['iteration']} of "
                                                 f"{sched['max_iters']}; sha256 {src['sha256'][:12]}), no training"),
         ("device", device_description()),
@@ -435,7 +438,7 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
                       "config_guessed": info.get("config_guessed") or {}, "options": options,
                       **_loaded_backbone(runner)},
             warnings=warns, dataset=data.record,
-            config={**p, "schedule_resolved": sched, "world_size": world},
+            config={**p, "schedule_resolved": sched, "world_size": world, **_lr_record(p, sched)},
             eval_history=history, predictions=PREDICTIONS_DIR, started=started, train_end=train_end,
             provenance_extra={**({"init_from": init_record} if init_record else {}),
                               **({"loggers": logger_record} if logger_record else {})},
@@ -592,10 +595,12 @@ def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[st
             ("schedule", f"{sched['max_iters']} iterations x batch {sched['eff_batch']} ({sched['per_gpu_batch']} per "
                          f"process x {world}) = {images} training images ({images / max(data.n_train, 1):.1f} "
                          f"epochs); warm-up {sched['warmup']}, "
-                         + ("cosine decay" if sched.get("decay") == "cosine" else
-                            f"lr steps at {sched['milestones']}")),
-            ("optimiser", f"{optimizer_cfg(p)['type']} lr {p['lr']}, weight decay {p['weight_decay']}, layer decay {p['layer_decay']}, "
-                          f"drop path {p['drop_path']}"),
+                         + {"cosine": "cosine decay",
+                            "poly": f"poly decay (power {sched.get('poly_power')})"}.get(
+                             sched.get("decay"), f"lr steps at {sched['milestones']}")),
+            ("learning rate", lr_words(effective_lr(p, sched["eff_batch"]))),
+            ("optimiser", f"{optimizer_cfg(p, 0.0)['type']}, weight decay {p['weight_decay']}, layer decay "
+                          f"{p['layer_decay']}, drop path {p['drop_path']}"),
             ("evaluation", f"every {sched['val_interval']} iterations, checkpoints every "
                            f"{sched['checkpoint_interval']}")]
     est = p.get("s_per_image_estimate")
@@ -605,6 +610,22 @@ def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[st
                                       "s_per_image_estimate; see its comment for the source)"))
     console.header(rows)
     console.line("dry run: nothing was trained or written")
+
+
+def lr_words(lr: dict[str, Any]) -> str:
+    """``effective_lr`` in words: base lr, total batch and the peak lr."""
+    if lr["blr"] is not None:
+        return (f"base lr (blr) {lr['blr']:g} per 256 images x total batch {lr['total_batch']} / 256 = peak lr "
+                f"{lr['lr']:g}")
+    return f"peak lr {lr['lr']:g} as written (lr; total batch {lr['total_batch']}, not rescaled)"
+
+
+def _lr_record(p: dict[str, Any], sched: dict[str, Any]) -> dict[str, Any]:
+    """The record's ``lr_resolved`` where the profile writes blr (with lr the config holds the peak lr itself)."""
+    if p.get("blr") is None:
+        return {}
+    lr = effective_lr(p, sched["eff_batch"])
+    return {"lr_resolved": {k: lr[k] for k in ("blr", "total_batch", "lr")}}
 
 
 def _progress(console: RunConsole) -> Callable[[str, int, int], None]:

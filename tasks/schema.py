@@ -83,7 +83,9 @@ RUNNER_SETTINGS: tuple[Setting, ...] = (
     S("schedule.checkpoint_interval", "interval", "checkpoint every this many iterations",
       default="schedule.val_interval"),
     S("optimizer", "str", "the optimiser", default="adamw", choices=("adamw", "sgd", "lars")),
-    S("lr", "float", "peak learning rate (as written: never rescaled by batch size)"),
+    S("lr", "float", "absolute peak learning rate, used as written (or blr; one of the two)", default=None),
+    S("blr", "float", "base learning rate per 256 images: peak lr = blr x total batch / 256 (MAE, ml-4m); "
+      "or lr, not both", default=None),
     S("betas", "list", "AdamW betas", default=REQUIRED, item="float", length=2),
     S("momentum", "float", "SGD / LARS momentum", default=None),
     S("weight_decay", "float", "decoupled weight decay (not on norms, biases, position embeddings)"),
@@ -202,11 +204,37 @@ def validate(p: dict[str, Any], task: Any, source: str) -> None:
                 raise ConfigError(f"{source}: {key}{where} = {x!r}; expected {s.describe_type()}")
             if s.choices and x is not None and x not in s.choices:
                 raise ConfigError(f"{source}: {key} = {x!r}; one of {', '.join(map(str, s.choices))}")
+    check_lr(p, task, source)
     for key, s in decl.items():
         if s.default is REQUIRED and key not in seen:
             parent = key.rsplit(".", 1)[0] if "." in key else None
             if parent is None or parent in seen:
                 raise ConfigError(f"{source}: {key} is required for {task.name} ({s.doc})")
+
+
+def check_lr(p: dict[str, Any], task: Any, source: str) -> None:
+    """A profile gives its learning rate one way: ``lr`` (absolute) or ``blr`` (per 256 images), never
+    both, never neither; a task whose protocols write a base lr (``base_scaled_lr``) takes only blr."""
+    lr, blr = p.get("lr"), p.get("blr")
+    if lr is not None and blr is not None:
+        raise ConfigError(f"{source}: lr = {lr!r} and blr = {blr!r} are both set; write one: lr (the absolute peak "
+                          "lr) or blr (per 256 images, scaled by the total batch / 256)")
+    if lr is None and blr is None:
+        raise ConfigError(f"{source}: lr or blr is required for {task.name} (lr: the absolute peak lr; blr: per 256 "
+                          "images, scaled by the total batch / 256)")
+    if lr is not None and getattr(task, "base_scaled_lr", False):
+        raise ConfigError(f"{source}: lr = {lr!r}, but {task.name}'s protocols write a base lr scaled by the total "
+                          f"batch / 256 (blr): a bare lr could be either. Write blr (the same number if it is the "
+                          f"recipe's base lr), or lr only where the recipe gives an absolute lr and the task allows it")
+
+
+def effective_lr(p: dict[str, Any], total_batch: int) -> dict[str, Any]:
+    """The peak lr a run uses: ``lr`` as written, or ``blr x total batch / 256`` (ml-4m's and MAE's order of
+    operations); with the base lr and the total batch it came from."""
+    if p.get("blr") is not None:
+        return {"blr": float(p["blr"]), "total_batch": int(total_batch),
+                "lr": float(p["blr"]) * int(total_batch) / 256, "rule": "blr x total batch / 256"}
+    return {"blr": None, "total_batch": int(total_batch), "lr": float(p["lr"]), "rule": "as written"}
 
 
 def size_hw(value: Any) -> tuple[int, int]:

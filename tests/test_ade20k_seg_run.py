@@ -40,7 +40,7 @@ def test_smoke_profile_learns(smoke_run):
     assert miou >= 0.2 and miou >= 2 * miou0, (miou, miou0)
     assert 0 <= rec["metrics"]["aAcc"] <= 1 and 0 <= rec["metrics"]["mAcc"] <= 1
     assert rec["status"] == "complete" and rec["config"]["head"] == "convnext"
-    assert rec["backbone"]["options"] == {"out_indices": [3], "final_norm": False}
+    assert rec["backbone"]["options"] == {"out_indices": [3], "final_norm": True}  # the smoke inherits the paper's
     assert rec["eval_history"][0]["iter"] == 0 and rec["eval_history"][-1]["iter"] == rec["config"]["schedule"]["length"]
     assert rec["dataset"]["classes_present"]["val"] and len(rec["dataset"]["classes"]) == 150
 

@@ -145,5 +145,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     out = r.stdout
     assert "subsets        train: 6 images, seed 0" in out
     assert "10000 iterations x batch 8 (8 per process x 1) = 80000 training images" in out
-    assert "AdamW lr 1.25e-05" in out and "time estimate  about 6.7 h" in out
+    assert "peak lr 1.25e-05 as written (lr; total batch 8, not rescaled)" in out
+    assert "optimiser      AdamW" in out and "time estimate  about 6.7 h" in out
     assert not (tmp_path / "w").exists()
+    # a base lr (in1k-cls: ml-4m's and MAE's blr): the plan shows the base lr, the total batch and the peak lr
+    from fourm_eval.data.imagenet_mini import make_mini_imagenet
+    im = make_mini_imagenet(tmp_path / "im", n_train_per_class=2, n_val_per_class=1, seed=1)
+    r = subprocess.run([sys.executable, "-m", "fourm_eval.cli", "run", "in1k-cls", "--profile", "paper", "--dry-run",
+                        "--data-root", str(im), "--work-dir", str(tmp_path / "w2")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "base lr (blr) 0.0001 per 256 images x total batch 1024 / 256 = peak lr 0.0004" in r.stdout, r.stdout

@@ -151,3 +151,17 @@ def test_dpt_head_builds_whatever_the_default_scope():
     with DefaultScope.overwrite_default_scope("mmdet"):
         h = FourmDepthHead("dpt", 32, dpt=dict(channels=8, post_process_channels=[4, 8, 16, 32]))
     assert h(tuple(torch.randn(1, 32, 4, 4) for _ in range(4))).shape[:2] == (1, 1)
+
+
+def test_final_norm_is_the_profiles_choice_for_the_convnext_head():
+    """convnext.final_norm reaches the backbone (ml-4m's FourMViT: applied; MultiMAE: none); the DPT
+    head reads intermediate blocks without it, whatever the profile says."""
+    from fourm_eval.tasks.kits.depth import build_model_cfg
+    from fourm_eval.tasks.profiles import load_profile, resolve_per_size
+
+    p = resolve_per_size(load_profile("nyu-depth", "smoke"), "tiny")
+    assert p["convnext"]["final_norm"] is True  # inherited from the paper profile
+    for value in (True, False):
+        q = {**p, "convnext": {**p["convnext"], "final_norm": value}}
+        assert build_model_cfg(q, {"name": "4m-tiny"}, 128)["backbone"]["final_norm"] is value
+        assert build_model_cfg({**q, "head": "dpt"}, {"name": "4m-tiny"}, 128, 4)["backbone"]["final_norm"] is False

@@ -84,3 +84,34 @@ def test_configs_readme_shows_the_declared_schema():
     assert readme_with_schema(text, all_tasks().values()) == text, \
         "configs/README.md is out of date: python -m fourm_eval.tasks.schema --write"
     assert "| `schedule.poly_power` | float | 1.0 |" in text
+
+
+def test_learning_rates_say_what_they_are(tmp_path):
+    """lr is absolute, blr is per 256 images (x total batch / 256, ml-4m's and MAE's rule); a profile gives
+    one; in1k-cls, whose protocols write a base lr, refuses a bare lr, naming the key."""
+    from fourm_eval.tasks.schema import effective_lr
+
+    task = get_task("in1k-cls")
+    p, _ = resolve_run_profile(task, "paper", [], {"embed_dim": 768, "num_layers": 12}, "b")
+    assert p["blr"] == 1e-4 and p.get("lr") is None
+    # 4M-21's 1e-4 at batch 1024, read as ml-4m reads it (apple/ml-4m run_training_4m.py)
+    assert effective_lr(p, 1024) == {"blr": 1e-4, "total_batch": 1024, "lr": 1e-4 * 1024 / 256,
+                                     "rule": "blr x total batch / 256"}
+    assert effective_lr(resolve_per_size_lin(), 16384)["lr"] == 6.4  # MAE linear probe: 0.1 x 16384 / 256
+    with pytest.raises(ConfigError, match=r"with --set lr=0.001: lr = 0.001 and blr = .* are both set"):
+        resolve_run_profile(task, "paper", ["lr=0.001"], INFO, "b")
+    base = yaml.safe_load((CONFIG_DIR / "in1k-cls.paper.yaml").read_text())
+    del base["blr"]
+    (tmp_path / "paper-lr.yaml").write_text(yaml.safe_dump({**base, "lr": 1e-4}))
+    with pytest.raises(ConfigError, match=r"paper-lr.yaml: lr = 0.0001, but in1k-cls's protocols write a base lr"):
+        load_profile("in1k-cls", str(tmp_path / "paper-lr.yaml"))
+    # a task that takes an absolute lr as written: lr stays; blr is also understood (never both, never neither)
+    ade, _ = resolve_run_profile(get_task("ade20k-seg"), "smoke", [], INFO, None)
+    assert effective_lr(ade, 8)["lr"] == ade["lr"]
+    with pytest.raises(ConfigError, match=r"lr or blr is required for ade20k-seg"):
+        resolve_run_profile(get_task("ade20k-seg"), "smoke", ["lr=null"], INFO, None)
+
+
+def resolve_per_size_lin():
+    from fourm_eval.tasks.profiles import resolve_per_size
+    return resolve_per_size(load_profile("in1k-cls", "linear"), "b")

@@ -3,8 +3,9 @@
 
 * ``FourmClassifier``: an mmengine ``BaseModel`` around the shared backbone adapter
   ``FourmEvalViT``, so the shared layer-decay optimiser, hooks, resume and evaluation apply.
-  ``mode: finetune``: tokens of the last block (before the encoder's final norm) -> mean over the
-  patch tokens -> LayerNorm -> Linear (``pool: cls`` takes the normed CLS token of DeiT III / MAE).
+  ``mode: finetune``: tokens of the last block (after the encoder's final norm with ``final_norm``,
+  as ml-4m's FourMViT; before it without) -> mean over the patch tokens -> LayerNorm -> Linear
+  (``pool: cls`` takes the normed CLS token of DeiT III / MAE).
   ``mode: linear``: the backbone frozen and in eval mode; mean-pooled tokens of the last
   ``probe_blocks`` blocks after the final norm, averaged -> BatchNorm without affine -> Linear
   (MAE's linear probe). timm's ``Mixup`` / ``SoftTargetCrossEntropy``, label smoothing, and
@@ -126,7 +127,8 @@ class FourmClassifier(BaseModel):
 
     def __init__(self, backbone: dict, num_classes: int, mode: str = "finetune", pool: str = "mean",
                  probe_blocks: int = 1, mixup: dict | None = None, label_smoothing: float = 0.0,
-                 ema: dict | None = None, data_preprocessor: dict | None = None, init_cfg: Any = None):
+                 ema: dict | None = None, data_preprocessor: dict | None = None, init_cfg: Any = None,
+                 final_norm: bool = True):
         super().__init__(data_preprocessor=data_preprocessor or dict(type="FourmClsDataPreprocessor"),
                          init_cfg=init_cfg)
         if mode not in ("finetune", "linear"):
@@ -135,13 +137,16 @@ class FourmClassifier(BaseModel):
             raise ConfigError(f"pool must be 'mean' or 'cls', not {pool!r}")
         self.mode, self.pool = mode, pool
         bcfg = dict(backbone)
+        if pool == "cls" and not final_norm:
+            raise ConfigError("pool: cls takes the CLS token after the encoder's final norm (MAE, DeiT III): "
+                              "final_norm must be true")
         if mode == "linear":
             k = int(probe_blocks)
-            bcfg.update(out_indices=list(range(-k, 0)), final_norm=True)
+            bcfg.update(out_indices=list(range(-k, 0)), final_norm=bool(final_norm))
             bcfg["drop_path_rate"] = 0.0  # frozen and in eval mode: drop path never applies
         else:
-            # cls pooling takes the CLS token after the encoder's final norm, which then trains
-            bcfg.update(out_indices=[-1], final_norm=pool == "cls")
+            # the last block's tokens, after the encoder's final norm (which then trains) or before it
+            bcfg.update(out_indices=[-1], final_norm=bool(final_norm))
         self.backbone = MODELS.build(dict(type="FourmEvalViT", **bcfg))
         net = self.backbone.net
         if pool == "cls" and not (getattr(net, "num_prefix_tokens", 0) and hasattr(net, "forward_with_prefix")):

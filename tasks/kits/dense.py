@@ -126,7 +126,9 @@ class DenseTask(Task):
         if head == "convnext":
             h = c.get("convnext") if isinstance(c.get("convnext"), dict) else {}
             return (f"ConvNeXt head (MultiMAE; decoder dim {h.get('decoder_dim', '?')}, {h.get('preds_per_patch', '?')} "
-                    f"predictions per patch, {h.get('depth', '?')} blocks) on the last block")
+                    f"predictions per patch, {h.get('depth', '?')} blocks) on the last block"
+                    + {True: " after the encoder's final norm", False: " without the encoder's final norm"}.get(
+                        h.get("final_norm"), ""))
         return f"{head} head"
 
     def footnote(self, record: dict[str, Any]) -> str:
@@ -175,6 +177,8 @@ CONVNEXT_SETTINGS = (
     S("convnext.decoder_dim", "int", "features per token after the first linear"),
     S("convnext.preds_per_patch", "int", "sub-patches per token (a square number)"),
     S("convnext.depth", "int", "ConvNeXt blocks"),
+    S("convnext.final_norm", "bool", "the encoder's final norm on the last block's tokens before the head "
+      "(ml-4m's FourMViT applies it; MultiMAE's MultiViT has none)"),
 )
 
 

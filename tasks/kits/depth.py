@@ -43,17 +43,19 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: 
     if head not in HEADS:
         raise ConfigError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
     if head == "convnext":
-        out_indices = [-1]  # the last block, without the encoder's final norm (MultiMAE's adapters)
+        out_indices = [-1]  # the last block, with or without the encoder's final norm (recorded)
+        final_norm = bool(p["convnext"]["final_norm"])
     else:
         if not num_layers:
             raise ConfigError("the dpt head needs the backbone's number of blocks")
         out_indices = quarter_blocks(num_layers)  # DPT: the last block of each quarter
+        final_norm = False  # MultiMAE's DPT adapter reads the blocks without a norm
     return dict(
         type="DepthEstimator",
         data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
                                bgr_to_rgb=True, pad_val=0, seg_pad_val=0, size_divisor=PATCH,
                                test_cfg=dict(size_divisor=PATCH)),  # 0 after normalisation, as everywhere here
-        backbone=dict(type="FourmEvalViT", out_indices=out_indices, final_norm=False, **backbone_cfg),
+        backbone=dict(type="FourmEvalViT", out_indices=out_indices, final_norm=final_norm, **backbone_cfg),
         decode_head=dict(type="FourmDepthHead", head=head, in_channels=embed_dim, loss=p["loss"],
                          berhu_threshold=float(p["berhu_threshold"]), convnext=dict(p["convnext"]),
                          dpt=dict(p["dpt"])),

@@ -97,9 +97,9 @@ class SegmentationTask(DenseTask):
 
     def backbone_options(self, p: dict[str, Any], backbone: str, info: dict[str, Any]) -> dict[str, Any]:
         head = p.get("head")
-        if head == "convnext":  # the last block, without the encoder's final norm (MultiMAE's adapters)
-            return {"out_indices": [info["num_layers"] - 1], "final_norm": False}
-        if head == "upernet":
+        if head == "convnext":  # the last block, with or without the encoder's final norm (recorded)
+            return {"out_indices": [info["num_layers"] - 1], "final_norm": bool(p["convnext"]["final_norm"])}
+        if head == "upernet":  # intermediate blocks, none normed (mmseg's MAE configs: final_norm False)
             return {"out_indices": quarter_blocks(int(info["num_layers"])), "final_norm": False}
         raise ConfigError(f"head must be one of {', '.join(SEG_HEADS)}, not {head!r}")
 
