@@ -165,8 +165,11 @@ def test_killed_interrupted_and_resumed_run(real_runs, tmp_path):
 
     # the resumed invocation gets a SIGINT (as from Ctrl-C) inside the training loop, at iteration 35 exactly
     # (sent by the process to itself: a signal from this test would race the 10 remaining iterations)
+    # (SIGINT at its default disposition, as in a terminal: a test session started in the background, or
+    # under nohup, inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
     second = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                            env={**cli_env(tmp_path), "FOURM_EVAL_KILL_AT": "after_iter:35:SIGINT"})
+                            env={**cli_env(tmp_path), "FOURM_EVAL_KILL_AT": "after_iter:35:SIGINT"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out, err = second.stdout, second.stderr
     assert second.returncode == 128 + signal.SIGINT, out[-2000:] + err[-2000:]
     reached = int(next(l for l in out.splitlines() if l.startswith("interrupted (SIGINT) at iteration ")).split()[4])
