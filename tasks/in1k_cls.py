@@ -5,11 +5,13 @@ On the classification kit (``tasks/kits/classification.py``: the predictions CSV
 so the shared layer-decay optimiser, hooks, resume and evaluation apply):
 
 * ``mode: finetune``: tokens of the last block (after the encoder's final norm with
-  ``final_norm: true``, as ml-4m's FourMViT; before it with false) -> mean over the patch tokens -> LayerNorm -> Linear (4M has no CLS token; DeiT III and
-  MAE use the same pooling by default; ``pool: cls`` takes their normed CLS token, recorded).
+  ``final_norm: true``, as ml-4m's FourMViT; before it with false) -> mean over the patch
+  tokens -> LayerNorm -> Linear (4M has no CLS token; DeiT III and MAE use the same pooling
+  by default; ``pool: cls`` takes their normed CLS token, recorded).
 * ``mode: linear``: the backbone is frozen (no parameter trains, it stays in eval mode):
   mean-pooled tokens of the last ``probe_blocks`` blocks, each after the encoder's final
-  norm, averaged -> BatchNorm without affine -> Linear (MAE's linear probe).
+  norm (with ``final_norm: true``, MAE's), averaged -> BatchNorm without affine -> Linear
+  (MAE's linear probe).
 
 Training: timm's ``create_transform`` (random-resized crop, flip, RandAugment, random
 erasing), ``Mixup`` (mixup / cutmix / label smoothing as soft targets) with
