@@ -367,6 +367,10 @@ def evaluate_cmd(task: str = typer.Argument(..., help="Task name (see `fourm-eva
                      None, "--data-root", help="Dataset root holding the ground truth (default: the data root of the "
                                                "run the predictions come from)."),
                  out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
+                 protocol: Optional[str] = typer.Option(
+                     None, "--protocol", help="Score as this protocol of the task scores (e.g. nyu-depth: multimae or "
+                                              "eigen); default: the scoring the predictions' meta.json names, else "
+                                              "the paper protocol's (with a warning)."),
                  ) -> None:
     """Score saved predictions (ours or another project's) with the task's metric, without retraining."""
     from .errors import ConfigError
@@ -419,7 +423,10 @@ def evaluate_cmd(task: str = typer.Argument(..., help="Task name (see `fourm-eva
             err_console.print(f"predictions of iteration {state.get('iteration')} (the final model"
                               + (", evaluation only" if state.get("eval_only") else "") + ")", highlight=False,
                               markup=False)
-    metrics = clean_metrics(t.evaluate(predictions, Path(data_root)))
+    def say(line: str) -> None:
+        err_console.print(line, highlight=False, markup=False, style="yellow" if line.startswith("WARNING") else None)
+
+    metrics = clean_metrics(t.evaluate(predictions, Path(data_root), protocol=protocol, log=say))
     tbl = Table(title=f"{t.name}: {predictions}")
     tbl.add_column("metric")
     tbl.add_column("value", justify="right")
@@ -430,7 +437,7 @@ def evaluate_cmd(task: str = typer.Argument(..., help="Task name (see `fourm-eva
         print(f"{name} {'nan' if v is None else repr(v)}")
     if out:
         atomic_write_json(out, {"task": t.name, "predictions": str(predictions), "data_root": str(data_root),
-                                "metrics": metrics, "predictions_state": state})
+                                "protocol": protocol, "metrics": metrics, "predictions_state": state})
 
 
 @data_app.command("make-mini")

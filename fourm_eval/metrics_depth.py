@@ -107,5 +107,53 @@ def constant_prediction_metrics(value_m: float, gts: Iterable[tuple[str, np.ndar
     return aggregate(per)
 
 
-__all__ = ["DepthMetricError", "EIGEN_CROP_480x640", "MAX_DEPTH", "METRICS", "MIN_DEPTH", "aggregate",
-           "constant_prediction_metrics", "eigen_crop", "eval_mask", "image_metrics"]
+# ------------------------------------------------------------------ MultiMAE's scoring
+MULTIMAE_METRICS = ("delta1", "delta2", "delta3", "abs_rel", "rmse", "rmse_log")
+_EPS = 1e-6  # MultiMAE: clamp_min(1e-6) before ratios and logarithms
+
+
+def multimae_sums(pred: np.ndarray, gt: np.ndarray, *, name: str = "image") -> dict[str, float]:
+    """One image's pixel sums for MultiMAE's NYUv2 metric (EPFL-VILAB/MultiMAE ``run_finetuning_depth.py``,
+    ``masked_nyu_metrics``): valid pixels are those with ground truth (> 0: MultiMAE's ``mask_valid``), no
+    range limit, predictions not clipped; ratios and logarithms on values clamped to at least 1e-6."""
+    pred = np.asarray(pred, dtype=np.float64)
+    gt = np.asarray(gt, dtype=np.float64)
+    if pred.shape != gt.shape or gt.ndim != 2:
+        raise DepthMetricError(f"{name}: prediction is {pred.shape[::-1] if pred.ndim == 2 else pred.shape} "
+                               f"(width x height), ground truth {gt.shape[::-1]}; they must be the same 2-d size")
+    mask = gt > 0
+    p, g = pred[mask], gt[mask]
+    gc, pc = np.maximum(g, _EPS), np.maximum(p, _EPS)
+    ratio = np.maximum(p / gc, g / pc)
+    diff = np.abs(p - g)
+    ln = np.log(pc) - np.log(gc)
+    return {"n": float(mask.sum()), "sq": float(np.sum(diff * diff)), "rel": float(np.sum(diff / gc)),
+            "sq_ln": float(np.sum(ln * ln)), **{f"d{k}": float(np.sum(ratio < 1.25 ** k)) for k in (1, 2, 3)}}
+
+
+def multimae_aggregate(per_image: Mapping[str, Mapping[str, float]], batch: int) -> dict[str, float]:
+    """MultiMAE's dataset value: images in sorted name order (MultiMAE's ImageFolder order) grouped into
+    batches of ``batch``; each batch's metrics pool its valid pixels (``rmse`` = sqrt(sum d^2 / n), ``rmse_log``
+    the same on natural-log differences: what MultiMAE logs as "log10"); the value is the plain mean over
+    batches (its MetricLogger's average). A batch without a valid pixel is an error (MultiMAE divides by 0)."""
+    if not per_image:
+        raise DepthMetricError("no image to score")
+    if batch < 1:
+        raise DepthMetricError(f"score batch {batch}: must be at least 1")
+    names = sorted(per_image)
+    rows = []
+    for i in range(0, len(names), batch):
+        group = names[i:i + batch]
+        t = {k: math.fsum(per_image[n][k] for n in group) for k in ("n", "sq", "rel", "sq_ln", "d1", "d2", "d3")}
+        if t["n"] <= 0:
+            raise DepthMetricError(f"images {group[0]}..{group[-1]}: no pixel with ground truth in the batch; "
+                                   "MultiMAE's metric is undefined there")
+        rows.append({"delta1": t["d1"] / t["n"], "delta2": t["d2"] / t["n"], "delta3": t["d3"] / t["n"],
+                     "abs_rel": t["rel"] / t["n"], "rmse": math.sqrt(t["sq"] / t["n"]),
+                     "rmse_log": math.sqrt(t["sq_ln"] / t["n"])})
+    return {m: float(math.fsum(r[m] for r in rows) / len(rows)) for m in MULTIMAE_METRICS}
+
+
+__all__ = ["DepthMetricError", "EIGEN_CROP_480x640", "MAX_DEPTH", "METRICS", "MIN_DEPTH", "MULTIMAE_METRICS",
+           "aggregate", "constant_prediction_metrics", "eigen_crop", "eval_mask", "image_metrics",
+           "multimae_aggregate", "multimae_sums"]

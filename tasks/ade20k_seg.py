@@ -35,8 +35,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fourm_eval.errors import ConfigError
+
 from .base import Log, PreparedData, Progress, RunContext
-from .kits.dense import COLOR_JITTER_SETTINGS, px
+from .kits.dense import COLOR_SETTINGS, TEST_META_KEYS, color_transforms, color_words, px, single_pass_geometry
 from .kits.segmentation import SegmentationTask
 from .schema import S, SUBSET_SETTINGS, size_hw
 
@@ -53,11 +55,16 @@ class Ade20kSeg(SegmentationTask):
     scored_split = "val"
     xl_tuning_published = "LoRA rank 64"
     settings = SegmentationTask.settings + SUBSET_SETTINGS + (
-        S("lsj_scale", "list", "large-scale jitter: the long side to image_size x U(lo, hi)", item="float", length=2),
-        *COLOR_JITTER_SETTINGS,
+        S("lsj_scale", "list", "large-scale jitter: the image resized to train_scale x U(lo, hi)", item="float",
+          length=2),
+        S("train_scale", "list", "the scale jitter's base scale as mmseg's RandomResize takes it (long side cap, "
+          "short side), aspect kept (null: fitted into the crop: its long side to image_size)", default=None,
+          null=True, item="int", length=2, unit="px"),
+        *COLOR_SETTINGS,
         S("cat_max_ratio", "float", "mmseg RandomCrop: retry crops where one class covers more than this"),
-        S("test_scale", "list", "test resize: (long side cap, short side), aspect kept", item="int", length=2,
-          unit="px"),
+        S("test_scale", "list", "slide: test resize (long side cap, short side), aspect kept", default=None,
+          null=True, item="int", length=2, unit="px"),
+        S("test_pad_value", "float", "single: the grey level (0-255) the test input is padded with", default=128.0),
         S("tuning", "str", "fine-tuning mode (recorded; LoRA does not exist yet)", default="full", choices=("full",)),
     )
 
@@ -100,26 +107,33 @@ class Ade20kSeg(SegmentationTask):
     def pipelines(self, p: dict[str, Any]) -> tuple[list, list]:
         h, w = size_hw(p["image_size"])
         lo, hi = p["lsj_scale"]
-        cj = p["color_jitter"]
+        scale = tuple(int(v) for v in p["train_scale"]) if p.get("train_scale") else (w, h)
         train = [
             dict(type="LoadImageFromFile"),
             dict(type="LoadAnnotations", reduce_zero_label=True),
-            # large-scale jitter: the image fitted into the crop's (w, h) box x U(lo, hi) (a square crop of s:
-            # the long side to s * U(lo, hi), MultiMAE's), then a random crop of (h, w)
-            dict(type="RandomResize", scale=(w, h), ratio_range=(float(lo), float(hi)), keep_ratio=True),
+            # scale jitter: the image fitted into `scale` (mmseg's (long cap, short) rule; the crop's (w, h) box by
+            # default: a square crop of s gets the long side s * U(lo, hi), MultiMAE's) x U(lo, hi), then a
+            # random crop of (h, w)
+            dict(type="RandomResize", scale=scale, ratio_range=(float(lo), float(hi)), keep_ratio=True),
             dict(type="RandomCrop", crop_size=(h, w), cat_max_ratio=float(p["cat_max_ratio"])),
             dict(type="RandomFlip", prob=0.5),
-            dict(type="FourmColorJitter", prob=float(cj["prob"]), brightness=float(cj["brightness"]),
-                 contrast=float(cj["contrast"]), saturation=float(cj["saturation"]), hue=float(cj["hue"])),
+            *color_transforms(p),
             # no Pad here: the data preprocessor pads to h x w (image 0 after normalisation, labels 255)
             dict(type="PackSegInputs"),
         ]
-        test = [
-            dict(type="LoadImageFromFile"),
-            dict(type="Resize", scale=tuple(int(v) for v in p["test_scale"]), keep_ratio=True),
-            dict(type="LoadAnnotations", reduce_zero_label=True),  # after Resize: scored at the original size
-            dict(type="PackSegInputs"),
-        ]
+        if p["test_procedure"] == "single":  # MultiMAE: long side to image_size, padded grey, one pass
+            test = [dict(type="LoadImageFromFile"),
+                    *single_pass_geometry("long-side", h, float(p.get("test_pad_value", 128.0))),
+                    dict(type="PackSegInputs", meta_keys=TEST_META_KEYS)]
+        else:
+            if not p.get("test_scale"):
+                raise ConfigError("test_procedure slide needs test_scale")
+            test = [
+                dict(type="LoadImageFromFile"),
+                dict(type="Resize", scale=tuple(int(v) for v in p["test_scale"]), keep_ratio=True),
+                dict(type="LoadAnnotations", reduce_zero_label=True),  # after Resize: scored at the original size
+                dict(type="PackSegInputs"),
+            ]
         return train, test
 
     def dataset_cfg(self, ctx: RunContext, split: str, pipeline: list, test_mode: bool) -> dict:
@@ -131,10 +145,16 @@ class Ade20kSeg(SegmentationTask):
 
     # the protocol, in words
     def footnote_training(self, c: dict[str, Any]) -> str:
-        return f"{px(c.get('image_size'))} px crops, large-scale jitter {c.get('lsj_scale', '?')}, colour jitter"
+        aug = ", ".join([f"scale jitter {c.get('lsj_scale', '?')}"
+                         + (f" of {c['train_scale']}" if c.get("train_scale") else "")] + color_words(c))
+        return f"{px(c.get('image_size'))} px crops, {aug}"
 
     def footnote_test(self, c: dict[str, Any]) -> str:
-        return f"sliding window {px(c.get('image_size'))} / stride {c.get('slide_stride', '?')}"
+        if c.get("test_procedure") == "single":
+            return (f"one pass at long side {px(c.get('image_size'))} (padded), scored at that size on "
+                    "nearest-resized labels")
+        return (f"resized to {c.get('test_scale', '?')}, sliding window {px(c.get('image_size'))} / stride "
+                f"{c.get('slide_stride', '?')}, scored at the original size")
 
 
 def class_names() -> list[str]:

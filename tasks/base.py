@@ -135,9 +135,11 @@ class Task(ABC):
         """Evaluator output -> the record's metric names and units (every ``metrics`` name)."""
 
     @abstractmethod
-    def evaluate(self, predictions: Path, data_root: Path) -> dict[str, float]:
+    def evaluate(self, predictions: Path, data_root: Path, protocol: str | None = None,
+                 log: Any = None) -> dict[str, float]:
         """Score a predictions file or folder in the task's standard format (ours or another
-        project's) with the task's metric; malformed input is a named error."""
+        project's) with the task's metric; malformed input is a named error. ``protocol``: score as
+        that protocol scores (tasks whose protocols score alike ignore it); ``log``: a line printer."""
 
     @abstractmethod
     def footnote(self, record: dict[str, Any]) -> str:

@@ -260,7 +260,8 @@ class CocoDet(Task):
     def record_metrics(self, evaluator_out: dict[str, float]) -> dict[str, float]:
         return {k.removeprefix("coco/"): float(v) for k, v in evaluator_out.items()}
 
-    def evaluate(self, predictions: Path, data_root: Path) -> dict[str, float]:
+    def evaluate(self, predictions: Path, data_root: Path, protocol: str | None = None,
+                 log: Any = None) -> dict[str, float]:
         from fourm_eval.metrics_coco import evaluate_files
         from fourm_eval.data.coco_check import annotation_file
         return evaluate_files(predictions, annotation_file(Path(data_root), "val"), RESULT_FILES)

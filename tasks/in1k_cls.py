@@ -160,7 +160,8 @@ class In1kCls(Task):
     def record_metrics(self, evaluator_out: dict[str, float]) -> dict[str, float]:
         return {k.removeprefix("cls/"): float(v) for k, v in evaluator_out.items()}
 
-    def evaluate(self, predictions: Path, data_root: Path) -> dict[str, float]:
+    def evaluate(self, predictions: Path, data_root: Path, protocol: str | None = None,
+                 log: Any = None) -> dict[str, float]:
         from fourm_eval.data import imagenet_check as ic
         root = Path(data_root)
         classes = ic.classes_of(root)

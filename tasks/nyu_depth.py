@@ -3,15 +3,19 @@ the ``convnext`` / ``dpt`` heads, ``silog`` / ``berhu`` losses, predictions and 
 
 Data: the layout of ``fourm_eval.data.nyu`` (mmseg's NYUDataset: images/ + annotations/,
 16-bit PNG depth in millimetres). Training: the image's short side resized to
-``image_size``, a random ``image_size`` square crop, colour jitter (4M-21 Table 10), an
-optional horizontal flip. Test: the short side resized to ``image_size`` and padded to a
-multiple of the patch size (0 after normalisation); the prediction is resized back to the
-image's full size.
+``image_size``, a random ``image_size`` square crop, the profile's colour augmentation
+(``color_jitter`` with optional grey, or mmseg's ``photometric_distortion``), an optional
+horizontal flip.
 
-Metric: ``fourm_eval.metrics_depth`` (Eigen crop scaled to the image size, ground truth in
-(1e-3, 10] m, predictions clipped to it, per image then averaged over images).
-Predictions: one 16-bit PNG per test image in millimetres, full size, named like the image
-(``NAME.png``); they are what is scored, in the run and by ``fourm-eval evaluate``.
+Test (``test_procedure``, the protocol's): ``eigen``: the short side resized to ``image_size``
+(padded to a multiple of the patch size), the prediction resized back to the image's full size,
+scored by ``fourm_eval.metrics_depth`` in the Eigen crop (ground truth in (1e-3, 10] m,
+predictions clipped to it, per image then averaged over images); ``center-crop`` (MultiMAE):
+the short side to ``image_size``, the centre square, scored there against the depth resized
+(nearest) and cropped the same way, pixels pooled per batch of ``score_batch_size`` images.
+Predictions: one 16-bit PNG per test image in millimetres, at the size scored (the full size or
+the crop), named like the image (``NAME.png``), with ``meta.json`` naming the scoring; they are
+what is scored, in the run and by ``fourm-eval evaluate``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Sequence
 from fourm_eval.errors import ConfigError
 
 from .base import Log, PreparedData, Progress, RunContext
+from .kits.dense import COLOR_SETTINGS, TEST_META_KEYS, color_transforms, color_words, single_pass_geometry
 from .kits.depth import DepthTask
 from .schema import S
 from .mmreg import register as mm_register
@@ -61,13 +66,16 @@ def build_pipelines(p: dict[str, Any]) -> tuple[list, list]:
     ]
     if p.get("hflip"):
         train.append(dict(type="RandomFlip", prob=0.5, direction="horizontal"))
-    if p.get("color_jitter"):
-        train.append(dict(type="PhotoMetricDistortion"))
+    train += color_transforms(p)
     train.append(dict(type="PackSegInputs"))
-    test = [dict(type="LoadImageFromFile"),
-            dict(type="ResizeShortestEdge", scale=s, max_size=big),
-            dict(type="PackSegInputs", meta_keys=("img_path", "depth_map_path", "ori_shape", "img_shape",
-                                                  "scale_factor"))]
+    if p["test_procedure"] == "center-crop":  # MultiMAE: SmallestMaxSize + CenterCrop, scored on the crop
+        test = [dict(type="LoadImageFromFile"), *single_pass_geometry("short-side-crop", s),
+                dict(type="PackSegInputs", meta_keys=TEST_META_KEYS)]
+    else:  # predicted at the short side s, resized back to the full size (mmseg's postprocess)
+        test = [dict(type="LoadImageFromFile"),
+                dict(type="ResizeShortestEdge", scale=s, max_size=big),
+                dict(type="PackSegInputs", meta_keys=("img_path", "depth_map_path", "ori_shape", "img_shape",
+                                                      "scale_factor"))]
     return train, test
 
 
@@ -81,8 +89,7 @@ class NyuDepth(DepthTask):
                          "named like the image (NAME.png)")
     scored_split = "test"
     xl_tuning_published = "LoRA rank 8"
-    settings = DepthTask.settings + (
-        S("color_jitter", "bool", "mmseg's PhotoMetricDistortion on training images"),
+    settings = DepthTask.settings + COLOR_SETTINGS + (
         S("hflip", "bool", "random horizontal flip (p 0.5) of training images"),
     )
 
@@ -157,12 +164,14 @@ class NyuDepth(DepthTask):
         return {n: depth_dir(Path(root), "test") / f"{n}{DEPTH_SUFFIX}" for n in list_split(Path(root), "test")[0]}
 
     def footnote_training(self, c: dict[str, Any]) -> str:
-        aug = ["random crop"] + (["colour jitter"] if c.get("color_jitter") else []) + \
-            (["horizontal flip"] if c.get("hflip") else [])
+        aug = ["random crop"] + color_words(c) + (["horizontal flip"] if c.get("hflip") else [])
         return f"{c.get('image_size', '?')} px crops ({', '.join(aug)})"
 
     def footnote_test(self, c: dict[str, Any]) -> str:
-        return f"tested at short side {c.get('image_size', '?')}"
+        if c.get("test_procedure") == "center-crop":
+            return (f"the centre {c.get('image_size', '?')} px square at short side {c.get('image_size', '?')}, "
+                    f"depth nearest-resized, pixels pooled per batch of {c.get('score_batch_size', '?')} (MultiMAE)")
+        return f"tested at short side {c.get('image_size', '?')}, scored at the full size in the Eigen crop"
 
 
 TASK = NyuDepth()

@@ -112,7 +112,9 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         optim_wrapper["dtype"] = "bfloat16"
     schedulers: list[dict] = []
     if sched["warmup"]:
-        schedulers.append(dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=sched["warmup"]))
+        schedulers.append(dict(type="LinearLR", start_factor=float(p["schedule"].get(
+                                   "warmup_start_factor", default("schedule.warmup_start_factor"))),
+                               by_epoch=False, begin=0, end=sched["warmup"]))
     if sched["milestones"]:
         schedulers.append(dict(type="MultiStepLR", by_epoch=False, begin=0, end=sched["max_iters"],
                                milestones=sched["milestones"], gamma=0.1))
@@ -587,7 +589,9 @@ def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[st
                            progress=_progress(console))
     sched = schedule(p, data.n_train, world)
     images = sched["max_iters"] * sched["eff_batch"]
+    scoring = task.scoring(p) if hasattr(task, "scoring") else None
     rows = [("task", f"{task.name} ({p['profile_file']})"),
+            ("protocol", f"{p.get('protocol')}" + (f"; scored by {scoring}" if scoring else "")),
             ("backbone", f"{name}, {info['params'] / 1e6:.1f}M params, model size {p['model_size']}"),
             ("data", f"{root}: {data.n_train} training / {data.n_val} validation images"),
             ("subsets", ", ".join(f"{k}: {v['n']} images, seed {v['seed']}" for k, v in
@@ -609,6 +613,11 @@ def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[st
         rows.append(("time estimate", f"about {hours:.1f} h ({images} images x {est} s/image, the profile's "
                                       "s_per_image_estimate; see its comment for the source)"))
     console.header(rows)
+    from fourm_eval.cells import flatten
+    console.line(f"resolved settings of protocol {p.get('protocol')} (profile {p['profile']}, model size "
+                 f"{p['model_size']}):")
+    for k, v in flatten({k: v for k, v in p.items() if k not in ("profile_file", "loggers")}).items():
+        console.line(f"  {k} = {v}")
     console.line("dry run: nothing was trained or written")
 
 

@@ -33,7 +33,7 @@ META_KEYS = ("task", "profile", "profile_file")  # set by the loader, not by the
 @dataclass(frozen=True)
 class Setting:
     key: str                     # dotted path: "schedule.length"
-    kind: str                    # int | float | bool | str | list | interval | size | section
+    kind: str                    # int | float | bool | str | list | interval | size | range | section
     doc: str
     default: Any = REQUIRED      # REQUIRED: the profile must give it
     choices: tuple = ()
@@ -45,7 +45,8 @@ class Setting:
 
     def describe_type(self) -> str:
         t = {"list": f"list of {self.item or 'values'}" + (f" ({self.length})" if self.length else ""),
-             "interval": "iterations (int) or share ('10%')", "size": "px: int or [height, width]"}.get(self.kind,
+             "interval": "iterations (int) or share ('10%')",
+             "range": "float or [lo, hi]", "size": "px: int or [height, width]"}.get(self.kind,
                                                                                                      self.kind)
         if self.choices:
             t = " / ".join(str(c) for c in self.choices)
@@ -67,6 +68,9 @@ def floats(section: str, **docs: str) -> tuple[Setting, ...]:
 
 
 RUNNER_SETTINGS: tuple[Setting, ...] = (
+    S("protocol", "str", "the named protocol the profile reproduces, training and scoring (its own profile: "
+      "configs/<task>.<protocol>.yaml; a report compares a run only with published numbers of the same protocol)",
+      per_size=False),
     S("image_size", "size", "training crop (and the timm baselines' input size)", unit="px"),
     S("batch_size", "int", "total batch over all processes (the per-process batch is batch_size / world size)"),
     S("schedule", "section", "the training schedule", per_size=False),
@@ -74,6 +78,7 @@ RUNNER_SETTINGS: tuple[Setting, ...] = (
     S("schedule.length", "float", "training length in schedule.unit", unit="iter or epoch"),
     S("schedule.warmup_iters", "int", "linear warm-up iterations (or warmup_epochs, not both)", default=0, unit="iter"),
     S("schedule.warmup_epochs", "float", "linear warm-up in epochs of the training set", default=None, unit="epoch"),
+    S("schedule.warmup_start_factor", "float", "the warm-up starts at this share of the peak lr", default=0.001),
     S("schedule.decay", "str", "lr decay after warm-up: step (x0.1 at the milestones), cosine, poly "
       "(mmseg's (1 - t)^power)", default="step", choices=("step", "cosine", "poly")),
     S("schedule.milestones", "list", "step decay: shares of training where lr drops x0.1", default=[], item="float"),
@@ -145,6 +150,9 @@ def _kind_ok(s: Setting, v: Any) -> bool:
         return isinstance(v, str)
     if k == "section":
         return isinstance(v, dict)
+    if k == "range":
+        num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+        return num(v) or (isinstance(v, list) and len(v) == 2 and all(num(x) for x in v) and v[0] <= v[1])
     if k == "interval":
         return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and bool(_PCT.match(v)))
     if k == "size":
@@ -188,9 +196,11 @@ def validate(p: dict[str, Any], task: Any, source: str) -> None:
     """Check a loaded profile (before --set or per-size resolution, or after) against the task's
     settings; a ConfigError names ``source`` and the key."""
     decl = settings_of(task)
-    seen = set()
+    seen, sections = set(), set()
     for key, v in _walk({k: x for k, x in p.items() if k not in META_KEYS}, "", decl):
         seen.add(key)
+        if isinstance(v, dict):
+            sections.add(key)
         s = decl.get(key)
         if s is None:
             parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
@@ -208,7 +218,7 @@ def validate(p: dict[str, Any], task: Any, source: str) -> None:
     for key, s in decl.items():
         if s.default is REQUIRED and key not in seen:
             parent = key.rsplit(".", 1)[0] if "." in key else None
-            if parent is None or parent in seen:
+            if parent is None or parent in sections:
                 raise ConfigError(f"{source}: {key} is required for {task.name} ({s.doc})")
 
 

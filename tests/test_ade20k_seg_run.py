@@ -11,9 +11,8 @@ from PIL import Image
 from fourm_eval.data.ade_mini import make_mini_ade20k
 
 from cli_runner import run_cli as _run
-# a few-second configuration of the real pipeline (sliding windows included: 64 px windows, stride 43)
-QUICK = ["--set", "image_size=64", "--set", "test_scale=[256,64]", "--set", "slide_stride=43",
-         "--set", "batch_size=2", "--set", "schedule.length=3", "--set", "schedule.val_interval=3",
+# a few-second configuration of the real pipeline
+QUICK = ["--set", "image_size=64", "--set", "batch_size=2", "--set", "schedule.length=3", "--set", "schedule.val_interval=3",
          "--set", "schedule.checkpoint_interval=3", "--set", "log_interval=1", "--set", "eval_at_start=false",
          "--set", "val_subset=3"]
 
@@ -71,27 +70,36 @@ def test_smoke_report_and_rerun(smoke_run):
     assert r2.returncode == 0 and "already holds a finished run" in r2.stdout
 
 
-def test_upernet_head_with_a_rectangular_crop_and_poly_decay_runs_and_rescores(tmp_path, tiny_ade):
-    """mmseg's Cityscapes-style recipe parts: a non-square crop (32 x 64: a 2 x 4 token grid, sliding
-    windows of that shape) and poly decay (poly_power, absent from the profile, given by --set)."""
-    r = _run(["run", "ade20k-seg", "--data-root", str(tiny_ade), *QUICK, "--set", "head=upernet",
+def test_mae_upernet_protocol_smoke_with_a_rectangular_crop_runs_and_rescores(tmp_path, tiny_ade):
+    """The mae-upernet protocol's smoke profile (UperNet on four blocks, mmseg's scale jitter and photometric
+    distortion, warm-up from 1e-6 then poly, sliding windows scored at the original size), here with a
+    non-square crop (32 x 64: a 2 x 4 token grid, sliding windows of that shape) and a poly power given by --set."""
+    r = _run(["run", "ade20k-seg", "--profile", "mae-upernet-smoke", "--data-root", str(tiny_ade), *QUICK,
               "--set", "upernet.channels=32", "--set", "upernet.aux_channels=16", "--set", "image_size=[32,64]",
-              "--set", "slide_stride=21", "--set", "schedule.decay=poly", "--set", "schedule.poly_power=0.9",
-              "--set", "schedule.warmup_epochs=0",
-              "--work-dir", str(tmp_path / "u")], tmp_path)
+              "--set", "test_scale=[256,64]", "--set", "slide_stride=21", "--set", "schedule.poly_power=0.9",
+              "--set", "schedule.warmup_iters=1", "--work-dir", str(tmp_path / "u")], tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rec = json.loads((tmp_path / "u" / "result.json").read_text())
+    assert rec["config"]["protocol"] == "mae-upernet" and rec["profile"] == "mae-upernet-smoke"
     assert rec["config"]["head"] == "upernet" and rec["backbone"]["options"]["out_indices"] == [0, 1, 2, 3]
     assert rec["config"]["image_size"] == [32, 64]
     assert rec["config"]["schedule_resolved"]["decay"] == "poly" and rec["config"]["schedule_resolved"]["poly_power"] == 0.9
     from mmengine.config import Config
     cfg = Config.fromfile(next((tmp_path / "u").glob("2*.py")))  # the run's full mmengine config
     assert tuple(cfg.model.test_cfg.crop_size) == tuple(cfg.model.data_preprocessor.size) == (32, 64)
-    assert [(c.type, c.get("power")) for c in cfg.param_scheduler] == [("PolyLR", 0.9)]
+    assert cfg.model.test_cfg.mode == "slide" and tuple(cfg.model.test_cfg.stride) == (21, 21)
+    assert [(c.type, c.get("power"), c.get("start_factor")) for c in cfg.param_scheduler] == [
+        ("LinearLR", None, 1e-6), ("PolyLR", 0.9, None)]
+    train_types = [t.type for t in cfg.train_dataloader.dataset.pipeline]
+    assert "PhotoMetricDistortion" in train_types and "FourmColorJitter" not in train_types
+    assert [t.scale for t in cfg.train_dataloader.dataset.pipeline if t.type == "RandomResize"] == [(512, 128)]
     assert rec["dataset"]["subsets"]["val"]["n"] == 3
+    meta = json.loads((tmp_path / "u" / "predictions" / "meta.json").read_text())
+    assert meta["scoring"] == {"procedure": "original"}
     from fourm_eval.tasks import get_task
     note = get_task("ade20k-seg").footnote(rec)  # the kit's footnote says what ran
     assert "UperNet" in note and ", poly decay;" in note and "sliding window 32 x 64 / stride 21" in note, note
+    assert "photometric distortion" in note, note
     ev = _run(["evaluate", "ade20k-seg", "--predictions", str(tmp_path / "u" / "predictions"), "--data-root",
                str(tiny_ade), "--out", str(tmp_path / "e.json")], tmp_path)
     assert ev.returncode == 0, ev.stderr[-2000:]

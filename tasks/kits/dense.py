@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from fourm_eval.errors import PredictionsError
+from fourm_eval.errors import ConfigError, PredictionsError
 
 from ..base import RunContext, Task
 from ..mmreg import register as mm_register
@@ -78,13 +78,20 @@ class DenseTask(Task):
         """A ground-truth file as the array :meth:`score_image` takes (named errors)."""
 
     @abstractmethod
-    def score_image(self, stored: np.ndarray, gt: np.ndarray, name: str) -> Any:
-        """Per-image statistics of a stored prediction against its ground truth (same size)."""
+    def score_image(self, stored: np.ndarray, gt: np.ndarray, name: str, scoring: dict[str, Any]) -> Any:
+        """Per-image statistics of a stored prediction against its ground truth, both as ``scoring``
+        views them (same size)."""
 
     @abstractmethod
-    def summarize(self, per_image: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    def summarize(self, per_image: dict[str, Any], scoring: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
         """The metrics (each ``metrics`` name) from every image's statistics, and extra entries
         for the predictions' ``meta.json`` (e.g. per-class values)."""
+
+    @abstractmethod
+    def scoring(self, p: dict[str, Any]) -> dict[str, Any]:
+        """How a profile's protocol scores (JSON): ``procedure`` (``fourm_eval.data.geometry``:
+        original, long-side, short-side-crop), ``size`` where it resizes, and the kit's own keys.
+        Written to the predictions' ``meta.json``; ``fourm-eval evaluate`` scores by it."""
 
     def register_extra(self) -> None:
         """Register the task's own mm modules (transforms, datasets, heads); idempotent."""
@@ -106,7 +113,7 @@ class DenseTask(Task):
 
         register_all_modules(init_default_scope=True)
         register_mmseg()
-        _register_color_jitter()
+        _register_transforms()
         _register_metric()
         self.register_extra()
 
@@ -114,7 +121,7 @@ class DenseTask(Task):
         train, test = self.pipelines(ctx.profile)
         return dict(model=self.model_cfg(ctx), train_dataset=self.dataset_cfg(ctx, self.train_split, train, False),
                     val_dataset=self.dataset_cfg(ctx, self.scored_split, test, True),
-                    val_evaluator=dict(type="FourmDenseMetric", task=self.name,
+                    val_evaluator=dict(type="FourmDenseMetric", task=self.name, scoring=self.scoring(ctx.profile),
                                        predictions_dir=str(ctx.predictions_dir) if ctx.predictions_dir else None))
 
     def record_metrics(self, evaluator_out: dict[str, float]) -> dict[str, float]:
@@ -151,29 +158,59 @@ class DenseTask(Task):
         return read_png_map(path, bits=self.map_bits, what="prediction", error=PredictionsError,
                             palette_ok=self.map_bits == 8, max_value=self.map_max)
 
-    def score(self, stored: np.ndarray, gt: np.ndarray, pred_file: Path | str, gt_file: Path | str) -> Any:
-        if stored.shape != gt.shape:
-            raise PredictionsError(f"{pred_file}: prediction is {stored.shape[1]}x{stored.shape[0]} (width x height), "
-                                   f"its ground truth {gt_file} {gt.shape[1]}x{gt.shape[0]}; predictions are at the "
-                                   "image's full size")
-        return self.score_image(stored, gt, str(pred_file))
+    def score(self, stored: np.ndarray, gt: np.ndarray, pred_file: Path | str, gt_file: Path | str,
+              scoring: dict[str, Any]) -> Any:
+        """One stored prediction against its ground truth file's map, as ``scoring`` views them: the
+        prediction is at the scored size (as a run stores it) or at the ground truth's full size
+        (then viewed like the ground truth: nearest-resized, cropped); any other size is an error."""
+        from fourm_eval.data.geometry import scored_shape, scored_view
 
-    def evaluate(self, predictions: Path, data_root: Path) -> dict[str, float]:
+        proc, size = scoring["procedure"], scoring.get("size")
+        want = scored_shape(gt.shape[0], gt.shape[1], proc, size)
+        if stored.shape != want:
+            if stored.shape != gt.shape:
+                sizes = f"{want[1]}x{want[0]}" + ("" if want == gt.shape else f" (scored by {proc} {size}) or "
+                                                                               f"{gt.shape[1]}x{gt.shape[0]}")
+                raise PredictionsError(f"{pred_file}: prediction is {stored.shape[1]}x{stored.shape[0]} (width x "
+                                       f"height); for its ground truth {gt_file} ({gt.shape[1]}x{gt.shape[0]}) "
+                                       f"a prediction is {sizes}")
+            stored = scored_view(stored, proc, size)
+        return self.score_image(stored, scored_view(gt, proc, size), str(pred_file), scoring)
+
+    def protocol_scoring(self, protocol: str) -> dict[str, Any]:
+        """The scoring of one of the task's protocols (its profile ``configs/<task>.<protocol>.yaml``)."""
+        from ..profiles import load_profile, resolve_per_size
+        return self.scoring(resolve_per_size(load_profile(self.name, protocol), "b"))
+
+    def evaluate(self, predictions: Path, data_root: Path, protocol: str | None = None,
+                 log: Any = None) -> dict[str, float]:
         """Score a folder of stored predictions against the scored split of ``data_root`` (only the
-        images its ``meta.json`` names, when it names them)."""
+        images its ``meta.json`` names, when it names them), by the scoring its ``meta.json`` names,
+        or ``protocol``'s (which wins); with neither, by the ``paper`` protocol's, said through ``log``."""
         gt = self.ground_truth_files(Path(data_root))
-        stems = _meta_stems(Path(predictions))
+        stems, scoring = _meta_stems(Path(predictions)), _meta_scoring(Path(predictions))
+        if protocol is not None:
+            theirs, scoring = scoring, self.protocol_scoring(protocol)
+            if log and theirs is not None and theirs != scoring:
+                log(f"scored by protocol {protocol} ({scoring}), not the run's ({theirs})")
+        elif scoring is None:
+            scoring = self.protocol_scoring("paper")
+            if log:
+                log(f"WARNING: {predictions} does not say how it is scored (no 'scoring' in a meta.json); scored by "
+                    f"the paper protocol's procedure {scoring}; name one with --protocol")
         if stems is not None:
             unknown = sorted(set(stems) - set(gt))
             if unknown:
                 raise PredictionsError(f"{Path(predictions) / 'meta.json'} names {len(unknown)} image(s) without "
                                        f"ground truth in the {self.scored_split} split of {data_root}: {unknown[:5]}")
             gt = {s: gt[s] for s in stems}
-        return score_folder(self, Path(predictions), gt)[0]
+        metrics = score_folder(self, Path(predictions), gt, scoring)[0]
+        return metrics
 
 
 CONVNEXT_SETTINGS = (
-    S("convnext", "section", "the ConvNeXt head (MultiMAE's adapter, tasks/dense_heads.py)", per_size=False),
+    S("convnext", "section", "the ConvNeXt head (MultiMAE's adapter, tasks/dense_heads.py; needed with head convnext)",
+      default=None, null=True, per_size=False),
     S("convnext.decoder_dim", "int", "features per token after the first linear"),
     S("convnext.preds_per_patch", "int", "sub-patches per token (a square number)"),
     S("convnext.depth", "int", "ConvNeXt blocks"),
@@ -182,12 +219,39 @@ CONVNEXT_SETTINGS = (
 )
 
 
-# the kit's FourmColorJitter transform, as a task's profile section ``color_jitter``
-COLOR_JITTER_SETTINGS = (
-    S("color_jitter", "section", "colour jitter (torchvision's ColorJitter, MultiMAE's values)", per_size=False),
-    *floats("color_jitter", prob="probability per image", brightness="brightness", contrast="contrast",
-            saturation="saturation", hue="hue"),
+# the kit's colour augmentation: FourmColorJitter (+ FourmToGray) as the profile section ``color_jitter``,
+# and mmseg's PhotoMetricDistortion
+COLOR_SETTINGS = (
+    S("color_jitter", "section", "colour jitter (torchvision's ColorJitter, MultiMAE's values; null: none)",
+      default=None, null=True, per_size=False),
+    S("color_jitter.prob", "float", "probability per image"),
+    *(S(f"color_jitter.{k}", "range", f"{k}: a strength or a [lo, hi] range (torchvision's / albumentations' meaning)")
+      for k in ("brightness", "contrast", "saturation", "hue")),
+    S("color_jitter.to_gray", "float", "then grey with this probability (albumentations' ToGray)", default=0.0),
+    S("photometric_distortion", "bool", "mmseg's PhotoMetricDistortion on training images (the mmseg configs' "
+      "colour augmentation)", default=False),
 )
+
+
+def color_transforms(p: dict[str, Any]) -> list[dict]:
+    """The training colour augmentation the profile names (``color_jitter``, ``photometric_distortion``)."""
+    out: list[dict] = []
+    cj = p.get("color_jitter")
+    if cj:
+        out.append(dict(type="FourmColorJitter", prob=float(cj["prob"]), brightness=cj["brightness"],
+                        contrast=cj["contrast"], saturation=cj["saturation"], hue=cj["hue"]))
+        if float(cj.get("to_gray", 0.0)) > 0:
+            out.append(dict(type="FourmToGray", prob=float(cj["to_gray"])))
+    if p.get("photometric_distortion"):
+        out.append(dict(type="PhotoMetricDistortion"))
+    return out
+
+
+def color_words(p: dict[str, Any]) -> list[str]:
+    """The colour augmentation in a footnote."""
+    cj = p.get("color_jitter") if isinstance(p.get("color_jitter"), dict) else None
+    out = ["colour jitter" + (" + grey" if cj and float(cj.get("to_gray") or 0) > 0 else "")] if cj else []
+    return out + (["photometric distortion"] if p.get("photometric_distortion") else [])
 
 
 def px(size: Any) -> str:
@@ -195,6 +259,14 @@ def px(size: Any) -> str:
     if isinstance(size, (list, tuple)) and len(size) == 2:
         return f"{size[0]} x {size[1]}"
     return str(size if size is not None else "?")
+
+
+def head_section(p: dict[str, Any], head: str) -> dict[str, Any]:
+    """The profile's section of ``head`` (a named error when the profile has none)."""
+    sec = p.get(head)
+    if not isinstance(sec, dict):
+        raise ConfigError(f"head {head} needs the profile section {head!r} (configs/README.md lists its keys)")
+    return sec
 
 
 def quarter_blocks(depth: int) -> list[int]:
@@ -209,13 +281,14 @@ def batch_norm() -> dict:
     return dict(type="SyncBN" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "BN", requires_grad=True)
 
 
-_JITTER_REGISTERED = False
+_TRANSFORMS_REGISTERED = False
 
 
-def _register_color_jitter() -> None:
-    """``FourmColorJitter`` in mmseg's TRANSFORMS (idempotent)."""
-    global _JITTER_REGISTERED
-    if _JITTER_REGISTERED:
+def _register_transforms() -> None:
+    """The kit's ``FourmColorJitter``, ``FourmToGray`` and ``FourmTestGeometry`` in mmseg's TRANSFORMS
+    (idempotent)."""
+    global _TRANSFORMS_REGISTERED
+    if _TRANSFORMS_REGISTERED:
         return
     from mmcv.transforms import BaseTransform
     from mmseg.registry import TRANSFORMS
@@ -223,14 +296,17 @@ def _register_color_jitter() -> None:
     class FourmColorJitter(BaseTransform):
         """torchvision's ColorJitter (brightness, contrast, saturation, hue; random order) applied
         with probability ``prob`` (MultiMAE's colour jitter: albumentations' ColorJitter with the
-        same values), on the BGR uint8 image of an mmseg pipeline."""
+        same values; a value is a strength or a [lo, hi] range, as both libraries take it), on the
+        BGR uint8 image of an mmseg pipeline."""
 
-        def __init__(self, prob: float = 0.5, brightness: float = 0.4, contrast: float = 0.4,
-                     saturation: float = 0.2, hue: float = 0.1):
+        def __init__(self, prob: float = 0.5, brightness: Any = 0.4, contrast: Any = 0.4,
+                     saturation: Any = 0.2, hue: Any = 0.1):
             from torchvision.transforms import ColorJitter
 
             self.prob = prob
-            self.jitter = ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+            r = lambda v: tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else float(v)  # noqa: E731
+            self.jitter = ColorJitter(brightness=r(brightness), contrast=r(contrast), saturation=r(saturation),
+                                      hue=r(hue))
 
         def transform(self, results: dict) -> dict:
             import torch
@@ -244,13 +320,79 @@ def _register_color_jitter() -> None:
         def __repr__(self) -> str:
             return f"FourmColorJitter(prob={self.prob}, {self.jitter!r})"
 
-    mm_register(TRANSFORMS, "FourmColorJitter")(FourmColorJitter)
-    _JITTER_REGISTERED = True
+    class FourmToGray(BaseTransform):
+        """The image to grey (ITU-R 601 luma, 3 channels) with probability ``prob`` (albumentations'
+        ToGray, MultiMAE's NYUv2 augmentation)."""
+
+        def __init__(self, prob: float = 0.3):
+            self.prob = prob
+
+        def transform(self, results: dict) -> dict:
+            import cv2
+            import torch
+
+            if self.prob <= 0 or torch.rand(()).item() >= self.prob:
+                return results
+            grey = cv2.cvtColor(results["img"], cv2.COLOR_BGR2GRAY)
+            results["img"] = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+            return results
+
+    class FourmTestGeometry(BaseTransform):
+        """A single-pass test input as ``fourm_eval.data.geometry`` defines it: ``long-side`` (long side
+        to ``size``, bilinear, then padded to ``size`` x ``size`` at the bottom and right with
+        ``pad_value`` in pixel values) or ``short-side-crop`` (short side to ``size``, the centre square
+        crop). The model's output is brought back to the unpadded input, the size scored (``ori_shape``
+        set to it; the padding recorded as ``img_padding_size``, which mmseg's segmentors crop)."""
+
+        def __init__(self, procedure: str, size: int, pad_value: float = 0.0):
+            self.procedure, self.size, self.pad_value = procedure, int(size), float(pad_value)
+
+        def transform(self, results: dict) -> dict:
+            import cv2
+
+            from fourm_eval.data.geometry import scaled_size
+
+            img, s = results["img"], self.size
+            h, w = img.shape[:2]
+            side = "long" if self.procedure == "long-side" else "short"
+            nh, nw = scaled_size(h, w, s, side)
+            if (nh, nw) != (h, w):
+                img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+            pad = [0, 0, 0, 0]
+            if self.procedure == "short-side-crop":
+                y0, x0 = (nh - s) // 2, (nw - s) // 2
+                img = img[y0:y0 + s, x0:x0 + s]
+                nh = nw = s
+            elif self.procedure == "long-side":
+                pad = [0, s - nw, 0, s - nh]  # left, right, top, bottom (mmseg's order)
+                img = cv2.copyMakeBorder(img, 0, s - nh, 0, s - nw, cv2.BORDER_CONSTANT, value=[self.pad_value] * 3)
+            else:
+                raise ValueError(f"FourmTestGeometry: unknown procedure {self.procedure!r}")
+            results["img"] = np.ascontiguousarray(img)
+            results["img_shape"] = img.shape[:2]
+            results["ori_shape"] = (nh, nw)
+            results["img_padding_size"] = pad
+            results["scale_factor"] = (nw / w, nh / h)
+            return results
+
+    for cls in (FourmColorJitter, FourmToGray, FourmTestGeometry):
+        mm_register(TRANSFORMS, cls.__name__)(cls)
+    _TRANSFORMS_REGISTERED = True
 
 
-def score_folder(task: DenseTask, pred_dir: Path, gt_files: dict[str, Path]) -> tuple[dict[str, float], dict]:
+TEST_META_KEYS = ("img_path", "seg_map_path", "depth_map_path", "ori_shape", "img_shape", "scale_factor",
+                  "img_padding_size", "reduce_zero_label")
+
+
+def single_pass_geometry(procedure: str, size: int, pad_value: float = 0.0) -> list[dict]:
+    """The test pipeline's resize (and crop or pad) of a single-pass procedure."""
+    return [dict(type="FourmTestGeometry", procedure=procedure, size=int(size), pad_value=float(pad_value))]
+
+
+def score_folder(task: DenseTask, pred_dir: Path, gt_files: dict[str, Path],
+                 scoring: dict[str, Any]) -> tuple[dict[str, float], dict]:
     """Score ``pred_dir`` (one ``<stem>.png`` per entry of ``gt_files``, nothing else but
-    ``meta.json``) with the task's metric: (metrics, meta extras)."""
+    ``meta.json``) with the task's metric as ``scoring`` says: (metrics, meta extras)."""
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise PredictionsError(f"{pred_dir}: predictions folder not found; expected {task.prediction_format}")
@@ -267,8 +409,8 @@ def score_folder(task: DenseTask, pred_dir: Path, gt_files: dict[str, Path]) -> 
         raise PredictionsError(f"{pred_dir}: {len(extra)} prediction(s) for no {task.scored_split} image, e.g. "
                                f"{[e + '.png' for e in extra[:3]]}")
     per = {stem: task.score(task.read_prediction(have[stem]), task.read_ground_truth(gt_files[stem]), have[stem],
-                            gt_files[stem]) for stem in sorted(gt_files)}
-    return task.summarize(per)
+                            gt_files[stem], scoring) for stem in sorted(gt_files)}
+    return task.summarize(per, scoring)
 
 
 def _meta_stems(pred_dir: Path) -> list[str] | None:
@@ -284,6 +426,18 @@ def _meta_stems(pred_dir: Path) -> list[str] | None:
         raise PredictionsError(f"{meta}: not the meta.json of a fourm-eval run ({e}); remove it to score every "
                                "image") from None
     return stems
+
+
+def _meta_scoring(pred_dir: Path) -> dict[str, Any] | None:
+    """The scoring a run's ``meta.json`` names (None: none named)."""
+    meta = pred_dir / "meta.json"
+    if not meta.is_file():
+        return None
+    scoring = json.loads(meta.read_text()).get("scoring")
+    if scoring is not None and not (isinstance(scoring, dict) and isinstance(scoring.get("procedure"), str)):
+        raise PredictionsError(f"{meta}: 'scoring' is {scoring!r}, not a scoring of a fourm-eval run; remove it and "
+                               "name the protocol with --protocol")
+    return scoring
 
 
 _METRIC_REGISTERED = False
@@ -303,12 +457,13 @@ def _register_metric() -> None:
         ``predictions_dir`` (when given) and scored from the stored values, as ``fourm-eval evaluate``
         scores the folder."""
 
-        def __init__(self, task: str, predictions_dir: str | None = None, **kwargs: Any):
+        def __init__(self, task: str, scoring: dict[str, Any], predictions_dir: str | None = None, **kwargs: Any):
             from .. import get_task
 
             self.task: DenseTask = get_task(task)  # type: ignore[assignment]
             super().__init__(prefix=self.task.metric_prefix, **kwargs)
             self.predictions_dir = Path(predictions_dir) if predictions_dir else None
+            self.scoring = dict(scoring)
 
         def process(self, data_batch: dict, data_samples: Sequence[dict]) -> None:
             from fourm_eval.data.pngmap import write_png_map
@@ -320,13 +475,15 @@ def _register_metric() -> None:
                 if self.predictions_dir:
                     write_png_map(self.predictions_dir / f"{name}.png", stored)
                 gt_file = Path(ds[t.gt_path_key])
-                self.results.append((name, t.score(stored, t.read_ground_truth(gt_file), name, gt_file)))
+                self.results.append((name, t.score(stored, t.read_ground_truth(gt_file), name, gt_file,
+                                                   self.scoring)))
 
         def compute_metrics(self, results: list) -> dict[str, float]:
-            metrics, extras = self.task.summarize(dict(results))
+            metrics, extras = self.task.summarize(dict(results), self.scoring)
             if self.predictions_dir:
                 from ..runs import update_predictions_meta
                 update_predictions_meta(self.predictions_dir, {"format": self.task.prediction_format,
+                                                               "scoring": self.scoring,
                                                                "stems": sorted(r[0] for r in results), **extras})
             return metrics
 
@@ -334,4 +491,5 @@ def _register_metric() -> None:
     _METRIC_REGISTERED = True
 
 
-__all__ = ["COLOR_JITTER_SETTINGS", "CONVNEXT_SETTINGS", "DenseTask", "batch_norm", "px", "quarter_blocks", "score_folder"]
+__all__ = ["COLOR_SETTINGS", "CONVNEXT_SETTINGS", "DenseTask", "TEST_META_KEYS", "batch_norm", "color_transforms", "color_words", "head_section", "px",
+           "quarter_blocks", "score_folder", "single_pass_geometry"]

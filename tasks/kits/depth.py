@@ -30,9 +30,10 @@ from fourm_eval.errors import ConfigError
 
 from ..base import Metric, RunContext
 from ..schema import S
-from .dense import CONVNEXT_SETTINGS, DenseTask, quarter_blocks
+from .dense import CONVNEXT_SETTINGS, DenseTask, head_section, quarter_blocks
 
 HEADS = ("convnext", "dpt")
+DEPTH_TESTS = ("eigen", "center-crop")
 LOSSES = ("silog", "berhu")
 PATCH = 16  # every backbone here has 16-pixel patches; test inputs are padded to a multiple of it
 
@@ -44,7 +45,7 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: 
         raise ConfigError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
     if head == "convnext":
         out_indices = [-1]  # the last block, with or without the encoder's final norm (recorded)
-        final_norm = bool(p["convnext"]["final_norm"])
+        final_norm = bool(head_section(p, "convnext")["final_norm"])
     else:
         if not num_layers:
             raise ConfigError("the dpt head needs the backbone's number of blocks")
@@ -57,8 +58,8 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: 
                                test_cfg=dict(size_divisor=PATCH)),  # 0 after normalisation, as everywhere here
         backbone=dict(type="FourmEvalViT", out_indices=out_indices, final_norm=final_norm, **backbone_cfg),
         decode_head=dict(type="FourmDepthHead", head=head, in_channels=embed_dim, loss=p["loss"],
-                         berhu_threshold=float(p["berhu_threshold"]), convnext=dict(p["convnext"]),
-                         dpt=dict(p["dpt"])),
+                         berhu_threshold=float(p.get("berhu_threshold", 0.2)),
+                         **{head: dict(head_section(p, head))}),
         test_cfg=dict(mode="whole"),
     )
 
@@ -77,19 +78,40 @@ class DepthTask(DenseTask):
         Metric("delta3", description="share of pixels with max(p/g, g/p) < 1.25^3"),
         Metric("abs_rel", unit="ratio", higher_is_better=False, gated=True, description="mean |p - g| / g"),
         Metric("rmse", unit="m", higher_is_better=False, description="root mean squared error (metres), per image"),
-        Metric("log10", unit="log10 units", higher_is_better=False, description="mean |log10 p - log10 g|"),
+        Metric("log10", unit="log10 units", higher_is_better=False,
+               description="mean |log10 p - log10 g| (Eigen scoring only)"),
+        Metric("rmse_log", unit="ln units", higher_is_better=False,
+               description="sqrt(mean (ln p - ln g)^2), pixels pooled per batch (MultiMAE's scoring only, which "
+                           "logs it as 'log10')"),
     )
-    metric_words = "Eigen crop, ground truth in (0.001, 10] m, per-image mean"
+
+    @property
+    def metric_words(self) -> str:  # type: ignore[override]
+        return "Eigen crop, ground truth in (0.001, 10] m, per-image mean (eigen) or MultiMAE's pooled-per-batch metric"
     settings = (
         S("image_size", "int", "training crop and test short side (square crops)", unit="px"),
         S("head", "str", "depth head", choices=HEADS),
         *CONVNEXT_SETTINGS,
-        S("dpt", "section", "the DPT head (mmseg's DPTHead, no batch norm)", per_size=False),
+        S("dpt", "section", "the DPT head (mmseg's DPTHead, no batch norm; needed with head dpt)", default=None,
+          null=True, per_size=False),
         S("dpt.channels", "int", "fusion channels"),
         S("dpt.post_process_channels", "list", "reassemble channels of the four levels", item="int", length=4),
         S("loss", "str", "training loss", choices=LOSSES),
         S("berhu_threshold", "float", "berHu: c = this x the batch's largest absolute error", default=0.2),
+        S("test_procedure", "str", "eigen: short side to image_size, predicted at the full size, Eigen crop, per-image "
+          "mean (BTS / mmseg); center-crop: short side to image_size, the centre square, scored there on "
+          "nearest-resized depth, pixels pooled per batch of score_batch_size (MultiMAE)", choices=DEPTH_TESTS),
+        S("score_batch_size", "int", "center-crop: images per scoring batch (MultiMAE: its validation batch)",
+          default=None, null=True),
     )
+
+    def scoring(self, p: dict[str, Any]) -> dict[str, Any]:
+        if p["test_procedure"] == "center-crop":
+            if not p.get("score_batch_size"):
+                raise ConfigError("test_procedure center-crop needs score_batch_size (MultiMAE's: 96)")
+            return {"procedure": "short-side-crop", "size": int(p["image_size"]), "metric": "multimae",
+                    "batch": int(p["score_batch_size"])}
+        return {"procedure": "original", "metric": "eigen"}
 
     def footnote_head(self, c: dict[str, Any]) -> str:
         if c.get("head") == "dpt":
@@ -116,15 +138,20 @@ class DepthTask(DenseTask):
         from fourm_eval.data.nyu import read_depth_m
         return read_depth_m(path)
 
-    def score_image(self, stored: np.ndarray, gt: np.ndarray, name: str) -> dict[str, float]:
+    def score_image(self, stored: np.ndarray, gt: np.ndarray, name: str, scoring: dict[str, Any]) -> dict[str, float]:
         from fourm_eval.data.nyu import MM_PER_M
-        from fourm_eval.metrics_depth import image_metrics
-        return image_metrics(stored.astype(np.float64) / MM_PER_M, gt, name=name)
+        from fourm_eval.metrics_depth import image_metrics, multimae_sums
+        pred = stored.astype(np.float64) / MM_PER_M
+        if scoring.get("metric") == "multimae":
+            return multimae_sums(pred, gt, name=name)
+        return image_metrics(pred, gt, name=name)
 
-    def summarize(self, per_image: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-        from fourm_eval.metrics_depth import aggregate
+    def summarize(self, per_image: dict[str, Any], scoring: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+        from fourm_eval.metrics_depth import aggregate, multimae_aggregate
+        if scoring.get("metric") == "multimae":
+            return multimae_aggregate(per_image, int(scoring["batch"])), {}
         return aggregate(per_image), {}
 
 
 
-__all__ = ["DepthTask", "HEADS", "LOSSES", "PATCH", "build_model_cfg"]
+__all__ = ["DEPTH_TESTS", "DepthTask", "HEADS", "LOSSES", "PATCH", "build_model_cfg"]

@@ -18,9 +18,18 @@ from fourm_eval.errors import ConfigError
 
 from ..base import Metric, RunContext
 from ..schema import S, size_hw
-from .dense import CONVNEXT_SETTINGS, DenseTask, batch_norm, quarter_blocks
+from .dense import CONVNEXT_SETTINGS, DenseTask, batch_norm, head_section, quarter_blocks
 
 SEG_HEADS = ("convnext", "upernet")
+TEST_PROCEDURES = ("slide", "single")
+
+
+def _square(size: Any, what: str) -> int:
+    h, w = size_hw(size)
+    if h != w:
+        raise ConfigError(f"{what} needs a square image_size, not {h} x {w}")
+    return h
+
 
 
 class SegmentationTask(DenseTask):
@@ -55,15 +64,26 @@ class SegmentationTask(DenseTask):
     settings = (
         S("head", "str", "decode head", choices=SEG_HEADS),
         *CONVNEXT_SETTINGS,
-        S("upernet", "section", "UperNet + auxiliary FCN head on the quarter blocks", per_size=False),
+        S("upernet", "section", "UperNet + auxiliary FCN head (needed with head upernet)", default=None, null=True,
+          per_size=False),
+        S("upernet.blocks", "list", "the four blocks (0-based) the neck reads (null: the last of each quarter)",
+          default=None, null=True, item="int", length=4),
         S("upernet.channels", "int", "UPerHead channels"),
         S("upernet.pool_scales", "list", "PPM pool scales", item="int"),
         S("upernet.dropout", "float", "dropout before the classifiers"),
         S("upernet.aux_channels", "int", "auxiliary FCN head channels"),
         S("upernet.aux_weight", "float", "auxiliary loss weight"),
-        S("slide_stride", "int", "sliding-window inference stride (windows of image_size)", unit="px"),
-        S("test_pad_divisor", "int", "test images padded to a multiple of this", unit="px"),
+        S("test_procedure", "str", "slide: resized to test_scale, sliding windows of image_size, scored at the "
+          "original size (mmseg); single: long side to image_size, padded to a square, one pass, scored at that size "
+          "on nearest-resized labels (MultiMAE)", choices=TEST_PROCEDURES),
+        S("slide_stride", "int", "slide: sliding-window stride (windows of image_size)", default=None, unit="px"),
+        S("test_pad_divisor", "int", "slide: test images padded to a multiple of this", default=16, unit="px"),
     )
+
+    def scoring(self, p: dict[str, Any]) -> dict[str, Any]:
+        if p["test_procedure"] == "single":
+            return {"procedure": "long-side", "size": _square(p["image_size"], "test_procedure single")}
+        return {"procedure": "original"}
 
     @property
     def map_max(self) -> int:  # type: ignore[override]
@@ -81,11 +101,11 @@ class SegmentationTask(DenseTask):
                            max_value=self.map_max)
         return reduce_zero_label(raw) if self.reduce_zero_label else raw.astype(np.int64)
 
-    def score_image(self, stored: np.ndarray, gt: np.ndarray, name: str) -> Any:
+    def score_image(self, stored: np.ndarray, gt: np.ndarray, name: str, scoring: dict[str, Any]) -> Any:
         from fourm_eval.metrics_seg import image_areas
         return image_areas(stored.astype(np.int64) - int(self.reduce_zero_label), gt, self.num_classes)
 
-    def summarize(self, per_image: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    def summarize(self, per_image: dict[str, Any], scoring: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
         from fourm_eval.metrics_seg import summarize
 
         total = np.zeros((4, self.num_classes))
@@ -98,9 +118,15 @@ class SegmentationTask(DenseTask):
     def backbone_options(self, p: dict[str, Any], backbone: str, info: dict[str, Any]) -> dict[str, Any]:
         head = p.get("head")
         if head == "convnext":  # the last block, with or without the encoder's final norm (recorded)
-            return {"out_indices": [info["num_layers"] - 1], "final_norm": bool(p["convnext"]["final_norm"])}
+            return {"out_indices": [info["num_layers"] - 1],
+                    "final_norm": bool(head_section(p, "convnext")["final_norm"])}
         if head == "upernet":  # intermediate blocks, none normed (mmseg's MAE configs: final_norm False)
-            return {"out_indices": quarter_blocks(int(info["num_layers"])), "final_norm": False}
+            n, blocks = int(info["num_layers"]), head_section(p, "upernet").get("blocks")
+            blocks = quarter_blocks(n) if blocks is None else [int(b) for b in blocks]
+            if blocks != sorted(set(blocks)) or not all(0 <= b < n for b in blocks):
+                raise ConfigError(f"upernet.blocks = {blocks}: four increasing block indices of the backbone's "
+                                  f"{n} blocks (0..{n - 1})")
+            return {"out_indices": blocks, "final_norm": False}
         raise ConfigError(f"head must be one of {', '.join(SEG_HEADS)}, not {head!r}")
 
     def model_cfg(self, ctx: RunContext) -> dict:
@@ -111,23 +137,29 @@ class SegmentationTask(DenseTask):
         backbone_cfg = dict(ctx.backbone_cfg)
         if "out_indices" not in backbone_cfg:  # the runner passes backbone_options; direct callers may not
             backbone_cfg.update(self.backbone_options(p, backbone_cfg.get("name", ""), {"num_layers": ctx.num_layers}))
-        (h, w), stride = size_hw(p["image_size"]), int(p["slide_stride"])
+        (h, w) = size_hw(p["image_size"])
+        if p["test_procedure"] == "slide":
+            if not p.get("slide_stride"):
+                raise ConfigError("test_procedure slide needs slide_stride")
+            stride = int(p["slide_stride"])
+            test_cfg = dict(mode="slide", crop_size=(h, w), stride=(stride, stride))
+        else:
+            test_cfg = dict(mode="whole")
         ce = lambda w: dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=w,  # noqa: E731
                             avg_non_ignore=True)  # mean over labelled pixels (PyTorch's / MultiMAE's)
         model: dict[str, Any] = dict(
             type="EncoderDecoder",
             data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53],
                                    std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0, seg_pad_val=255,
-                                   size=(h, w), test_cfg=dict(size_divisor=int(p["test_pad_divisor"]))),
-            backbone=dict(type="FourmEvalViT", **backbone_cfg), train_cfg=dict(),
-            test_cfg=dict(mode="slide", crop_size=(h, w), stride=(stride, stride)))
+                                   size=(h, w), test_cfg=dict(size_divisor=int(p.get("test_pad_divisor") or 16))),
+            backbone=dict(type="FourmEvalViT", **backbone_cfg), train_cfg=dict(), test_cfg=test_cfg)
         if p["head"] == "convnext":
-            c = p["convnext"]
+            c = head_section(p, "convnext")
             model["decode_head"] = dict(type="FourmConvNeXtHead", in_channels=embed_dim, in_index=0, num_classes=k,
                                         decoder_dim=int(c["decoder_dim"]), preds_per_patch=int(c["preds_per_patch"]),
                                         depth=int(c["depth"]), align_corners=False, loss_decode=ce(1.0))
         elif p["head"] == "upernet":
-            u = p["upernet"]
+            u = head_section(p, "upernet")
             model["neck"] = dict(type="Feature2Pyramid", embed_dim=embed_dim, rescales=[4, 2, 1, 0.5],
                                  norm_cfg=batch_norm())
             model["decode_head"] = dict(type="UPerHead", in_channels=[embed_dim] * 4, in_index=[0, 1, 2, 3],
@@ -148,7 +180,7 @@ class SegmentationTask(DenseTask):
 
         model = getattr(runner.model, "module", runner.model)
         patch = int(model.backbone.net.patch_size)
-        h, w = (int(v) for v in runner.cfg.model.test_cfg.crop_size)
+        h, w = size_hw(list(runner.cfg.model.data_preprocessor.size))
         div = int(runner.cfg.model.data_preprocessor.test_cfg.size_divisor)
         if h % patch or w % patch or div % patch:
             raise ConfigError(f"image_size ({h} x {w}) and test_pad_divisor ({div}) must be multiples of the "
@@ -164,4 +196,4 @@ class SegmentationTask(DenseTask):
 
 
 
-__all__ = ["SEG_HEADS", "SegmentationTask"]
+__all__ = ["SEG_HEADS", "SegmentationTask", "TEST_PROCEDURES"]
