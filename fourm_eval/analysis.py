@@ -97,11 +97,14 @@ def data_scale_effect(df, family: str = "4M-7", small: str = "CC12M", large: str
 
 
 def paper_frame():
-    """The shipped paper numbers in the analysis frame (4m-transfer protocol only)."""
+    """The shipped paper numbers in the analysis frame: the comparison table's (each task's numbers of the
+    protocol of its ``paper`` profile; other protocols' numbers are not comparable with them)."""
+    from .report import paper_protocol
     from .results import load_paper_results
 
     p = load_paper_results()
-    p = p[p.protocol == "4m-transfer"].copy()
+    table = {t: paper_protocol(t) for t in set(p.task)}
+    p = p[[proto == table[t] for t, proto in zip(p.task, p.protocol)]].copy()
     p["family"] = p["model"]
     p["pretrain"] = p["pretrain_data"]
     return p[["family", "size", "pretrain", "task", "metric", "value", "source", "verified"]]

@@ -250,7 +250,7 @@ def tasks_cmd(names: bool = typer.Option(False, "--names", help="Only the names,
               json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """The registered transfer tasks: data, metrics (direction, main, gated), predictions, profiles."""
     from .tasks import all_tasks
-    from .tasks.profiles import list_profiles
+    from .tasks.profiles import list_profiles, profile_protocols
 
     tasks = all_tasks()
     if names:
@@ -258,13 +258,16 @@ def tasks_cmd(names: bool = typer.Option(False, "--names", help="Only the names,
             print(n)
         return
     rows = [{"name": t.name, "title": t.title, "data": t.data_kind, "profiles": list_profiles(t.name),
+             "protocols": profile_protocols(t.name),
              "metrics": [m.__dict__ for m in t.metrics], "predictions": t.prediction_format} for t in tasks.values()]
     if json_out:
         print(json.dumps(rows, indent=2))
         return
     for r in rows:
         console.print(f"[bold]{r['name']}[/]: {r['title']}", highlight=False)
-        console.print(f"  data kind {r['data']}; profiles {', '.join(r['profiles'])}", highlight=False)
+        console.print(f"  data kind {r['data']}; profiles (protocol): "
+                      + ", ".join(f"{p} ({proto})" for p, proto in r["protocols"].items()), highlight=False,
+                      soft_wrap=True)
         ms = [f"{m['name']}{'*' if m['main'] else ''}{'(gated)' if m['gated'] else ''}"
               f"{'' if m['higher_is_better'] else '(lower is better)'}" for m in r["metrics"]]
         console.print("  metrics (* main): " + ", ".join(ms), highlight=False, soft_wrap=True)
@@ -281,7 +284,8 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
              data_root: Optional[Path] = typer.Option(
                  None, help="Dataset root in the task's standard layout. Default: the built-in mini dataset "
                             "(with --eval-only --from RUN_DIR: the run's)."),
-             profile: Optional[str] = typer.Option(None, help="paper, short, smoke (default), or a YAML file."),
+             profile: Optional[str] = typer.Option(None, help="paper, short, smoke (default), a protocol's name or "
+                                                                "smoke (`fourm-eval tasks` lists them), or a YAML file."),
              work_dir: Optional[Path] = typer.Option(
                  None, help="Run directory (default runs/TASK/BACKBONE-PROFILE-seedN; with --eval-only --from "
                             "RUN_DIR: RUN_DIR/eval-only). Re-running resumes."),
@@ -368,9 +372,9 @@ def evaluate_cmd(task: str = typer.Argument(..., help="Task name (see `fourm-eva
                                                "run the predictions come from)."),
                  out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
                  protocol: Optional[str] = typer.Option(
-                     None, "--protocol", help="Score as this protocol of the task scores (e.g. nyu-depth: multimae or "
-                                              "eigen); default: the scoring the predictions' meta.json names, else "
-                                              "the paper protocol's (with a warning)."),
+                     None, "--protocol", help="Score as this protocol of the task scores (its protocols: "
+                                              "`fourm-eval tasks`); default: the scoring the predictions' meta.json "
+                                              "names, else the paper protocol's (with a warning)."),
                  ) -> None:
     """Score saved predictions (ours or another project's) with the task's metric, without retraining."""
     from .errors import ConfigError

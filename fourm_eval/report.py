@@ -37,13 +37,53 @@ class TableCell:
     bold: bool = False
     published: float | None = None
     published_verified: bool | None = None
+    protocol: str | None = None            # the run's (its record's config.protocol)
+    published_protocol: str | None = None  # the published number's
+
+    @property
+    def protocol_differs(self) -> bool:
+        return self.published is not None and self.published_protocol != self.protocol
 
     def text(self, with_pub: bool = True) -> str:
         s = f"{self.mean:.1f}" + (f" ± {self.std:.1f}" if self.std is not None else "") + f" (n={self.n}"
         s += (f", +{self.repeats} repeat{'s' if self.repeats > 1 else ''})" if self.repeats else ")")
         if with_pub and self.published is not None:
-            s += f" [paper {self.published:.1f}{'' if self.published_verified else '†'}]"
+            s += (f" [paper {self.published:.1f}{'' if self.published_verified else '†'}"
+                  f"{PROTOCOL_DIFFERS if self.protocol_differs else ''}]")
         return s
+
+
+PROTOCOL_DIFFERS = "‡"  # a published number beside a run of another protocol (a footnote names both)
+
+
+def run_protocol(g: Any) -> str | None:
+    """The protocol a cell's runs were scored by (None: a record from before protocols were recorded)."""
+    v = g.settings.get("config.protocol")
+    return str(v) if v is not None else None
+
+
+def published_for(paper: Any, model: dict[str, str], task: str, metric: str,
+                  protocol: str | None) -> tuple[Any, bool]:
+    """The published row for a model, task and metric: the one of ``protocol`` when there is one, else the
+    one of the task's paper protocol (the comparison table's), marked as differing; (None, False) if none."""
+    pub = paper[(paper.model == model["family"]) & (paper["size"] == model["size"])
+                & (paper.pretrain_data == model["pretrain"]) & (paper.task == task) & (paper.metric == metric)]
+    if pub.empty:
+        return None, False
+    same = pub[pub.protocol == protocol]
+    if not same.empty:
+        return same.iloc[0], False
+    table = pub[pub.protocol == paper_protocol(task)]
+    return (table.iloc[0] if not table.empty else pub.iloc[0]), True
+
+
+def paper_protocol(task: str) -> str | None:
+    """The protocol of a task's ``paper`` profile (that of its published comparison table)."""
+    from .tasks.profiles import load_profile
+    try:
+        return load_profile(task, "paper").get("protocol")
+    except Exception:  # noqa: BLE001 - a task without a paper profile has no comparison table
+        return None
 
 
 @dataclass
@@ -54,10 +94,21 @@ class Table1:
     deltas: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
     groups: dict[tuple[int, int], Any] = field(default_factory=dict)  # the fourm_eval.cells.CellGroup behind each
 
+    def protocol_notes(self) -> list[str]:
+        """One footnote per (task, run protocol, published protocol) pairing that differs."""
+        pairs = sorted({(self.columns[j][0], c.protocol or "not recorded", c.published_protocol or "?")
+                        for (i, j), c in self.cells.items() if c.protocol_differs})
+        return [f"{PROTOCOL_DIFFERS} {task}: run by protocol `{ours}`, the published number beside it by protocol "
+                f"`{theirs}`; they are not comparable, and no difference is computed between them"
+                for task, ours, theirs in pairs]
+
 
 def _row_profile(g) -> str:
-    v = g.variant()
-    return f"{g.profile} [{v}]" if v else g.profile
+    """The profile column: the profile, its protocol when that is not the profile's own name, and the
+    settings that set the cell apart."""
+    v, proto = g.variant(), run_protocol(g)
+    name = g.profile if proto in (None, g.profile) else f"{g.profile} ({proto})"
+    return f"{name} [{v}]" if v else name
 
 
 def build_table1(records: list[dict[str, Any]]) -> Table1:
@@ -77,11 +128,12 @@ def build_table1(records: list[dict[str, Any]]) -> Table1:
     table = Table1(columns, row_keys)
     row_index = {r: i for i, r in enumerate(row_keys)}
     paper = load_paper_results()
-    paper = paper[paper.protocol == "4m-transfer"]
     fam_of: dict[int, str] = {}
+    proto_of: dict[int, str | None] = {}
     for g in groups:
         i = row_index[(g.model["size"], g.model["label"], _row_profile(g))]
         fam_of[i] = g.model["family"]
+        proto_of[i] = run_protocol(g)
         for j, (task, metric) in enumerate(columns):
             if task != g.task:
                 continue
@@ -90,21 +142,21 @@ def build_table1(records: list[dict[str, Any]]) -> Table1:
                 continue
             scale = tasks[task].metric(metric).display_scale
             extra = sum(s.repeats - 1 for s in g.seeds.values())
-            cell = TableCell(mean * scale, None if std is None else std * scale, n, extra)
-            pub = paper[(paper.model == g.model["family"]) & (paper["size"] == g.model["size"])
-                        & (paper.pretrain_data == g.model["pretrain"]) & (paper.task == task) & (paper.metric == metric)]
-            if not pub.empty:
-                cell.published = float(pub.value.iloc[0])
-                cell.published_verified = str(pub.verified.iloc[0]) == "yes"
+            cell = TableCell(mean * scale, None if std is None else std * scale, n, extra, protocol=run_protocol(g))
+            pub, _ = published_for(paper, g.model, task, metric, cell.protocol)
+            if pub is not None:
+                cell.published = float(pub.value)
+                cell.published_verified = str(pub.verified) == "yes"
+                cell.published_protocol = str(pub.protocol)
             table.cells[(i, j)] = cell
             table.groups[(i, j)] = g
-    # best per size and profile, deltas to baselines of the same size
+    # best per size, profile and protocol; deltas to baselines of the same size and protocol (never across)
     for j, (task, metric) in enumerate(columns):
         lower = not tasks[task].metric(metric).higher_is_better
-        by_size: dict[tuple[str, str], list[int]] = {}
+        by_size: dict[tuple[str, str, str | None], list[int]] = {}
         for i, row in enumerate(table.rows):
             if (i, j) in table.cells:
-                by_size.setdefault((row[0], row[2]), []).append(i)
+                by_size.setdefault((row[0], row[2], table.cells[(i, j)].protocol), []).append(i)
         for idx in by_size.values():
             best = (min if lower else max)(table.cells[(i, j)].mean for i in idx)
             for i in idx:
@@ -328,11 +380,13 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
              "settings; runs that differ in any setting are separate rows, the profile column naming the settings "
              "that set them apart. Values are points (metric x 100), mean ± sample std over distinct seeds with "
              "their count n (runs repeating a seed are merged and counted once, see 'Repeated seeds'); **bold** = "
-             "best of its size and profile; [paper x] = the published number for the same model (4m-transfer "
-             "protocol; † = not yet verified against the paper).")
+             "best of its size and profile; [paper x] = the published number for the same model, of the run's "
+             f"protocol where one is published (else the comparison table's, marked {PROTOCOL_DIFFERS} and named in "
+             "a footnote; † = not yet verified against the paper). Δ compares runs of one protocol only.")
     sections.append(("Transfer results (4M Table 1 layout)", [("p", intro), ("table", (h1, r1, (
         "Your runs: the main metric of each task in points, mean ± std over seeds (n), best per size in bold, "
-        "the published number in brackets, Δ to DeiT III / MAE of the same size.")))]))
+        "the published number in brackets, Δ to DeiT III / MAE of the same size and protocol.")))]
+        + [("p", note) for note in table.protocol_notes()]))
     rep = repeated_seed_rows(records)
     if rep:
         sections.append(("Repeated seeds (measured non-determinism)", [

@@ -23,6 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from fourm_eval.errors import ConfigError
 
 from .base import Log, PreparedData, Progress, RunContext
@@ -109,7 +111,6 @@ class NyuDepth(DepthTask):
                    log: Log, progress: Progress | None = None) -> PreparedData:
         from fourm_eval.data.nyu import DEPTH_SUFFIX, NyuDataError, check_split, depth_dir, median_depth_m, \
             read_depth_m, split_record
-        from fourm_eval.metrics_depth import constant_prediction_metrics
 
         checks = {}
         for split in ("train", "test"):
@@ -124,8 +125,13 @@ class NyuDepth(DepthTask):
             raise NyuDataError(f"{root / 'images' / 'test'}: test images of several sizes {sorted(test.image_sizes)} "
                                f"cannot share a batch; use --set val_batch_size=1")
         median = median_depth_m(checks["train"].depth_hist)
-        gts = ((n, read_depth_m(depth_dir(root, "test") / f"{n}{DEPTH_SUFFIX}")) for n in test.names)
-        baseline = constant_prediction_metrics(median, gts)
+        scoring = self.scoring(p)  # scored as the run's protocol scores, so the two numbers compare
+        per = {}
+        for n in test.names:
+            gt_file = depth_dir(root, "test") / f"{n}{DEPTH_SUFFIX}"
+            gt = read_depth_m(gt_file)
+            per[n] = self.score(self.encode(np.full(gt.shape, median)), gt, f"{n} (constant)", gt_file, scoring)
+        baseline = self.summarize(per, scoring)[0]
         log(f"predicting the training median ({median:.3f} m) everywhere scores delta1 {baseline['delta1']:.4f} "
             "on the test split (the baseline a trained model must beat)")
         record = {"root": str(root), "files_sha256": self.data_identity(root)["files_sha256"],
@@ -134,7 +140,8 @@ class NyuDepth(DepthTask):
                   "skipped_bad_images": sum(len(c.bad) for c in checks.values()),
                   "train_median_baseline": {"median_depth_m": median, "metrics": baseline,
                                             "what": "predicting the median of the valid training depths at every "
-                                                    "pixel, scored with the task's metric on the test split"}}
+                                                    "pixel, scored as the run scores (its protocol's scoring) on "
+                                                    "the test split"}}
         return PreparedData(root, checks["train"].n_images, test.n_images, record, private={"checks": checks})
 
     # model and runner

@@ -70,6 +70,25 @@ def list_profiles(task: str) -> list[str]:
     return sorted(p.name[len(task) + 1:-len(".yaml")] for p in CONFIG_DIR.glob(f"{task}.*.yaml"))
 
 
+def profile_protocols(task: str) -> dict[str, str | None]:
+    """Each shipped profile of ``task`` -> the protocol it resolves to (read from the YAML chain only)."""
+    out: dict[str, str | None] = {}
+    for name in list_profiles(task):
+        cur, proto, seen = profile_path(task, name), None, set()
+        while cur not in seen:
+            seen.add(cur)
+            cfg = _read_yaml(cur)
+            if "protocol" in cfg:
+                proto = str(cfg["protocol"])
+                break
+            if cfg.get("base") is None:
+                break
+            base = str(cfg["base"])
+            cur = profile_path(task, base) if not base.endswith((".yaml", ".yml")) else cur.parent / base
+        out[name] = proto
+    return out
+
+
 def load_profile(task: str, profile: str) -> dict[str, Any]:
     """The resolved profile: its ``base`` chain merged, ``profile`` and ``profile_file`` set."""
     path = profile_path(task, profile)

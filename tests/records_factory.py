@@ -6,6 +6,10 @@ from pathlib import Path
 from fourm_eval.results import SCHEMA, SCHEMA_VERSION
 
 
+# each task's paper protocol (that of the published comparison table), as the shipped profiles name it
+PAPER_PROTOCOLS = {"coco-det": "vitdet", "ade20k-seg": "multimae", "nyu-depth": "multimae", "in1k-cls": "4m-21"}
+
+
 def write_record(root: Path, name: str, *, task="coco-det", backbone="4m-b", checkpoint="/ckpt/4M-7_B_CC12M.safetensors",
                  arch=None, profile="smoke", seed=0, metrics=None, history=None, losses=None, config=None,
                  sha256="0" * 64, init=None, dataset=None) -> Path:
@@ -17,7 +21,8 @@ def write_record(root: Path, name: str, *, task="coco-det", backbone="4m-b", che
     metrics = metrics or {"box_AP": 0.2, "mask_AP": 0.1, "box_AP50": 0.4}
     cfg = {"image_size": 128, "detector": "mask_rcnn", "attention": "global", "layer_decay": 0.7, "drop_path": 0.1,
            "lr": 1e-4, "profile_file": f"/somewhere/{name}/{profile}.yaml", "num_workers": 2, "world_size": 1,
-           "schedule_resolved": {"max_iters": 100, "eff_batch": 4, "per_gpu_batch": 4}}
+           "schedule_resolved": {"max_iters": 100, "eff_batch": 4, "per_gpu_batch": 4},
+           "protocol": PAPER_PROTOCOLS.get(task)}
     cfg.update(config or {})
     rec = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "task": task, "profile": profile, "seed": seed,

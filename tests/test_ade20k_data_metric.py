@@ -24,7 +24,7 @@ ADE = get_task("ade20k-seg")
 
 def evaluate_folder(pred_dir, gt):
     """The dense kit's folder scoring with the ADE20K task's encoding, metric and summary."""
-    metrics, extras = score_folder(ADE, pred_dir, gt)
+    metrics, extras = score_folder(ADE, pred_dir, gt, {"procedure": "original"})  # scored at the full size
     return {**metrics, **extras}
 
 K = 150
@@ -132,7 +132,7 @@ def test_prediction_pngs_round_trip_to_the_metric(tmp_path):
 @pytest.mark.parametrize("problem,match", [
     ("missing", r"no prediction for 1 of the 2 val images, e.g. \['img1.png'\]"),
     ("extra", r"1 prediction\(s\) for no val image, e.g. \['stray.png'\]"),
-    ("size", "prediction is 9x6 .* its ground truth .*img1.png 8x6; predictions are at the image's full size"),
+    ("size", "prediction is 9x6 .* ground truth .*img1.png \\(8x6\\) a prediction is 8x6"),
     ("corrupt", "does not decode"),
     ("rgb", "an? RGB PNG; predictions must be single-channel 8-bit PNGs"),
     ("sixteen", "a 16-bit PNG; predictions must be single-channel 8-bit"),
@@ -281,3 +281,94 @@ def test_meta_json_limits_evaluation_to_the_run_images(mini, tmp_path):
     (pred / "meta.json").write_text(json.dumps({"stems": stems + ["nope"]}))
     with pytest.raises(PredictionsError, match="nope"):
         get_task("ade20k-seg").evaluate(pred, mini)
+
+
+# ------------------------------------------------------------- the two protocols' scoring
+def _miou_by_hand(pairs, classes):
+    """mIoU over the classes with a union, pixels pooled over images: loops over classes, boolean masks."""
+    inter = {c: 0 for c in classes}
+    union = {c: 0 for c in classes}
+    for pred, gt in pairs:  # stored values: class k as k + 1; ground truth 0 = ignored
+        keep = gt != 0
+        for c in classes:
+            p, g = (pred == c + 1) & keep, (gt == c + 1) & keep
+            inter[c] += int((p & g).sum())
+            union[c] += int((p | g).sum())
+    ious = [inter[c] / union[c] for c in classes if union[c] > 0]
+    return sum(ious) / len(ious)
+
+
+def test_protocol_scoring_by_hand_and_switching_protocols_changes_the_number(tmp_path):
+    """The same full-size predictions scored by mae-upernet (at the original size) and by multimae (MultiMAE's
+    single pass: labels and predictions nearest-resized to long side S, OpenCV's rule floor(x * in / out));
+    each equals a hand computation, and the two differ. A prediction stored at the scored size (as a multimae
+    run stores it) scores the same as the full-size one viewed there."""
+    assert ADE.protocol_scoring("mae-upernet") == {"procedure": "original"}
+    assert ADE.protocol_scoring("multimae") == {"procedure": "long-side", "size": 512}
+    rng = np.random.default_rng(5)
+    gt_dir, pred_dir, small_dir = tmp_path / "gt", tmp_path / "pred", tmp_path / "small"
+    for d in (gt_dir, pred_dir, small_dir):
+        d.mkdir()
+    gt_files, full, viewed = {}, [], []
+    S = 6
+    for stem, (h, w) in (("a", (6, 9)), ("b", (10, 7))):
+        gt = rng.integers(0, 4, size=(h, w)).astype(np.uint8)            # 0 ignored, classes 0..2 stored 1..3
+        pred = np.where(rng.random((h, w)) < 0.7, np.maximum(gt, 1), rng.integers(1, 4, size=(h, w))).astype(np.uint8)
+        Image.fromarray(gt, mode="L").save(gt_dir / f"{stem}.png")
+        gt_files[stem] = gt_dir / f"{stem}.png"
+        write_png_map(pred_dir / f"{stem}.png", pred)
+        full.append((pred, gt))
+        # by hand: long side -> S, the other side round(side * S / long) (6 x 9 -> 4 x 6; 10 x 7 -> 6 x 4)
+        nh, nw = {("a"): (4, 6), ("b"): (6, 4)}[stem]
+        rows = [int(y * h / nh) for y in range(nh)]
+        cols = [int(x * w / nw) for x in range(nw)]
+        small = lambda m: np.array([[m[r, c] for c in cols] for r in rows], dtype=np.uint8)  # noqa: E731
+        viewed.append((small(pred), small(gt)))
+        write_png_map(small_dir / f"{stem}.png", small(pred))
+    original = score_folder(ADE, pred_dir, gt_files, {"procedure": "original"})[0]["mIoU"]
+    single = score_folder(ADE, pred_dir, gt_files, {"procedure": "long-side", "size": S})[0]["mIoU"]
+    assert original == pytest.approx(_miou_by_hand(full, range(3)))
+    assert single == pytest.approx(_miou_by_hand(viewed, range(3)))
+    assert abs(original - single) > 1e-3, (original, single)
+    assert score_folder(ADE, small_dir, gt_files, {"procedure": "long-side", "size": S})[0]["mIoU"] == single
+    with pytest.raises(PredictionsError, match=r"small/a.png: prediction is 6x4 .* a prediction is 9x6"):
+        score_folder(ADE, small_dir, gt_files, {"procedure": "original"})
+
+
+def test_resize_nearest_is_opencvs_and_sizes_are_albumentations():
+    """The scoring geometry against OpenCV (INTER_NEAREST, what albumentations uses on masks) and
+    albumentations' size rule round(side * size / long side), worked by hand."""
+    import cv2
+
+    from fourm_eval.data.geometry import resize_nearest, scaled_size, scored_view
+
+    rng = np.random.default_rng(1)
+    for (h, w), (nh, nw) in (((6, 9), (4, 6)), ((480, 640), (384, 512)), ((7, 5), (13, 11)), ((375, 500), (384, 512))):
+        a = rng.integers(0, 255, size=(h, w)).astype(np.uint8)
+        assert (resize_nearest(a, nh, nw) == cv2.resize(a, (nw, nh), interpolation=cv2.INTER_NEAREST)).all()
+    assert scaled_size(6, 9, 6, "long") == (4, 6)
+    assert scaled_size(375, 500, 512, "long") == (384, 512)     # 375 * 512 / 500 = 384.0
+    assert scaled_size(683, 512, 512, "long") == (512, 384)     # 512 * 512 / 683 = 383.8 -> 384
+    assert scaled_size(480, 640, 256, "short") == (256, 341)    # 640 * 256 / 480 = 341.3
+    crop = scored_view(np.arange(480 * 640).reshape(480, 640), "short-side-crop", 256)
+    assert crop.shape == (256, 256)
+    # the centre crop of the 256 x 341 resize starts at column (341 - 256) // 2 = 42: input column floor(42 * 640 / 341)
+    assert crop[0, 0] == int(42 * 640 / 341)
+
+
+def test_single_pass_test_geometry_pads_and_crops_as_scored():
+    """The test transform of the single-pass procedures: long-side (resized to long side S, grey padding at the
+    bottom / right recorded for mmseg's segmentors to crop, the scored size as ori_shape) and short-side-crop."""
+    from mmseg.registry import TRANSFORMS
+
+    ADE.register_mm()
+    img = np.full((6, 9, 3), 10, np.uint8)
+    out = TRANSFORMS.build(dict(type="FourmTestGeometry", procedure="long-side", size=6, pad_value=128))(
+        {"img": img.copy(), "ori_shape": (6, 9), "img_shape": (6, 9)})
+    assert out["img"].shape == (6, 6, 3) and out["ori_shape"] == (4, 6) and out["img_padding_size"] == [0, 0, 0, 2]
+    assert (out["img"][:4] == 10).all() and (out["img"][4:] == 128).all()
+    img = np.arange(10 * 14 * 3, dtype=np.uint8).reshape(10, 14, 3) % 200
+    out = TRANSFORMS.build(dict(type="FourmTestGeometry", procedure="short-side-crop", size=10))(
+        {"img": img.copy(), "ori_shape": (10, 14), "img_shape": (10, 14)})
+    assert out["ori_shape"] == out["img"].shape[:2] == (10, 10) and out["img_padding_size"] == [0, 0, 0, 0]
+    assert (out["img"] == img[:, 2:12]).all()  # no resize (short side already 10), columns (14 - 10) // 2 = 2 on

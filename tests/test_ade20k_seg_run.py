@@ -40,20 +40,26 @@ def test_smoke_profile_learns(smoke_run):
     assert 0 <= rec["metrics"]["aAcc"] <= 1 and 0 <= rec["metrics"]["mAcc"] <= 1
     assert rec["status"] == "complete" and rec["config"]["head"] == "convnext"
     assert rec["backbone"]["options"] == {"out_indices": [3], "final_norm": True}  # the smoke inherits the paper's
+    assert rec["config"]["protocol"] == "multimae" and rec["config"]["test_procedure"] == "single"
     assert rec["eval_history"][0]["iter"] == 0 and rec["eval_history"][-1]["iter"] == rec["config"]["schedule"]["length"]
     assert rec["dataset"]["classes_present"]["val"] and len(rec["dataset"]["classes"]) == 150
 
 
 def test_smoke_predictions_are_ade20k_pngs_and_rescore_exactly(smoke_run):
+    """multimae's scoring: each prediction is stored at the size the single pass scores (long side 128, the
+    other side round(side x 128 / long side), albumentations' rule), and meta.json names that scoring."""
     tmp, wd, rec = smoke_run
     root = Path(rec["dataset"]["root"])
     pred = wd / "predictions"
     vals = sorted((root / "images" / "validation").iterdir())
     assert sorted(p.stem for p in pred.glob("*.png")) == [p.stem for p in vals]
+    assert json.loads((pred / "meta.json").read_text())["scoring"] == {"procedure": "long-side", "size": 128}
     for img in vals[:5]:
         p = Image.open(pred / f"{img.stem}.png")
         a = np.asarray(p)
-        assert p.mode == "L" and p.size == Image.open(img).size and a.min() >= 1 and a.max() <= 150
+        w, h = Image.open(img).size
+        want = (128, round(h * 128 / w)) if w >= h else (round(w * 128 / h), 128)
+        assert p.mode == "L" and p.size == want and a.min() >= 1 and a.max() <= 150
     ev = _run(["evaluate", "ade20k-seg", "--predictions", str(pred), "--data-root", str(root),
                "--out", str(tmp / "rescored.json")], tmp)
     assert ev.returncode == 0, ev.stderr[-2000:]

@@ -191,8 +191,9 @@ def test_baseline_is_recorded_and_computed_by_the_metric(mini):
     from fourm_eval.tasks import get_task
     from fourm_eval.tasks.profiles import load_profile
 
-    data = get_task("nyu").check_data(mini, load_profile("nyu-depth", "smoke"), skip_bad_images=False, out_dir=None,
-                                      log=lambda _: None)
+    # the eigen protocol's smoke: Eigen crop, per image (the smoke itself scores as MultiMAE; same rule, its metric)
+    data = get_task("nyu").check_data(mini, load_profile("nyu-depth", "eigen-smoke"), skip_bad_images=False,
+                                      out_dir=None, log=lambda _: None)
     base = data.record["train_median_baseline"]
     train = np.concatenate([read_depth_m(p).ravel() for p in sorted((mini / "annotations" / "train").iterdir())])
     train = np.sort(train[(train > 1e-3) & (train <= 10)])

@@ -1,5 +1,6 @@
-"""`fourm-eval run nyu-depth` end to end: the smoke profile learns, predictions re-score exactly,
-`evaluate` names bad prediction folders, both heads and both losses run, the baselines run."""
+"""`fourm-eval run nyu-depth` end to end: the smoke profile (protocol multimae) learns, predictions re-score
+exactly, `evaluate` names bad prediction folders, both heads and both losses run (one of them as the eigen
+protocol's smoke), the baselines run."""
 
 import json
 import shutil
@@ -42,29 +43,33 @@ def test_smoke_profile_learns(smoke):
     assert m["delta1"] >= m0["delta1"] + 0.1, (m["delta1"], m0["delta1"])
     assert m["delta1"] > base["metrics"]["delta1"], (m["delta1"], base)
     assert m["abs_rel"] < m0["abs_rel"] and m["abs_rel"] < base["metrics"]["abs_rel"]
-    assert set(m) == {"delta1", "delta2", "delta3", "abs_rel", "rmse", "log10"}
-    assert rec["status"] == "complete" and rec["config"]["head"] == "convnext" and rec["config"]["loss"] == "silog"
+    assert set(m) == {"delta1", "delta2", "delta3", "abs_rel", "rmse", "rmse_log"}  # MultiMAE's metric
+    assert rec["status"] == "complete" and rec["config"]["head"] == "convnext" and rec["config"]["loss"] == "berhu"
+    assert rec["config"]["protocol"] == "multimae" and rec["config"]["test_procedure"] == "center-crop"
+    assert "scored as the run scores" in rec["dataset"]["train_median_baseline"]["what"]
     assert rec["config"]["schedule_resolved"]["decay"] == "cosine"
     assert rec["eval_history"][0]["iter"] == 0 and rec["eval_history"][-1]["iter"] == 400
     assert rec["dataset"]["n_val_images"] == 60 and len(rec["dataset"]["files_sha256"]) == 64
     assert "Traceback" not in r.stderr
 
 
-def test_predictions_are_full_size_16bit_and_rescore_exactly(smoke):
+def test_predictions_are_the_scored_crops_16bit_and_rescore_exactly(smoke):
+    """multimae's scoring: each stored prediction is the centre crop the model saw (96 x 96 here), in 16-bit
+    millimetres, and meta.json names the scoring `evaluate` then applies (the same numbers, bit for bit)."""
     tmp, wd, rec, _ = smoke
     root = Path(rec["dataset"]["root"])
     pred_dir = wd / rec["files"]["predictions"]
     images = sorted((root / "images" / "test").iterdir())
     assert sorted(p.name for p in pred_dir.glob("*.png")) == [p.stem + ".png" for p in images]
-    # beside them, what they are: the final model's (iteration 400 of 400)
+    # beside them, what they are: the final model's (iteration 400 of 400), and how they are scored
     assert sorted(p.name for p in pred_dir.iterdir() if p.suffix != ".png") == ["meta.json"]
-    state = json.loads((pred_dir / "meta.json").read_text())["evaluation"]
+    meta = json.loads((pred_dir / "meta.json").read_text())
+    state = meta["evaluation"]
     assert state["iteration"] == state["max_iters"] == 400 and state["final"] and state["complete"]
+    assert meta["scoring"] == {"procedure": "short-side-crop", "size": 96, "metric": "multimae", "batch": 16}
     for img in images[:5]:
-        with Image.open(img) as im:
-            size = im.size
         pred = read_depth_mm(pred_dir / f"{img.stem}.png")  # checks 16-bit grayscale
-        assert (pred.shape[1], pred.shape[0]) == size and 500 < np.median(pred) < 9000
+        assert pred.shape == (96, 96) and 500 < np.median(pred) < 9000
     ev = _run(["evaluate", "nyu-depth", "--predictions", str(pred_dir), "--data-root", str(root),
                "--out", str(tmp / "rescored.json")], tmp)
     assert ev.returncode == 0, ev.stderr[-2000:]
@@ -94,7 +99,8 @@ def test_evaluate_names_bad_prediction_folders(smoke, tmp_path):
         return d
 
     for how, msg in (("missing", "no prediction for 1 of the 60"), ("extra", "for no test image"),
-                     ("8bit", "8-bit PNG"), ("size", "at the image's full size")):
+                     ("8bit", "8-bit PNG"), ("size", r"a prediction is 96x96 \(scored by short-side-crop 96\) "
+                                                     "or 160x120")):
         with pytest.raises(PredictionsError, match=msg):
             task.evaluate(broken(how), root)
     r = _run(["evaluate", "nyu-depth", "--predictions", str(tmp_path / "missing"), "--data-root", str(root)],
@@ -113,15 +119,28 @@ def test_report_shows_the_nyu_column_and_a_finished_run_is_kept(smoke):
     assert r2.returncode == 0 and "already holds a finished run" in r2.stdout
 
 
-@pytest.mark.parametrize("head,loss", [("dpt", "berhu"), ("convnext", "berhu"), ("dpt", "silog")])
-def test_both_heads_and_both_losses_run(tmp_path, tiny_nyu, head, loss):
-    r = _run(["run", "nyu-depth", "--data-root", str(tiny_nyu), *QUICK, "--set", f"head={head}",
+@pytest.mark.parametrize("profile,head,loss", [("smoke", "dpt", "berhu"), ("eigen-smoke", "convnext", "berhu"),
+                                               ("eigen-smoke", "dpt", "silog")])
+def test_both_heads_and_both_losses_run(tmp_path, tiny_nyu, profile, head, loss):
+    """Both heads and losses, under both protocols' smokes: eigen's predictions are full size (48 x 64)
+    and scored in the Eigen crop, multimae's are the 32 px centre crop."""
+    r = _run(["run", "nyu-depth", "--profile", profile, "--data-root", str(tiny_nyu), *QUICK, "--set", f"head={head}",
               "--set", f"loss={loss}", "--work-dir", str(tmp_path / "w")], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((tmp_path / "w" / "result.json").read_text())
     assert rec["config"]["head"] == head and rec["config"]["loss"] == loss
     assert 0 <= rec["metrics"]["delta1"] <= 1 and np.isfinite(rec["metrics"]["rmse"])
-    assert len(list((tmp_path / "w" / "predictions").glob("*.png"))) == 2
+    preds = sorted((tmp_path / "w" / "predictions").glob("*.png"))
+    assert len(preds) == 2
+    eigen = profile == "eigen-smoke"
+    assert rec["config"]["protocol"] == ("eigen" if eigen else "multimae")
+    assert read_depth_mm(preds[0]).shape == ((48, 64) if eigen else (32, 32))
+    assert ("log10" in rec["metrics"]) == eigen and ("rmse_log" in rec["metrics"]) != eigen
+    if eigen:  # the eigen protocol's training: mmseg's photometric distortion, no flip
+        from mmengine.config import Config
+        cfg = Config.fromfile(next((tmp_path / "w").glob("2*.py")))
+        types = [t.type for t in cfg.train_dataloader.dataset.pipeline]
+        assert "PhotoMetricDistortion" in types and "RandomFlip" not in types and "FourmColorJitter" not in types
 
 
 # one baseline per task (each task builds both through the same backbone_cfg; test_baselines.py loads both)

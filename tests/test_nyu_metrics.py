@@ -165,3 +165,55 @@ def test_final_norm_is_the_profiles_choice_for_the_convnext_head():
         q = {**p, "convnext": {**p["convnext"], "final_norm": value}}
         assert build_model_cfg(q, {"name": "4m-tiny"}, 128)["backbone"]["final_norm"] is value
         assert build_model_cfg({**q, "head": "dpt"}, {"name": "4m-tiny"}, 128, 4)["backbone"]["final_norm"] is False
+
+
+# ------------------------------------------------------------- the two protocols' scoring
+def test_multimae_scoring_by_hand_and_switching_protocols_changes_the_number(tmp_path):
+    """MultiMAE's NYUv2 scoring (run_finetuning_depth.py, masked_nyu_metrics + MetricLogger) on three 4 x 6
+    images at size 4: the centre 4 x 4 (columns 1..4), valid = ground truth > 0, pixels pooled within each
+    batch of 2 images (sorted names: [a, b], [c]), the batch values averaged; by hand. The same stored
+    predictions scored by the eigen protocol (full size, Eigen crop, per image) give another delta1."""
+    from fourm_eval.data.pngmap import write_png_map
+    from fourm_eval.tasks import get_task
+    from fourm_eval.tasks.kits.dense import score_folder
+
+    nyu = get_task("nyu-depth")
+    assert nyu.protocol_scoring("eigen") == {"procedure": "original", "metric": "eigen"}
+    assert nyu.protocol_scoring("multimae") == {"procedure": "short-side-crop", "size": 256, "metric": "multimae",
+                                                "batch": 96}
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    rng = np.random.default_rng(3)
+    g_all, p_all = {}, {}
+    for stem in ("c", "a", "b"):
+        g = rng.uniform(1.0, 4.0, (4, 6)).round(3)
+        g[rng.random((4, 6)) < 0.25] = 0.0                          # holes: not valid
+        p = (g * rng.choice([0.9, 1.1, 1.3, 1.6, 2.0], size=(4, 6))).round(3)
+        p[0, 2] = 0.0 if stem == "a" else p[0, 2]                   # a zero prediction: clamped to 1e-6
+        g[1, 1] = 2.0 if g[1, 1] == 0 else g[1, 1]                  # every crop holds a valid pixel
+        write_png_map(gt_dir / f"{stem}.png", np.rint(g * 1000).astype(np.uint16))
+        write_png_map(pred_dir / f"{stem}.png", (p * 1000).round().astype(np.uint16))
+        g_all[stem], p_all[stem] = g, p
+    gt_files = {s: gt_dir / f"{s}.png" for s in g_all}
+
+    def batch_value(stems):
+        gs = np.concatenate([g_all[s][:, 1:5].ravel() for s in stems])
+        ps = np.concatenate([p_all[s][:, 1:5].ravel() for s in stems])
+        v = gs > 0
+        g, p = gs[v], ps[v]
+        ratio = np.maximum(p / g, g / np.maximum(p, 1e-6))
+        return {"delta1": np.mean(ratio < 1.25), "abs_rel": np.mean(np.abs(p - g) / g),
+                "rmse": math.sqrt(np.mean((p - g) ** 2)),
+                "rmse_log": math.sqrt(np.mean((np.log(np.maximum(p, 1e-6)) - np.log(g)) ** 2))}
+
+    want = {k: (batch_value(["a", "b"])[k] + batch_value(["c"])[k]) / 2 for k in ("delta1", "abs_rel", "rmse",
+                                                                                  "rmse_log")}
+    got = score_folder(nyu, pred_dir, gt_files, {"procedure": "short-side-crop", "size": 4, "metric": "multimae",
+                                                 "batch": 2})[0]
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9), k
+    assert "log10" not in got  # MultiMAE's "log10" is rmse_log; no other log metric is claimed
+    eigen = score_folder(nyu, pred_dir, gt_files, {"procedure": "original", "metric": "eigen"})[0]
+    assert eigen["delta1"] == pytest.approx(np.mean([image_metrics(p_all[s], g_all[s])["delta1"]
+                                                     for s in ("a", "b", "c")]))
+    assert abs(eigen["delta1"] - got["delta1"]) > 1e-3, (eigen["delta1"], got["delta1"])

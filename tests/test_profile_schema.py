@@ -50,7 +50,7 @@ def test_bad_profiles_name_the_file_and_the_key(tmp_path, body, msg):
 
 
 def test_a_missing_required_key_is_named(tmp_path):
-    p = yaml.safe_load((CONFIG_DIR / "nyu-depth.paper.yaml").read_text())
+    p = yaml.safe_load((CONFIG_DIR / "nyu-depth.eigen.yaml").read_text())
     del p["loss"]
     f = tmp_path / "no-loss.yaml"
     f.write_text(yaml.safe_dump(p))
@@ -75,7 +75,7 @@ def test_set_is_checked_and_may_give_a_declared_key():
 def test_kit_and_task_keys_are_declared_in_their_places():
     ade, nyu = settings_of(get_task("ade20k-seg")), settings_of(get_task("nyu-depth"))
     assert ade["upernet.channels"].kind == "int" and ade["color_jitter"].kind == "section"    # kit, task
-    assert nyu["color_jitter"].kind == "bool" and nyu["loss"].choices == ("silog", "berhu")
+    assert nyu["color_jitter.saturation"].kind == "range" and nyu["loss"].choices == ("silog", "berhu")
     assert ade["schedule.decay"].choices == ("step", "cosine", "poly")                      # the runner's
 
 
@@ -100,7 +100,7 @@ def test_learning_rates_say_what_they_are(tmp_path):
     assert effective_lr(resolve_per_size_lin(), 16384)["lr"] == 6.4  # MAE linear probe: 0.1 x 16384 / 256
     with pytest.raises(ConfigError, match=r"with --set lr=0.001: lr = 0.001 and blr = .* are both set"):
         resolve_run_profile(task, "paper", ["lr=0.001"], INFO, "b")
-    base = yaml.safe_load((CONFIG_DIR / "in1k-cls.paper.yaml").read_text())
+    base = yaml.safe_load((CONFIG_DIR / "in1k-cls.4m-21.yaml").read_text())
     del base["blr"]
     (tmp_path / "paper-lr.yaml").write_text(yaml.safe_dump({**base, "lr": 1e-4}))
     with pytest.raises(ConfigError, match=r"paper-lr.yaml: lr = 0.0001, but in1k-cls's protocols write a base lr"):

@@ -67,17 +67,62 @@ def test_report_tables_match_records(runs, tmp_path):
         assert (out / f).stat().st_size > 0
     boxes = [v[0] * 100 for v in vals.values()]
     mean, std = statistics.mean(boxes), statistics.stdev(boxes)
-    line = next(l for l in md.splitlines() if l.startswith("| B | 4M-7-B (CC12M)"))
+    line = next(l for l in md.splitlines() if l.startswith("| B | 4M-7-B (CC12M) | smoke (vitdet) |"))
     # 4M-7 B has the best box AP of its size -> bold; published number alongside; deltas to both baselines
     assert f"**{mean:.1f} ± {std:.1f} (n=3) [paper 49.7†]**" in line
     mae = statistics.mean([28.0, 28.4])
     assert f"box_AP: {mean - 27.0:+.1f} / {mean - mae:+.1f}" in line
-    assert "| B | MAE-B (IN1K) | smoke | 28.2 ± 0.3 (n=2) [paper 48.3†]" in md
+    assert "| B | MAE-B (IN1K) | smoke (vitdet) | 28.2 ± 0.3 (n=2) [paper 48.3†]" in md
+    assert "‡]" not in md  # one protocol, the published numbers' own: nothing is marked
     assert "skipped" in md and "broken" in md  # the bad records are listed in the notes
     assert "\\textbf{" in (out / "tables.tex").read_text()
     # the scaling analysis, traceable to the shipped CSV
     assert "| 4M-7 | CC12M | ade20k-seg | mIoU | 50.1 | 53.4 | 55.0 | 57.0 | -2.0 | yes |" in md
     assert "| ade20k-seg | mIoU | -0.7 | +0.1 | +1.1 | yes |" in md
+
+
+def test_two_protocols_are_marked_footnoted_and_never_differenced(tmp_path):
+    """ADE20K runs of two protocols (multimae, the published table's, and mae-upernet): each run sits beside the
+    published number of its own protocol where one exists (MAE-B: 46.1 multimae, 48.1 mae-upernet, both in the
+    shipped CSV); a run without one gets the table's number marked and a footnote naming both protocols; Δ to
+    the baselines is computed within a protocol only."""
+    from fourm_eval.report import PROTOCOL_DIFFERS, build_table1
+
+    root = tmp_path / "runs"
+    m = lambda v: {"mIoU": v, "mAcc": v, "aAcc": v}  # noqa: E731
+    ade = dict(task="ade20k-seg", sha256="1" * 64)
+    write_record(root, "4m-mm", profile="smoke", metrics=m(0.40), **ade)
+    write_record(root, "4m-up", profile="mae-upernet-smoke", metrics=m(0.45), config={"protocol": "mae-upernet"},
+                 **ade)
+    write_record(root, "mae-mm", backbone="mae-b", checkpoint="/ckpt/mae.safetensors", profile="smoke",
+                 metrics=m(0.30), task="ade20k-seg", sha256="2" * 64)
+    write_record(root, "mae-up", backbone="mae-b", checkpoint="/ckpt/mae.safetensors", profile="mae-upernet-smoke",
+                 metrics=m(0.20), config={"protocol": "mae-upernet"}, task="ade20k-seg", sha256="2" * 64)
+    recs, _ = load_records([root])
+    t = build_table1(recs)
+    rows = {(r[1], r[2]): i for i, r in enumerate(t.rows)}
+    j = t.columns.index(("ade20k-seg", "mIoU"))
+    mm, up = "smoke (multimae)", "mae-upernet-smoke (mae-upernet)"  # the profile column names the protocol
+    four_mm, four_up = rows[("4M-7-B (CC12M)", mm)], rows[("4M-7-B (CC12M)", up)]
+    mae_mm, mae_up = rows[("MAE-B (IN1K)", mm)], rows[("MAE-B (IN1K)", up)]
+    c = t.cells
+    assert (c[(mae_mm, j)].published, c[(mae_mm, j)].protocol_differs) == (46.1, False)
+    assert (c[(mae_up, j)].published, c[(mae_up, j)].protocol_differs) == (48.1, False)
+    assert (c[(four_mm, j)].published, c[(four_mm, j)].protocol_differs) == (50.1, False)
+    assert (c[(four_up, j)].published, c[(four_up, j)].protocol_differs) == (50.1, True)
+    assert PROTOCOL_DIFFERS in c[(four_up, j)].text() and PROTOCOL_DIFFERS not in c[(four_mm, j)].text()
+    # Δ within a protocol: 40 - 30 and 45 - 20, never 45 - 30 or 40 - 20
+    assert t.deltas[(four_mm, j)]["MAE"] == pytest.approx(10.0)
+    assert t.deltas[(four_up, j)]["MAE"] == pytest.approx(25.0)
+    assert t.protocol_notes() == [f"{PROTOCOL_DIFFERS} ade20k-seg: run by protocol `mae-upernet`, the published "
+                                  "number beside it by protocol `multimae`; they are not comparable, and no "
+                                  "difference is computed between them"]
+    out = tmp_path / "report"
+    r = runner.invoke(app, ["report", str(root), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    md = (out / "report.md").read_text()
+    assert "| B | 4M-7-B (CC12M) | mae-upernet-smoke (mae-upernet) | **45.0 (n=1) [paper 50.1‡]** | mIoU: – / +25.0 |" in md
+    assert t.protocol_notes()[0] in md
 
 
 def test_report_html_renders_in_chromium(runs, tmp_path):
