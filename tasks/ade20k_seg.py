@@ -1,33 +1,30 @@
 """ADE20K semantic segmentation (150 classes) on mmsegmentation 1.2.
 
-Heads (profile ``head``, recorded with the whole profile in result.json):
+Protocols (profiles ``multimae`` = ``paper``, ``mae-upernet``; the profile's ``protocol``):
 
-* ``convnext`` (default; the 4M / MultiMAE protocol): MultiMAE's ConvNeXt adapter
-  (``tasks.dense_heads.ConvNeXtTokenHead``) on the tokens of the last block, without the
-  encoder's final norm (MultiMAE's ``MultiViT`` feeds the blocks' output to its adapters):
-  linear to ``decoder_dim``, 16 sub-patches per token (stride 4), 4 ConvNeXt blocks, 1x1 to
-  the classes, bilinear upsampling.
-* ``upernet`` (the MAE / BEiT protocol): blocks at depth 1/4, 1/2, 3/4 and 1 (no final norm)
-  through mmseg's ``Feature2Pyramid`` neck (x4: two stride-2 deconvolutions with norm + GELU
-  between them; x2: one deconvolution; x1: identity; x0.5: 2x2 max-pool -- the MAE/BEiT neck),
-  mmseg's ``UPerHead`` on the four levels, and mmseg's ``FCNHead`` on the third level as the
-  auxiliary head (loss weight 0.4). BN in neck and heads (SyncBN when the run has several
-  processes, as mmseg's MAE config).
+* ``convnext`` head (multimae): MultiMAE's ConvNeXt adapter (``tasks.dense_heads.ConvNeXtTokenHead``)
+  on the tokens of the last block (with or without the encoder's final norm, ``convnext.final_norm``):
+  linear to ``decoder_dim``, 16 sub-patches per token (stride 4), 4 ConvNeXt blocks, 1x1 to the
+  classes, bilinear upsampling.
+* ``upernet`` head (mae-upernet): the blocks ``upernet.blocks`` (none normed) through mmseg's
+  ``Feature2Pyramid`` neck (x4, x2, x1, x0.5), mmseg's ``UPerHead`` on the four levels and mmseg's
+  ``FCNHead`` on the third as the auxiliary head (loss weight 0.4); BN (SyncBN with several processes).
 
 Data: the ``ADEChallengeData2016`` layout, checked by ``fourm_eval.data.ade_check``; labels are
 reduced as ADE20K requires (0 "other" ignored, value v -> class v - 1).
 
-Training: crops of ``image_size`` with large-scale jitter (long side resized to image_size x
-U(lsj_scale)), random crop (padded to the crop with 0 after normalisation, labels with 255),
-horizontal flip, colour jitter (torchvision's, MultiMAE's values); cross-entropy over the labelled
-pixels. Inference: each image resized to ``test_scale`` (mmseg's ADE20K rule: short side 512,
-long side at most 2048, aspect kept), padded to a multiple of the patch size, sliding windows of
-``image_size`` with ``slide_stride``; logits upsampled to the original size.
+Training: crops of ``image_size`` with scale jitter (the image fitted into ``train_scale``, by default
+the crop, x U(lsj_scale)), random crop (padded to the crop with 0 after normalisation, labels with
+255), horizontal flip, the profile's colour augmentation; cross-entropy over the labelled pixels.
+Test (``test_procedure``): ``single`` (MultiMAE): long side to ``image_size``, padded grey to a
+square, one pass, stored and scored at the resized size on nearest-resized labels; ``slide`` (mmseg):
+resized to ``test_scale``, padded to a multiple of the patch size, sliding windows of ``image_size``
+with ``slide_stride``, logits upsampled to the original size and scored there.
 
 Metric: mIoU / mAcc / aAcc as fractions (``fourm_eval.metrics_seg``, mmseg's counting): a class
 absent from both predictions and ground truth of the whole validation set is excluded from mIoU,
 as mmseg does. Predictions: one PNG per validation image (values 1..150, ADE20K's format),
-named and sized like the image, plus ``meta.json``.
+named like the image, at the size scored, plus ``meta.json`` (naming the scoring).
 """
 
 from __future__ import annotations
@@ -48,8 +45,9 @@ class Ade20kSeg(SegmentationTask):
     title = "ADE20K semantic segmentation, 150 classes (ConvNeXt head or UperNet, mmseg)"
     data_kind = "ade20k"
     mini_data = "fourm_eval.data.ade_mini"
-    prediction_format = ("one 8-bit PNG per validation image, <image stem>.png, the image's size, values 1..150 "
-                         "(class k as k + 1), as the ADE20K benchmark server takes; plus meta.json")
+    prediction_format = ("one 8-bit PNG per validation image, <image stem>.png, values 1..150 (class k as k + 1), "
+                         "as the ADE20K benchmark server takes, at the image's size (or at the size the protocol "
+                         "scores, named in meta.json)")
     num_classes = 150
     reduce_zero_label = True  # 0 "other" ignored, value v -> class v - 1
     scored_split = "val"

@@ -82,7 +82,7 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: 
     neg_gap = float(head["rcnn_neg_iou_gap"])
     rcnn_train = lambda thr: dict(  # noqa: E731
         assigner=dict(type="MaxIoUAssigner", pos_iou_thr=thr, neg_iou_thr=thr - neg_gap, min_pos_iou=thr,
-                      match_low_quality=False, ignore_iof_thr=-1),
+                      match_low_quality=bool(head["rcnn_match_low_quality"]), ignore_iof_thr=-1),
         sampler=dict(type="RandomSampler", num=head["rcnn_samples"], pos_fraction=float(head["rcnn_pos_fraction"]),
                      neg_pos_ub=-1,
                      add_gt_as_proposals=True),
@@ -91,7 +91,6 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: 
         roi_head = dict(type="StandardRoIHead", bbox_roi_extractor=roi_extract(7), bbox_head=bbox_head,
                         mask_roi_extractor=roi_extract(14), mask_head=mask_head)
         rcnn_cfg: Any = rcnn_train(0.5)
-        rcnn_cfg["assigner"]["match_low_quality"] = True
         det_type = "MaskRCNN"
     elif p["detector"] == "cascade_mask_rcnn":
         stages = []
@@ -198,6 +197,8 @@ class CocoDet(Task):
         S("head.rcnn_samples", "int", "RoIs sampled per image"),
         S("head.rcnn_pos_fraction", "float", "share of positives among sampled RoIs", default=0.25),
         S("head.rcnn_neg_iou_gap", "float", "RoIs with IoU in [0.5 - gap, 0.5) are ignored", default=0.0),
+        S("head.rcnn_match_low_quality", "bool", "R-CNN assigner: a ground-truth box with no RoI above the IoU "
+          "threshold takes its best RoI as positive (mmdet's Mask R-CNN: true; detectron2: false)"),
         S("head.rpn_pre_nms", "int", "training proposals before NMS"),
         S("head.rpn_post_nms", "int", "training proposals after NMS"),
         S("head.rpn_pre_nms_test", "int", "test proposals before NMS"),

@@ -135,15 +135,35 @@ _register_timm_lars()
 
 
 # -------------------------------------------------------------- layer decay
+def _norm_params(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters of normalisation layers (LayerNorm, GroupNorm, BatchNorm, LN2d, ...)."""
+    out: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase)) \
+                or type(m).__name__.endswith(("Norm", "Norm2d", "LN2d")):
+            out |= {id(p) for p in m.parameters(recurse=False)}
+    return out
+
+
 def layer_decay_groups(model: torch.nn.Module, backbone: torch.nn.Module, backbone_prefix: str, base_lr: float,
-                       weight_decay: float, decay_rate: float, head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
-    """Parameter groups: lr = base_lr * decay**(L + 1 - layer_id), wd 0 for biases/norms/embeddings.
+                       weight_decay: float, decay_rate: float, head_lr_mult: float = 1.0,
+                       decay_biases: bool = False) -> list[dict[str, Any]]:
+    """Parameter groups: lr = base_lr * decay**(L + 1 - layer_id), wd 0 for norms, the embeddings the
+    backbone names and 1-d parameters (biases), unless ``decay_biases``: then biases outside norm layers
+    are decayed (detectron2's rule, ViTDet's configs).
 
     ``head_lr_mult`` scales the lr of everything outside the backbone (neck and heads, trained from
     scratch); with 1.0 they share the top backbone group's lr."""
     L = backbone.num_layers
     no_wd_names = backbone.no_weight_decay_names() if hasattr(backbone, "no_weight_decay_names") else set()
+    norms = _norm_params(model) if decay_biases else set()
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
+
+    def exempt(p: torch.nn.Parameter) -> bool:  # a 1-d parameter: no decay, except biases with decay_biases
+        if p.ndim > 1:
+            return False
+        return not decay_biases or id(p) in norms
+
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -151,10 +171,10 @@ def layer_decay_groups(model: torch.nn.Module, backbone: torch.nn.Module, backbo
             rel = name[len(backbone_prefix):]
             lid = backbone.layer_id(rel)
             # biases and norm weights (1-d) and the token embeddings the backbone names
-            no_wd = p.ndim <= 1 or rel in no_wd_names
+            no_wd = exempt(p) or rel in no_wd_names
         else:
             lid = L + 1
-            no_wd = p.ndim <= 1
+            no_wd = exempt(p)
         head = head_lr_mult != 1.0 and not name.startswith(backbone_prefix)
         key = (lid + (1 if head else 0), no_wd)
         if key not in groups:
@@ -186,6 +206,7 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         self.backbone_attr = paramwise_cfg.pop("backbone_attr", "backbone.net")
         self.table_path = paramwise_cfg.pop("table_path", None)
         self.head_lr_mult = float(paramwise_cfg.pop("head_lr_mult", 1.0))
+        self.decay_biases = bool(paramwise_cfg.pop("decay_biases", False))
         super().__init__(optim_wrapper_cfg, None)
 
     def __call__(self, model: torch.nn.Module):
@@ -199,7 +220,8 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         cfg = copy.deepcopy(self.optim_wrapper_cfg)
         opt_cfg = copy.deepcopy(self.optimizer_cfg)  # the base class moved it out of the wrapper cfg
         groups = layer_decay_groups(model, net, self.backbone_attr + ".", opt_cfg["lr"],
-                                    opt_cfg.get("weight_decay", 0.0), self.decay_rate, self.head_lr_mult)
+                                    opt_cfg.get("weight_decay", 0.0), self.decay_rate, self.head_lr_mult,
+                                    decay_biases=self.decay_biases)
         if self.table_path:
             write_group_table(groups, Path(self.table_path))
         for g in groups:

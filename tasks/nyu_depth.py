@@ -87,8 +87,9 @@ class NyuDepth(DepthTask):
     title = "NYUv2 monocular depth (ConvNeXt or DPT head, Eigen-crop metrics, mmseg)"
     data_kind = "nyu"
     mini_data = "fourm_eval.data.nyu_mini"
-    prediction_format = ("one 16-bit PNG per test image, depth in millimetres (0 = none), at the image's full size, "
-                         "named like the image (NAME.png)")
+    prediction_format = ("one 16-bit PNG per test image, depth in millimetres (0 = none), named like the image "
+                         "(NAME.png), at the image's full size (or at the size the protocol scores, named in "
+                         "meta.json)")
     scored_split = "test"
     xl_tuning_published = "LoRA rank 8"
     settings = DepthTask.settings + COLOR_SETTINGS + (

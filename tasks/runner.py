@@ -106,6 +106,7 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         constructor="LayerDecayOptimWrapperConstructor",
         paramwise_cfg=dict(layer_decay_rate=float(p["layer_decay"]), backbone_attr="backbone.net",
                            head_lr_mult=float(p.get("head_lr_mult", default("head_lr_mult"))),
+                           decay_biases=bool(p.get("weight_decay_biases", default("weight_decay_biases"))),
                            table_path=str(work_dir / "param_groups.csv")),
         clip_grad=dict(max_norm=float(p["clip_grad"])) if p.get("clip_grad") else None)
     if use_bf16:

@@ -93,8 +93,11 @@ RUNNER_SETTINGS: tuple[Setting, ...] = (
       "or lr, not both", default=None),
     S("betas", "list", "AdamW betas", default=REQUIRED, item="float", length=2),
     S("momentum", "float", "SGD / LARS momentum", default=None),
-    S("weight_decay", "float", "decoupled weight decay (not on norms, biases, position embeddings)"),
+    S("weight_decay", "float", "decoupled weight decay (not on norms, position embeddings, and biases unless "
+      "weight_decay_biases)"),
     S("layer_decay", "float", "layer-wise lr decay per block (1.0: none)"),
+    S("weight_decay_biases", "bool", "weight decay also on biases (detectron2's rule; norms and position "
+      "embeddings never decayed)", default=False),
     S("head_lr_mult", "float", "lr multiplier of everything outside the backbone", default=1.0),
     S("drop_path", "float", "stochastic depth rate of the backbone's last block"),
     S("clip_grad", "float", "gradient norm clipping (null: none)", null=True),

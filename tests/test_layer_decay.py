@@ -18,7 +18,11 @@ def _det_model(backbone: str, tmp_path):
     return MODELS.build(ConfigDict(cfg))
 
 
-def test_4m_b_table_matches_formula(tmp_path):
+@pytest.mark.parametrize("decay_biases", [False, True])
+def test_4m_b_table_matches_formula(tmp_path, decay_biases):
+    """Per parameter: the layer's lr, and weight decay except on 1-d parameters (the default) or, with
+    weight_decay_biases (detectron2's rule), except on the norm layers' parameters only (the 4M encoder's
+    LayerNorms, the neck's and box head's LayerNorm2d); the modality embedding never."""
     model = _det_model("4m-b", tmp_path)
     base, decay, wd = 1e-4, 0.7, 0.1
     coco_det.register()
@@ -27,7 +31,8 @@ def test_4m_b_table_matches_formula(tmp_path):
     ow = build_optim_wrapper(model, dict(
         type="OptimWrapper", optimizer=dict(type="AdamW", lr=base, weight_decay=wd),
         constructor="LayerDecayOptimWrapperConstructor",
-        paramwise_cfg=dict(layer_decay_rate=decay, backbone_attr="backbone.net", table_path=str(table))))
+        paramwise_cfg=dict(layer_decay_rate=decay, backbone_attr="backbone.net", table_path=str(table),
+                           decay_biases=decay_biases)))
     L = 12
     seen = 0
     for g in ow.optimizer.param_groups:
@@ -36,6 +41,8 @@ def test_4m_b_table_matches_formula(tmp_path):
     assert seen == sum(1 for p in model.parameters() if p.requires_grad)
     # independent expectation from parameter names (the doc's rule), checked per parameter
     names = {id(p): n for n, p in model.named_parameters()}
+    module_of = {id(p): type(m).__name__ for m in model.modules() for p in m.parameters(recurse=False)}
+    decayed_biases = 0
     for g in ow.optimizer.param_groups:
         for p in g["params"]:
             n = names[id(p)]
@@ -47,8 +54,13 @@ def test_4m_b_table_matches_formula(tmp_path):
             else:
                 layer = L + 1  # encoder_norm, neck, heads
             assert g["lr"] == pytest.approx(base * decay ** (L + 1 - layer)), n
-            no_decay = p.ndim == 1 or n.endswith("mod_emb")
+            if decay_biases:
+                no_decay = module_of[id(p)] in ("LayerNorm", "LayerNorm2d") or n.endswith("mod_emb")
+                decayed_biases += n.endswith(".bias") and not no_decay
+            else:
+                no_decay = p.ndim == 1 or n.endswith("mod_emb")
             assert g["weight_decay"] == (0.0 if no_decay else wd), n
+    assert (decayed_biases > 0) == decay_biases
     rows = list(csv.DictReader(open(table)))
     lids = sorted({int(r["layer_id"]) for r in rows})
     assert lids == list(range(L + 2))

@@ -35,3 +35,20 @@ def test_roi_features_of_the_pyramid_equal_torchvision_roi_align(size):
         ours = RoIAlign((7, 7), spatial_scale=1 / stride, sampling_ratio=0, aligned=True)(level, rois)
         ref = torchvision.ops.roi_align(level.contiguous(), rois, (7, 7), 1 / stride, 0, True)
         assert torch.allclose(ours, ref, atol=1e-5), (stride, (ours - ref).abs().max())
+
+
+def test_rcnn_low_quality_matches_follow_the_profile():
+    """head.rcnn_match_low_quality reaches every R-CNN stage's assigner (the vitdet profile records mmdet's true;
+    detectron2's ViTDet uses false); the RPN's stays true, as in both libraries."""
+    from fourm_eval.tasks import coco_det
+    from fourm_eval.tasks.profiles import load_profile, resolve_per_size
+
+    p = resolve_per_size(load_profile("coco-det", "vitdet"), "b")
+    assert p["head"]["rcnn_match_low_quality"] is True and p["weight_decay_biases"] is False
+    for detector in ("mask_rcnn", "cascade_mask_rcnn"):
+        for value in (True, False):
+            q = {**p, "detector": detector, "head": {**p["head"], "rcnn_match_low_quality": value}}
+            cfg = coco_det.build_model_cfg(q, dict(name="4m-b"), embed_dim=768, num_classes=3)
+            stages = cfg["train_cfg"]["rcnn"] if detector == "cascade_mask_rcnn" else [cfg["train_cfg"]["rcnn"]]
+            assert [s["assigner"]["match_low_quality"] for s in stages] == [value] * len(stages)
+            assert cfg["train_cfg"]["rpn"]["assigner"]["match_low_quality"] is True

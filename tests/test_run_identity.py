@@ -29,7 +29,7 @@ def real_runs(tmp_path_factory):
     base = ["run", "nyu-depth", "--data-root", str(data), *QUICK]
     runs = {"s0": ["--seed", "0", "--logger", "tensorboard"],   # a logger is not a setting: same cell as s0-again
             "s0-again": ["--seed", "0"], "s1": ["--seed", "1"],
-            "berhu": ["--seed", "0", "--set", "loss=berhu", "--set", "lr=2e-3"],
+            "silog": ["--seed", "0", "--set", "loss=silog", "--set", "lr=2e-3"],
             "random": ["--seed", "0", "--random-init"]}
     for name, extra in runs.items():
         r = run_cli(base + extra + ["--work-dir", str(root / name)], tmp)
@@ -67,9 +67,9 @@ def test_other_settings_and_random_init_are_other_rows_and_keys(real_runs):
     md = (tmp / "rep-all" / "report.md").read_text()
     rows = [l for l in md.splitlines() if l.startswith("| tiny |")]
     assert len(rows) == 3, rows  # default settings, loss/lr overridden, random init
-    berhu = next(l for l in rows if "loss=berhu" in l)
-    assert "lr=0.002" in berhu and f"| {recs['berhu']['metrics']['delta1'] * 100:.1f} (n=1) |" in berhu
-    default = next(l for l in rows if "loss=silog" in l)
+    silog = next(l for l in rows if "loss=silog" in l)
+    assert "lr=0.002" in silog and f"| {recs['silog']['metrics']['delta1'] * 100:.1f} (n=1) |" in silog
+    default = next(l for l in rows if "loss=berhu" in l)
     assert "(n=2, +1 repeat)" in default and "lr=0.0005" in default
     rand = next(l for l in rows if "random init" in l)
     assert f"| {recs['random']['metrics']['delta1'] * 100:.1f} (n=1) |" in rand
@@ -85,9 +85,9 @@ def test_other_settings_and_random_init_are_other_rows_and_keys(real_runs):
     r = run_cli(["regress", str(root), "--expected", str(exp), "--allow-new"], tmp)
     assert r.returncode == 0 and "[paired" not in r.stdout and "[unpaired" in r.stdout  # no noise runs given
     cur = [l for l in r.stdout.splitlines() if l.startswith("ok nyu-depth") and " delta1 " in l]
-    assert len(cur) == 1 and "current" in cur[0] and "(n 2)" in cur[0]  # neither berhu nor random entered
+    assert len(cur) == 1 and "current" in cur[0] and "(n 2)" in cur[0]  # neither silog nor random entered
     # one seed is refused for --update: no std is made up from a single run
-    r = run_cli(["regress", str(root / "berhu"), "--expected", str(tmp / "one.json"), "--update"], tmp)
+    r = run_cli(["regress", str(root / "silog"), "--expected", str(tmp / "one.json"), "--update"], tmp)
     assert r.returncode == 2 and "at least 3 distinct seeds" in r.stderr and not (tmp / "one.json").exists()
 
 
@@ -99,7 +99,7 @@ def test_tables_in_files_keep_whole_paths(real_runs):
                            env=cli_env(tmp), cwd=tmp, timeout=300)
     assert r.returncode == 0, r.stderr
     text = out.read_text()
-    for name in ("s0", "s0-again", "s1", "berhu", "random"):
+    for name in ("s0", "s0-again", "s1", "silog", "random"):
         assert str(root / name) in text, name
     assert "…" not in text
     assert all(len(line) > 250 for line in text.splitlines() if str(root) in line)  # one row per run, unwrapped
