@@ -14,6 +14,7 @@ the unit of the published numbers.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import math
@@ -77,6 +78,7 @@ def published_for(paper: Any, model: dict[str, str], task: str, metric: str,
     return (table.iloc[0] if not table.empty else pub.iloc[0]), True
 
 
+@functools.lru_cache(maxsize=None)
 def paper_protocol(task: str) -> str | None:
     """The protocol of a task's ``paper`` profile (that of its published comparison table)."""
     from .tasks.profiles import load_profile

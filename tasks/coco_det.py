@@ -263,6 +263,8 @@ class CocoDet(Task):
 
     def evaluate(self, predictions: Path, data_root: Path, protocol: str | None = None,
                  log: Any = None) -> dict[str, float]:
+        if protocol is not None and log:
+            log(f"{self.name}: every protocol scores alike (COCO AP); --protocol {protocol} changes nothing")
         from fourm_eval.metrics_coco import evaluate_files
         from fourm_eval.data.coco_check import annotation_file
         return evaluate_files(predictions, annotation_file(Path(data_root), "val"), RESULT_FILES)

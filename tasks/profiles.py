@@ -134,6 +134,9 @@ def apply_overrides(cfg: dict[str, Any], sets: list[str], declared: Any = ()) ->
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
+        if key.strip() == "protocol":
+            raise ConfigError(f"--set {item}: the protocol is the profile's own (its values and its scoring); pick "
+                              "another protocol with --profile NAME (`fourm-eval tasks` lists them)")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:

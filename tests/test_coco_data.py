@@ -156,3 +156,6 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "base lr (blr) 0.0001 per 256 images x total batch 1024 / 256 = peak lr 0.0004" in r.stdout, r.stdout
+    # the protocol's name and its resolved values
+    assert "protocol       4m-21" in r.stdout and "resolved settings of protocol 4m-21 (profile paper" in r.stdout
+    assert "  augment.mixup = 0.1" in r.stdout and "  blr = 0.0001" in r.stdout

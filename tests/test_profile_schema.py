@@ -64,6 +64,8 @@ def test_set_is_checked_and_may_give_a_declared_key():
         resolve_run_profile(task, "smoke", ["lr=abc"], INFO, None)
     with pytest.raises(ConfigError, match=r"--set schedule.poly_pwr: unknown setting; known here: .*poly_power"):
         resolve_run_profile(task, "smoke", ["schedule.poly_pwr=0.9"], INFO, None)
+    with pytest.raises(ConfigError, match=r"--set protocol=mae-upernet: the protocol is the profile's own"):
+        resolve_run_profile(task, "smoke", ["protocol=mae-upernet"], INFO, None)  # a label never moves alone
     p, _ = resolve_run_profile(task, "smoke", ["schedule.decay=poly", "schedule.poly_power=0.9",
                                                "image_size=[32, 64]"], INFO, None)
     assert p["schedule"]["poly_power"] == 0.9 and p["image_size"] == [32, 64]
