@@ -28,7 +28,7 @@ from typing import Any
 
 from fourm_eval.errors import ConfigError
 
-from .mmreg import register as mm_register
+from .mmreg import once, register as mm_register
 from .schema import S, SUBSET_SETTINGS
 from .base import Log, Metric, PreparedData, Progress, RunContext, Task
 
@@ -292,15 +292,10 @@ def register() -> None:
     _register_metric()
 
 
-_METRIC_REGISTERED = False
-
-
+@once
 def _register_metric() -> None:
     """``FourmCocoMetric`` in mmengine's METRICS (idempotent; defined here, not at import, so that the
     task scan does not import mmengine's evaluator and torch)."""
-    global _METRIC_REGISTERED
-    if _METRIC_REGISTERED:
-        return
     from mmengine.evaluator import BaseMetric
     from mmengine.registry import METRICS
 
@@ -341,7 +336,6 @@ def _register_metric() -> None:
             return evaluate(self.ann_file, dets, segs, img_ids=img_ids)
 
     mm_register(METRICS, "FourmCocoMetric")(FourmCocoMetric)
-    _METRIC_REGISTERED = True
 
 
 def datasets_and_model(p: dict[str, Any], *, backbone_cfg: dict, embed_dim: int, data_root: Path,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from fourm_eval.errors import ConfigError
 
-from .mmreg import register as mm_register
+from .mmreg import once, register as mm_register
 
 
 class ConvNeXtTokenHead(nn.Module):
@@ -97,15 +97,10 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-_REGISTERED = False
-
-
+@once
 def register_mmseg() -> None:
     """Register ``FourmConvNeXtHead`` (an mmseg ``BaseDecodeHead`` around :class:`ConvNeXtTokenHead`)
     in mmseg's MODELS registry (idempotent; imports mmseg only when called)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
     from mmseg.models.decode_heads.decode_head import BaseDecodeHead
     from mmseg.registry import MODELS
 
@@ -134,7 +129,6 @@ def register_mmseg() -> None:
             return self.head.final(y).contiguous()  # NCHW memory, as ConvNeXtTokenHead.forward
 
     mm_register(MODELS, "FourmConvNeXtHead")(FourmConvNeXtHead)
-    _REGISTERED = True
 
 
 __all__ = ["ConvNeXtTokenHead", "register_mmseg"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .mmreg import register as mm_register
+from .mmreg import once, register as mm_register
 
 # floats sampled per chunk (64 MiB of float32): bounds the memory of a batched paste on large images
 MAX_CHUNK_ELEMS = 1 << 24
@@ -67,14 +67,9 @@ def paste_masks_cpu(masks: torch.Tensor, boxes: torch.Tensor, img_h: int, img_w:
     return out
 
 
-_REGISTERED = False
-
-
+@once
 def register() -> None:
     """Register ``FourmFCNMaskHead`` in mmdet's model registry (once)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
     from mmdet.models.roi_heads.mask_heads import FCNMaskHead
     from mmdet.registry import MODELS
 
@@ -104,4 +99,3 @@ def register() -> None:
             return paste_masks_cpu(mask_preds, bboxes, int(img_h), int(img_w), threshold)
 
     mm_register(MODELS, "FourmFCNMaskHead")(FourmFCNMaskHead)
-    _REGISTERED = True

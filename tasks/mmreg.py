@@ -11,6 +11,7 @@ a function that defines its class each call) is allowed and keeps the newest cla
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, TypeVar
 
 from fourm_eval.errors import FourmEvalError
@@ -67,3 +68,18 @@ def register(registry: Any, name: str | None = None) -> Callable[[T], T]:
         return cls
 
     return do
+
+
+def once(fn: Callable[[], None]) -> Callable[[], None]:
+    """A registration function that runs its body once per process (later calls return at once);
+    a body that raises runs again next time."""
+    done = False
+
+    @functools.wraps(fn)
+    def wrapper() -> None:
+        nonlocal done
+        if not done:
+            fn()
+            done = True
+
+    return wrapper

@@ -13,7 +13,9 @@ def _heads(num_classes=3, class_agnostic=False):
     register()
     kw = dict(num_convs=0, in_channels=4, conv_out_channels=4, num_classes=num_classes,
               class_agnostic=class_agnostic)
-    return FCNMaskHead(**kw), MODELS.build(dict(type="FourmFCNMaskHead", **kw))
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope("mmdet"):  # whatever scope an earlier test left as the default
+        return FCNMaskHead(**kw), MODELS.build(dict(type="FourmFCNMaskHead", **kw))
 
 
 def _boxes(g, n, h, w):

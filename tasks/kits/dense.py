@@ -35,8 +35,8 @@ import numpy as np
 from fourm_eval.errors import ConfigError, PredictionsError
 
 from ..base import RunContext, Task
-from ..mmreg import register as mm_register
-from ..schema import S, floats
+from ..mmreg import once, register as mm_register
+from ..schema import S
 
 
 class DenseTask(Task):
@@ -281,15 +281,10 @@ def batch_norm() -> dict:
     return dict(type="SyncBN" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "BN", requires_grad=True)
 
 
-_TRANSFORMS_REGISTERED = False
-
-
+@once
 def _register_transforms() -> None:
     """The kit's ``FourmColorJitter``, ``FourmToGray`` and ``FourmTestGeometry`` in mmseg's TRANSFORMS
     (idempotent)."""
-    global _TRANSFORMS_REGISTERED
-    if _TRANSFORMS_REGISTERED:
-        return
     from mmcv.transforms import BaseTransform
     from mmseg.registry import TRANSFORMS
 
@@ -377,7 +372,6 @@ def _register_transforms() -> None:
 
     for cls in (FourmColorJitter, FourmToGray, FourmTestGeometry):
         mm_register(TRANSFORMS, cls.__name__)(cls)
-    _TRANSFORMS_REGISTERED = True
 
 
 TEST_META_KEYS = ("img_path", "seg_map_path", "depth_map_path", "ori_shape", "img_shape", "scale_factor",
@@ -440,15 +434,10 @@ def _meta_scoring(pred_dir: Path) -> dict[str, Any] | None:
     return scoring
 
 
-_METRIC_REGISTERED = False
-
-
+@once
 def _register_metric() -> None:
     """``FourmDenseMetric`` in mmengine's METRICS (idempotent; imports mmengine's evaluator, and so
     torch, only when a run registers its modules: the task scan stays light)."""
-    global _METRIC_REGISTERED
-    if _METRIC_REGISTERED:
-        return
     from mmengine.evaluator import BaseMetric
     from mmengine.registry import METRICS
 
@@ -488,7 +477,6 @@ def _register_metric() -> None:
             return metrics
 
     mm_register(METRICS, "FourmDenseMetric")(FourmDenseMetric)
-    _METRIC_REGISTERED = True
 
 
 __all__ = ["COLOR_SETTINGS", "CONVNEXT_SETTINGS", "DenseTask", "TEST_META_KEYS", "batch_norm", "color_transforms", "color_words", "head_section", "px",
