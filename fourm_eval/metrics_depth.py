@@ -28,7 +28,7 @@ same numbers bit for bit.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -101,12 +101,6 @@ def aggregate(per_image: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {m: float(math.fsum(per_image[n][m] for n in names) / len(names)) for m in METRICS}
 
 
-def constant_prediction_metrics(value_m: float, gts: Iterable[tuple[str, np.ndarray]]) -> dict[str, float]:
-    """The metrics of predicting ``value_m`` metres at every pixel of every image (a baseline)."""
-    per = {name: image_metrics(np.full(gt.shape, value_m), gt, name=name) for name, gt in gts}
-    return aggregate(per)
-
-
 # ------------------------------------------------------------------ MultiMAE's scoring
 MULTIMAE_METRICS = ("delta1", "delta2", "delta3", "abs_rel", "rmse", "rmse_log")
 _EPS = 1e-6  # MultiMAE: clamp_min(1e-6) before ratios and logarithms
@@ -155,5 +149,5 @@ def multimae_aggregate(per_image: Mapping[str, Mapping[str, float]], batch: int)
 
 
 __all__ = ["DepthMetricError", "EIGEN_CROP_480x640", "MAX_DEPTH", "METRICS", "MIN_DEPTH", "MULTIMAE_METRICS",
-           "aggregate", "constant_prediction_metrics", "eigen_crop", "eval_mask", "image_metrics",
+           "aggregate", "eigen_crop", "eval_mask", "image_metrics",
            "multimae_aggregate", "multimae_sums"]

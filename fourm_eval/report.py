@@ -63,29 +63,25 @@ def run_protocol(g: Any) -> str | None:
     return str(v) if v is not None else None
 
 
-def published_for(paper: Any, model: dict[str, str], task: str, metric: str,
-                  protocol: str | None) -> tuple[Any, bool]:
+def published_for(paper: Any, model: dict[str, str], task: str, metric: str, protocol: str | None) -> Any:
     """The published row for a model, task and metric: the one of ``protocol`` when there is one, else the
-    one of the task's paper protocol (the comparison table's), marked as differing; (None, False) if none."""
+    one of the task's paper protocol (the comparison table's); None if none."""
     pub = paper[(paper.model == model["family"]) & (paper["size"] == model["size"])
                 & (paper.pretrain_data == model["pretrain"]) & (paper.task == task) & (paper.metric == metric)]
     if pub.empty:
-        return None, False
+        return None
     same = pub[pub.protocol == protocol]
     if not same.empty:
-        return same.iloc[0], False
+        return same.iloc[0]
     table = pub[pub.protocol == paper_protocol(task)]
-    return (table.iloc[0] if not table.empty else pub.iloc[0]), True
+    return table.iloc[0] if not table.empty else pub.iloc[0]
 
 
 @functools.lru_cache(maxsize=None)
 def paper_protocol(task: str) -> str | None:
-    """The protocol of a task's ``paper`` profile (that of its published comparison table)."""
-    from .tasks.profiles import load_profile
-    try:
-        return load_profile(task, "paper").get("protocol")
-    except Exception:  # noqa: BLE001 - a task without a paper profile has no comparison table
-        return None
+    """The protocol of a task's ``paper`` profile (that of its published comparison table; None without one)."""
+    from .tasks.profiles import profile_protocols
+    return profile_protocols(task).get("paper")
 
 
 @dataclass
@@ -131,11 +127,9 @@ def build_table1(records: list[dict[str, Any]]) -> Table1:
     row_index = {r: i for i, r in enumerate(row_keys)}
     paper = load_paper_results()
     fam_of: dict[int, str] = {}
-    proto_of: dict[int, str | None] = {}
     for g in groups:
         i = row_index[(g.model["size"], g.model["label"], _row_profile(g))]
         fam_of[i] = g.model["family"]
-        proto_of[i] = run_protocol(g)
         for j, (task, metric) in enumerate(columns):
             if task != g.task:
                 continue
@@ -145,7 +139,7 @@ def build_table1(records: list[dict[str, Any]]) -> Table1:
             scale = tasks[task].metric(metric).display_scale
             extra = sum(s.repeats - 1 for s in g.seeds.values())
             cell = TableCell(mean * scale, None if std is None else std * scale, n, extra, protocol=run_protocol(g))
-            pub, _ = published_for(paper, g.model, task, metric, cell.protocol)
+            pub = published_for(paper, g.model, task, metric, cell.protocol)
             if pub is not None:
                 cell.published = float(pub.value)
                 cell.published_verified = str(pub.verified) == "yes"

@@ -70,44 +70,36 @@ def list_profiles(task: str) -> list[str]:
     return sorted(p.name[len(task) + 1:-len(".yaml")] for p in CONFIG_DIR.glob(f"{task}.*.yaml"))
 
 
+def _chain(task: str, path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """A profile file and its ``base`` files, the file first: (path, its YAML mapping) each."""
+    chain, seen = [], set()
+    cur = path
+    while True:
+        if cur in seen:
+            raise ConfigError(f"{path}: the 'base' chain loops ({' -> '.join(str(c) for c, _ in chain)})")
+        seen.add(cur)
+        cfg = _read_yaml(cur)
+        chain.append((cur, cfg))
+        base = cfg.get("base")
+        if base is None:
+            return chain
+        cur = profile_path(task, str(base)) if not str(base).endswith((".yaml", ".yml")) \
+            else (cur.parent / str(base))
+
+
 def profile_protocols(task: str) -> dict[str, str | None]:
     """Each shipped profile of ``task`` -> the protocol it resolves to (read from the YAML chain only)."""
-    out: dict[str, str | None] = {}
-    for name in list_profiles(task):
-        cur, proto, seen = profile_path(task, name), None, set()
-        while cur not in seen:
-            seen.add(cur)
-            cfg = _read_yaml(cur)
-            if "protocol" in cfg:
-                proto = str(cfg["protocol"])
-                break
-            if cfg.get("base") is None:
-                break
-            base = str(cfg["base"])
-            cur = profile_path(task, base) if not base.endswith((".yaml", ".yml")) else cur.parent / base
-        out[name] = proto
-    return out
+    return {name: next((str(cfg["protocol"]) for _, cfg in _chain(task, profile_path(task, name))
+                        if "protocol" in cfg), None) for name in list_profiles(task)}
 
 
 def load_profile(task: str, profile: str) -> dict[str, Any]:
     """The resolved profile: its ``base`` chain merged, ``profile`` and ``profile_file`` set."""
     path = profile_path(task, profile)
-    chain, seen = [], set()
-    cur = path
-    while True:
-        if cur in seen:
-            raise ConfigError(f"{path}: the 'base' chain loops ({' -> '.join(str(c) for c in chain)})")
-        seen.add(cur)
-        cfg = _read_yaml(cur)
-        chain.append((cur, cfg))
-        base = cfg.pop("base", None)
-        if base is None:
-            break
-        cur = profile_path(task, str(base)) if not str(base).endswith((".yaml", ".yml")) \
-            else (cur.parent / str(base))
+    chain = _chain(task, path)
     out: dict[str, Any] = {}
     for _, cfg in reversed(chain):
-        out = merge(out, cfg)
+        out = merge(out, {k: v for k, v in cfg.items() if k != "base"})
     if out.get("task", task) != task:
         raise ConfigError(f"{path} is a profile of task {out['task']!r}, not {task!r}")
     from fourm_eval.configs import CONFIG_DIR

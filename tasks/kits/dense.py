@@ -188,7 +188,7 @@ class DenseTask(Task):
         images its ``meta.json`` names, when it names them), by the scoring its ``meta.json`` names,
         or ``protocol``'s (which wins); with neither, by the ``paper`` protocol's, said through ``log``."""
         gt = self.ground_truth_files(Path(data_root))
-        stems, scoring = _meta_stems(Path(predictions)), _meta_scoring(Path(predictions))
+        stems, scoring = _read_meta(Path(predictions))
         if protocol is not None:
             theirs, scoring = scoring, self.protocol_scoring(protocol)
             if log and theirs is not None and theirs != scoring:
@@ -204,8 +204,7 @@ class DenseTask(Task):
                 raise PredictionsError(f"{Path(predictions) / 'meta.json'} names {len(unknown)} image(s) without "
                                        f"ground truth in the {self.scored_split} split of {data_root}: {unknown[:5]}")
             gt = {s: gt[s] for s in stems}
-        metrics = score_folder(self, Path(predictions), gt, scoring)[0]
-        return metrics
+        return score_folder(self, Path(predictions), gt, scoring)[0]
 
 
 CONVNEXT_SETTINGS = (
@@ -407,31 +406,25 @@ def score_folder(task: DenseTask, pred_dir: Path, gt_files: dict[str, Path],
     return task.summarize(per, scoring)
 
 
-def _meta_stems(pred_dir: Path) -> list[str] | None:
-    """The image stems a run's ``meta.json`` names (None: no meta.json, or one without stems yet)."""
+def _read_meta(pred_dir: Path) -> tuple[list[str] | None, dict[str, Any] | None]:
+    """The image stems and the scoring a run's ``meta.json`` names (None for each it does not name, or
+    without a meta.json); read once, a malformed file or entry a named error."""
     meta = pred_dir / "meta.json"
     if not meta.is_file():
-        return None
+        return None, None
     try:
-        stems = json.loads(meta.read_text()).get("stems")
+        data = json.loads(meta.read_text())
+        stems = data.get("stems")
         if stems is not None and not (isinstance(stems, list) and all(isinstance(x, str) for x in stems)):
             raise TypeError("'stems' is not a list of names")
     except (json.JSONDecodeError, AttributeError, TypeError) as e:
         raise PredictionsError(f"{meta}: not the meta.json of a fourm-eval run ({e}); remove it to score every "
                                "image") from None
-    return stems
-
-
-def _meta_scoring(pred_dir: Path) -> dict[str, Any] | None:
-    """The scoring a run's ``meta.json`` names (None: none named)."""
-    meta = pred_dir / "meta.json"
-    if not meta.is_file():
-        return None
-    scoring = json.loads(meta.read_text()).get("scoring")
+    scoring = data.get("scoring")
     if scoring is not None and not (isinstance(scoring, dict) and isinstance(scoring.get("procedure"), str)):
         raise PredictionsError(f"{meta}: 'scoring' is {scoring!r}, not a scoring of a fourm-eval run; remove it and "
                                "name the protocol with --protocol")
-    return scoring
+    return stems, scoring
 
 
 @once
