@@ -590,7 +590,7 @@ def analyze_scaling(dirs: list[Path] = typer.Argument(None, help="Optional run d
     import pandas as pd
 
     from . import analysis
-    from .report import build_table1, own_scaling_frame
+    from .report import SCALING_HEADER, build_table1, own_scaling_frame, scaling_row
 
     console.print(analysis.METHODS["scaling"], highlight=False)
     frame = analysis.paper_frame().drop(columns="verified")
@@ -601,13 +601,11 @@ def analyze_scaling(dirs: list[Path] = typer.Argument(None, help="Optional run d
                       "sizes enter as '<family> (ours)'", highlight=False)
         frame = pd.concat([frame, own], ignore_index=True)
     rows = analysis.scaling_analysis(frame)
-    t = Table(title="XL vs the B->L trend (points)")
-    for col in ("model", "pretrain", "task", "metric", "B", "L", "XL", "expected XL", "XL-expected", "shortfall"):
+    t = Table(title="XL vs the B->L trend, two models (points)")
+    for col in SCALING_HEADER[:-1]:
         t.add_column(col)
     for r in rows:
-        t.add_row(r["family"], r["pretrain"], r["task"], r["metric"], f"{r['B']:.1f}", f"{r['L']:.1f}",
-                  f"{r['XL']:.1f}", f"{r['expected_XL']:.1f}", f"{r['XL_minus_expected']:+.1f}",
-                  "yes" if r["shortfall"] else "no")
+        t.add_row(*scaling_row(r)[:-1])
     console.print(t)
     t2 = Table(title="4M-7: COYO700M minus CC12M (points)")
     for col in ("task", "metric", "B", "L", "XL"):

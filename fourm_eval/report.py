@@ -167,15 +167,34 @@ def build_table1(records: list[dict[str, Any]]) -> Table1:
 
 def own_scaling_frame(table: Table1):
     """The user's own runs for the scaling analysis: one value (points, mean over seeds) per cell run
-    with the ``paper`` profile and no other settings, as ``family (ours)``."""
+    with the ``paper`` profile and no other settings, as ``family (ours)``, with its seed std (points; None
+    for one seed) and its fine-tuning mode (the record's resolved settings)."""
     import pandas as pd
 
-    own = [(table.groups[key], key[1], c.mean) for key, c in table.cells.items()
+    from .results import finetune_mode
+
+    own = [(table.groups[key], key[1], c) for key, c in table.cells.items()
            if table.groups[key].profile == "paper" and not table.groups[key].variant()]
     return pd.DataFrame([{"family": g.model["family"] + " (ours)", "size": g.model["size"],
                           "pretrain": g.model["pretrain"], "task": table.columns[j][0], "metric": table.columns[j][1],
-                          "value": mean, "source": f"cell {g.cell} ({g.n} seed(s))"} for g, j, mean in own],
-                        columns=["family", "size", "pretrain", "task", "metric", "value", "source"])
+                          "value": c.mean, "std": c.std, "finetune": finetune_mode(g.settings),
+                          "source": f"cell {g.cell} ({g.n} seed(s))"} for g, j, c in own],
+                        columns=["family", "size", "pretrain", "task", "metric", "value", "std", "finetune", "source"])
+
+
+SCALING_HEADER = ["family", "pretrain", "task", "metric", "B", "L", "XL", "fine-tuning", "expected XL (log-lin)",
+                  "XL − log-lin", "expected XL (power)", "XL − power", "margin", "shortfall", "source"]
+
+
+def scaling_row(r: dict[str, Any]) -> list[str]:
+    """One row of the scaling table (report and `analyze scaling` alike)."""
+    ft = analysis.finetune_text(r["finetune"]) + (" (confound)" if r["finetune_confound"] else "")
+    pw = "–" if r["expected_XL_power"] is None else f"{r['expected_XL_power']:.1f}"
+    pwd = "–" if r["XL_minus_power"] is None else f"{r['XL_minus_power']:+.1f}"
+    margin = f"{r['margin']:.1f}" + ("" if r["noise_std"] is None else f" (σ {r['noise_std']:.1f})")
+    return [r["family"], r["pretrain"], r["task"], r["metric"], f"{r['B']:.1f}", f"{r['L']:.1f}", f"{r['XL']:.1f}",
+            ft, f"{r['expected_XL_loglinear']:.1f}", f"{r['XL_minus_loglinear']:+.1f}", pw, pwd, margin,
+            "yes" if r["shortfall"] else "no", r["sources"]]
 
 
 def repeated_seed_rows(records: list[dict[str, Any]]) -> list[list[str]]:
@@ -401,17 +420,16 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
                                   "and pre-training data; not measured by this suite."))]))
     sections.append(("Figures", [("img", (name, f"figures/{name}.png")) for name in plots if name != "scaling"]))
     # scaling
-    sc_rows = [[r["family"], r["pretrain"], r["task"], r["metric"], f"{r['B']:.1f}", f"{r['L']:.1f}", f"{r['XL']:.1f}",
-                f"{r['expected_XL']:.1f}", f"{r['XL_minus_expected']:+.1f}", "yes" if r["shortfall"] else "no",
-                r["sources"]] for r in scaling_rows]
+    sc_rows = [scaling_row(r) for r in scaling_rows]
     de_rows = [[d["task"], d["metric"]] + [f"{d[s]:+.1f}" if s in d else "–" for s in ("B", "L", "XL")]
                + ["yes" if d["xl_gain_exceeds_b_and_l"] else "no"] for d in data_effect]
     sections.append(("Overfitting analysis: model scaling", [
         ("p", "Method: " + analysis.METHODS["scaling"]),
-        ("table", (["family", "pretrain", "task", "metric", "B", "L", "XL", "expected XL", "XL − expected",
-                    "shortfall", "source"], sc_rows,
-                   "Observed XL score vs the XL score the B -> L trend predicts (log-linear in encoder parameters), "
-                   "in points; shortfall = more than the stated threshold below the trend.")),
+        ("table", (SCALING_HEADER, sc_rows,
+                   "Observed XL score vs the XL score the B -> L trend predicts by each model (log-linear in the "
+                   "score; power law in the error), in points; margin = the noise margin; shortfall = below both "
+                   "expectations by more than the margin; fine-tuning = each size's mode (a row mixing modes "
+                   "confounds size with mode).")),
         ("p", "Data scale at fixed size: 4M-7 COYO700M minus 4M-7 CC12M (points). A larger gain at XL than at "
               "B and L is what overfitting of the smaller CC12M at XL predicts."),
         ("table", (["task", "metric", "B", "L", "XL", "XL gain > B and L"], de_rows,

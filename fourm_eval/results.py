@@ -139,6 +139,18 @@ def clean_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
 
 
 # ---------------------------------------------------------------- collection
+def finetune_mode(settings: dict[str, Any]) -> str:
+    """A run's fine-tuning mode from its resolved settings: ``finetune.mode`` (full / lora / linear) where the
+    profile has that section, else the classification ``mode`` (finetune -> full, linear), else full."""
+    ft = settings.get("finetune")
+    if isinstance(ft, dict) and ft.get("mode"):
+        return str(ft["mode"])
+    if isinstance(ft, str) and ft:
+        return ft
+    mode = settings.get("mode")
+    return "linear" if mode == "linear" else "full"
+
+
 ENCODER_PARAMS = {"B": 86e6, "L": 303e6, "XL": 1.2e9}  # docs/fourm-checkpoints.md (4M); ViT-B/L alike
 
 

@@ -77,7 +77,9 @@ def test_report_tables_match_records(runs, tmp_path):
     assert "skipped" in md and "broken" in md  # the bad records are listed in the notes
     assert "\\textbf{" in (out / "tables.tex").read_text()
     # the scaling analysis, traceable to the shipped CSV
-    assert "| 4M-7 | CC12M | ade20k-seg | mIoU | 50.1 | 53.4 | 55.0 | 57.0 | -2.0 | yes |" in md
+    assert ("| 4M-7 | CC12M | ade20k-seg | mIoU | 50.1 | 53.4 | 55.0 | B full / L full / XL lora (confound) | 57.0 | "
+            "-2.0 | 56.8 | -1.8 | 0.5 | yes |") in md
+    assert "| 4M-7 | CC12M | nyu-depth | delta1 | 92.0 | 94.4 | 96.1 | B full / L full / XL lora (confound) |" in md
     assert "| ade20k-seg | mIoU | -0.7 | +0.1 | +1.1 | yes |" in md
 
 
