@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .cells import clean_value
 from .errors import FourmEvalError
 from .results import ENCODER_PARAMS
 
@@ -84,14 +85,6 @@ def _power_law_expected(b: float, l: float, higher: bool) -> float | None:
     return 100.0 - exl if higher else exl
 
 
-def _known(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
-
-
 def _mode(v: Any) -> str:
     """A fine-tuning mode cell ('unstated' where the source does not say: an empty CSV cell reads as NaN)."""
     if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == "":
@@ -114,7 +107,7 @@ def scaling_analysis(df) -> list[dict[str, Any]]:
         sign = 1.0 if higher else -1.0
         lin = _log_linear_expected(vals["B"], vals["L"])
         powr = _power_law_expected(vals["B"], vals["L"], higher)
-        stds = [s for s in (_known(recs[z].get("std")) for z in ("B", "L", "XL")) if s is not None]
+        stds = [s for s in (clean_value(recs[z].get("std")) for z in ("B", "L", "XL")) if s is not None]
         noise = max(stds) if stds else None
         margin = max(SHORTFALL_POINTS, NOISE_SIGMAS * noise) if noise is not None else SHORTFALL_POINTS
         modes = {z: _mode(recs[z].get("finetune")) for z in ("B", "L", "XL")}

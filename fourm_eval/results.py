@@ -140,15 +140,15 @@ def clean_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
 
 # ---------------------------------------------------------------- collection
 def finetune_mode(settings: dict[str, Any]) -> str:
-    """A run's fine-tuning mode from its resolved settings: ``finetune.mode`` (full / lora / linear) where the
-    profile has that section, else the classification ``mode`` (finetune -> full, linear), else full."""
+    """A run's fine-tuning mode: full, lora or linear. ``settings``: a resolved profile (nested: its
+    ``finetune.mode``, else the classification ``mode``) or a cell's flattened settings
+    (``config.finetune.mode``, ``config.mode``). Absent: full (every profile before LoRA existed)."""
     ft = settings.get("finetune")
-    if isinstance(ft, dict) and ft.get("mode"):
-        return str(ft["mode"])
-    if isinstance(ft, str) and ft:
-        return ft
-    mode = settings.get("mode")
-    return "linear" if mode == "linear" else "full"
+    mode = ft.get("mode") if isinstance(ft, dict) else settings.get("config.finetune.mode")
+    if mode == "lora":
+        return "lora"
+    cls_mode = settings.get("mode", settings.get("config.mode"))
+    return "linear" if cls_mode == "linear" else "full"
 
 
 ENCODER_PARAMS = {"B": 86e6, "L": 303e6, "XL": 1.2e9}  # docs/fourm-checkpoints.md (4M); ViT-B/L alike

@@ -128,3 +128,12 @@ def test_finetune_peak_gap_and_loss_slope():
     assert a["train_loss_slope_after_peak"] == pytest.approx(-0.001) and a["overfitting"]
     flat = analysis.finetune_analysis({**rec, "eval_history": hist[:3], "metrics": {"box_AP": 0.35}}, loss)
     assert flat["gap_points"] == 0 and not flat["overfitting"]
+
+
+def test_fine_tuning_mode_read_from_a_profile_and_from_a_cell_s_settings():
+    """own_scaling_frame passes a cell's flattened settings (``config.mode``); a profile is nested."""
+    from fourm_eval.results import finetune_mode
+
+    assert finetune_mode({"config.mode": "linear"}) == finetune_mode({"mode": "linear"}) == "linear"
+    assert finetune_mode({"config.finetune.mode": "lora"}) == finetune_mode({"finetune": {"mode": "lora"}}) == "lora"
+    assert finetune_mode({"config.mode": "finetune"}) == finetune_mode({}) == "full"
