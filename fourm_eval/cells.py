@@ -28,7 +28,8 @@ from typing import Any, Iterable
 # dotted keys of a record's ``config`` that describe execution, not the measurement
 EXECUTION_KEYS = frozenset({
     "profile_file", "world_size", "num_workers", "log_interval", "max_keep_ckpts", "s_per_image_estimate",
-    "loggers", "schedule.checkpoint_interval", "schedule_resolved.per_gpu_batch",
+    "loggers", "schedule.checkpoint_interval", "per_gpu_batch", "schedule_resolved.per_gpu_batch",
+    "schedule_resolved.accumulation",
     "schedule_resolved.checkpoint_interval",
 })
 # dotted keys of a record's ``dataset`` that are where the data lies, not what it is

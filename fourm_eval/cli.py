@@ -291,6 +291,10 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
                             "RUN_DIR: RUN_DIR/eval-only). Re-running resumes."),
              seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
              set_: list[str] = typer.Option([], "--set", help="Override a profile value: key=value (repeatable)."),
+             per_gpu_batch: Optional[int] = typer.Option(
+                 None, "--per-gpu-batch", help="Micro-batch per process; the profile's total batch is kept by "
+                                               "accumulating batch_size / (this x processes) steps (same as --set "
+                                               "per_gpu_batch=N)."),
              model_size: Optional[str] = typer.Option(
                  None, "--model-size", help="Model size (tiny, b, l, xl): picks deit3/mae's architecture and the "
                                             "per-size profile values; must agree with the checkpoint."),
@@ -338,7 +342,8 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
                               "change them (evaluate a checkpoint file outside a run directory to choose settings)")
     try:
         run(get_task(task), backbone=backbone or "4m", checkpoint=checkpoint, data_root=data_root,
-            profile=profile or "smoke", work_dir=work_dir, seed=0 if seed is None else seed, sets=list(set_),
+            profile=profile or "smoke", work_dir=work_dir, seed=0 if seed is None else seed,
+            sets=list(set_) + ([f"per_gpu_batch={per_gpu_batch}"] if per_gpu_batch is not None else []),
             skip_bad_images=skip_bad_images, allow_pickle=allow_pickle, launcher=launcher, size=model_size,
             random_init=random_init, num_heads=num_heads, console=RunConsole(verbose=verbose), dry_run=dry_run,
             init_from=init_from, eval_from=from_, loggers=list(logger) or None)

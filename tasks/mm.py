@@ -27,8 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.hooks import Hook
 from mmengine.model import BaseModule
-from mmengine.optim import DefaultOptimWrapperConstructor
-from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
+from mmengine.registry import HOOKS, LOOPS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS
+from mmengine.runner import IterBasedTrainLoop
 
 from fourm_eval.errors import ConfigError, FourmEvalError
 
@@ -384,6 +385,75 @@ class ResumeMissedEvalHook(Hook):
                     continue
         if it not in done:
             runner.val_loop.run()
+
+
+# ------------------------------------------------------------------ bf16 autocast
+@mm_register(OPTIM_WRAPPERS, "Bf16OptimWrapper")
+class Bf16OptimWrapper(OptimWrapper):
+    """Training forward and loss under ``torch.autocast(dtype=bfloat16)`` on the model's device,
+    CUDA or CPU (mmengine's AmpOptimWrapper refuses a CPU). bf16 keeps fp32's exponent range, so no
+    loss scaling; weights, gradients and optimiser state stay fp32. Evaluation runs in fp32."""
+
+    def optim_context(self, model: nn.Module):
+        import contextlib
+
+        device = next((p.device.type for p in model.parameters()), "cpu")
+        stack = contextlib.ExitStack()
+        stack.enter_context(super().optim_context(model))
+        stack.enter_context(torch.autocast(device_type=device, dtype=torch.bfloat16))
+        return stack
+
+
+# ------------------------------------------------------------------ gradient accumulation
+@mm_register(LOOPS, "AccumulatingIterBasedTrainLoop")
+class AccumulatingIterBasedTrainLoop(IterBasedTrainLoop):
+    """mmengine's iteration loop where one iteration is one optimiser step over ``accumulation``
+    micro-batches (the total batch of the profile = per-process batch x processes x accumulation).
+    The optimiser wrapper's ``accumulative_counts`` does the arithmetic (each micro-batch's loss
+    divided by the count, gradients summed, DDP synchronised on the last micro-batch only, one
+    step); this loop keeps every hook, interval, scheduler step, checkpoint and resume in units of
+    optimiser steps, so a profile's schedule means the same whatever the split. The hooks see the
+    micro-batches' log variables averaged, and the last micro-batch as ``data_batch``."""
+
+    def __init__(self, runner, dataloader, max_iters: int, accumulation: int = 1, **kw: Any) -> None:
+        super().__init__(runner, dataloader, max_iters, **kw)
+        if int(accumulation) < 1:
+            raise ConfigError(f"accumulation must be at least 1, not {accumulation}")
+        self.accumulation = int(accumulation)
+
+    def run(self) -> Any:
+        wrapper = self.runner.optim_wrapper
+        if self.accumulation > 1:
+            if getattr(wrapper, "_accumulative_counts", 1) != self.accumulation:
+                raise ConfigError(f"the optimiser wrapper accumulates {getattr(wrapper, '_accumulative_counts', 1)} "
+                                  f"micro-batches, the loop {self.accumulation}: they must agree")
+            # Runner.train() counted optimiser steps; the wrapper counts micro-batches
+            wrapper.initialize_count_status(self.runner.model, self._iter * self.accumulation,
+                                            self._max_iters * self.accumulation)
+            # a resumed run: the base loop skips one batch per finished step (after the before_train
+            # hooks, whose order of random draws stays as it is); the first iteration skips the rest
+            self._resume_skip = self._iter * (self.accumulation - 1)
+        return super().run()
+
+    def run_iter(self, data_batch: Sequence[dict]) -> None:
+        if self.accumulation == 1:
+            return super().run_iter(data_batch)
+        if getattr(self, "_resume_skip", 0):
+            # the batch the base loop drew is at position `iter`; the step's first is at iter x accumulation
+            for _ in range(self._resume_skip - 1):
+                next(self.dataloader_iterator)
+            data_batch, self._resume_skip = next(self.dataloader_iterator), 0
+        self.runner.call_hook("before_train_iter", batch_idx=self._iter, data_batch=data_batch)
+        sums: dict[str, Any] = {}
+        for k in range(self.accumulation):
+            if k:
+                data_batch = next(self.dataloader_iterator)
+            out = self.runner.model.train_step(data_batch, optim_wrapper=self.runner.optim_wrapper)
+            for name, v in out.items():
+                sums[name] = sums.get(name, 0) + v
+        outputs = {name: v / self.accumulation for name, v in sums.items()}
+        self.runner.call_hook("after_train_iter", batch_idx=self._iter, data_batch=data_batch, outputs=outputs)
+        self._iter += 1
 
 
 class FaultInjectionHook(Hook):

@@ -35,8 +35,8 @@ PREDICTIONS_DIR = "predictions"
 def schedule(p: dict[str, Any], n_train: int, world: int) -> dict[str, Any]:
     """Iterations, per-process batch and intervals from the profile's ``schedule`` section."""
     sch = p["schedule"]
-    per_gpu = max(1, int(p["batch_size"]) // world)
-    eff_batch = per_gpu * world
+    per_gpu, accumulation = batch_split(int(p["batch_size"]), world, p.get("per_gpu_batch"))
+    eff_batch = int(p["batch_size"])
     if sch["unit"] == "epoch":
         max_iters = max(1, round(sch["length"] * n_train / eff_batch))
     elif sch["unit"] == "iter":
@@ -63,11 +63,52 @@ def schedule(p: dict[str, Any], n_train: int, world: int) -> dict[str, Any]:
     power = float(sch.get("poly_power", default("schedule.poly_power")))
     if power <= 0:
         raise ConfigError(f"schedule.poly_power must be positive, not {power}")
-    return dict(per_gpu_batch=per_gpu, eff_batch=eff_batch, max_iters=max_iters, val_interval=val_every,
+    return dict(per_gpu_batch=per_gpu, accumulation=accumulation, eff_batch=eff_batch, max_iters=max_iters, val_interval=val_every,
                 checkpoint_interval=ckpt_every, warmup=min(warmup, max_iters), decay=decay,
                 milestones=[int(m * max_iters) for m in sch.get("milestones", default("schedule.milestones"))],
                 min_lr_ratio=float(sch.get("min_lr_ratio", default("schedule.min_lr_ratio"))),
                 **({"poly_power": power} if decay == "poly" else {}))
+
+
+def batch_split(total: int, world: int, per_gpu: int | None = None) -> tuple[int, int]:
+    """(per-process micro-batch, accumulation steps) for the profile's total batch over ``world``
+    processes: total = micro-batch x world x accumulation, exactly. Without ``per_gpu`` the whole
+    share of each process is one micro-batch. A split that cannot keep the total is an error (the
+    total, and with it the learning rate, is never changed silently)."""
+    if total < 1 or world < 1:
+        raise ConfigError(f"batch_size (the total batch) must be at least 1 and the process count positive, "
+                          f"not {total} over {world}")
+    if per_gpu is None:
+        if total % world:
+            raise ConfigError(f"batch_size {total} (the total batch over all processes) does not split evenly over "
+                              f"{world} processes; use a process count that divides it, or set per_gpu_batch "
+                              f"(--per-gpu-batch) so that per_gpu_batch x {world} x accumulation = {total}")
+        return total // world, 1
+    per_gpu = int(per_gpu)
+    if per_gpu < 1 or total % (per_gpu * world):
+        fits = [b for b in range(1, total // world + 1) if total % (b * world) == 0]
+        raise ConfigError(f"per_gpu_batch {per_gpu} x {world} process(es) does not divide batch_size {total} (the "
+                          f"total batch): accumulation steps must be a whole number. Per-process batches that keep "
+                          f"the total: {', '.join(map(str, fits)) or 'none (change the process count)'}")
+    return per_gpu, total // (per_gpu * world)
+
+
+def accumulation_batchnorm_note(model: torch.nn.Module, sched: dict[str, Any]) -> str | None:
+    """Accumulated micro-batches give the same gradients as one batch, except through batch
+    statistics: a model with BatchNorm layers normalises over each micro-batch. Said, not hidden."""
+    bn = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)})
+    if not bn:
+        return None
+    return (f"gradient accumulation ({sched['accumulation']} steps of {sched['per_gpu_batch']} per process) with "
+            f"batch-statistics layers ({', '.join(bn)}): they normalise over each micro-batch, not the total batch "
+            f"of {sched['eff_batch']}, so results can differ slightly from an unaccumulated run")
+
+
+def batch_words(sched: dict[str, Any], world: int) -> str:
+    """The batch split in words: total = per process x processes (x accumulation steps)."""
+    acc = int(sched.get("accumulation", 1))
+    return (f"total batch {sched['eff_batch']} = {sched['per_gpu_batch']} per process x {world} process(es)"
+            + (f" x {acc} accumulation steps" if acc > 1 else ""))
 
 
 def optimizer_cfg(p: dict[str, Any], lr: float) -> dict[str, Any]:
@@ -101,16 +142,15 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
     amp = p.get("amp", default("amp"))
     use_bf16 = (amp == "bf16" or (amp == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
     optim_wrapper = dict(
-        type="AmpOptimWrapper" if use_bf16 else "OptimWrapper",
+        type="Bf16OptimWrapper" if use_bf16 else "OptimWrapper",
         optimizer=optimizer_cfg(p, lr),
         constructor="LayerDecayOptimWrapperConstructor",
         paramwise_cfg=dict(layer_decay_rate=float(p["layer_decay"]), backbone_attr="backbone.net",
                            head_lr_mult=float(p.get("head_lr_mult", default("head_lr_mult"))),
                            decay_biases=bool(p.get("weight_decay_biases", default("weight_decay_biases"))),
                            table_path=str(work_dir / "param_groups.csv")),
-        clip_grad=dict(max_norm=float(p["clip_grad"])) if p.get("clip_grad") else None)
-    if use_bf16:
-        optim_wrapper["dtype"] = "bfloat16"
+        clip_grad=dict(max_norm=float(p["clip_grad"])) if p.get("clip_grad") else None,
+        accumulative_counts=int(sched.get("accumulation", 1)))
     schedulers: list[dict] = []
     if sched["warmup"]:
         schedulers.append(dict(type="LinearLR", start_factor=float(p["schedule"].get(
@@ -144,7 +184,8 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         train_dataloader=_loader(parts["train_dataset"], sched["per_gpu_batch"], True, True, nw, seed),
         val_dataloader=_loader(parts["val_dataset"], int(p.get("val_batch_size", default("val_batch_size"))), False, False, nw, seed),
         val_evaluator=parts["val_evaluator"],
-        train_cfg=dict(type="IterBasedTrainLoop", max_iters=sched["max_iters"], val_interval=sched["val_interval"]),
+        train_cfg=dict(type="AccumulatingIterBasedTrainLoop", max_iters=sched["max_iters"],
+                       val_interval=sched["val_interval"], accumulation=int(sched.get("accumulation", 1))),
         val_cfg=dict(type="ValLoop"),
         optim_wrapper=optim_wrapper,
         param_scheduler=schedulers,
@@ -389,7 +430,7 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
                      + (f"{ckpt_path} (sha256 {sha[:12]})" if ckpt_path else "random init")),
         ("data", f"{root}: {data.n_train} training / {data.n_val} validation images"),
         ("profile", f"{p['profile']} ({p['profile_file']}), seed {seed}, model size {p['model_size']}"),
-        ("schedule", f"{sched['max_iters']} iterations at batch {sched['eff_batch']} ({world} process(es)), "
+        ("schedule", f"{sched['max_iters']} iterations at {batch_words(sched, world)}, "
                      f"{p['image_size']} px, {lr_words(effective_lr(p, sched['eff_batch']))}, layer decay "
                      f"{p['layer_decay']}")
         if src is None else ("evaluation only", f"{src['checkpoint']} (iteration {src['iteration']} of "
@@ -403,6 +444,11 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     try:
         with _interrupts(), console.quiet_libraries():
             runner = Runner.from_cfg(Config(cfg))
+            if src is None and sched["accumulation"] > 1:
+                note = accumulation_batchnorm_note(getattr(runner.model, "module", runner.model), sched)
+                if note:
+                    warns.append(note)
+                    console.warn(note)
             if src is not None:
                 final, history = _evaluate_only(runner, task, src, pred_dir, sched, console, invocations)
                 step0, train_end, init_record = None, {}, None
@@ -597,8 +643,8 @@ def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[st
             ("data", f"{root}: {data.n_train} training / {data.n_val} validation images"),
             ("subsets", ", ".join(f"{k}: {v['n']} images, seed {v['seed']}" for k, v in
                                   (data.record.get("subsets") or {}).items()) or "none (all images)"),
-            ("schedule", f"{sched['max_iters']} iterations x batch {sched['eff_batch']} ({sched['per_gpu_batch']} per "
-                         f"process x {world}) = {images} training images ({images / max(data.n_train, 1):.1f} "
+            ("schedule", f"{sched['max_iters']} iterations x batch {sched['eff_batch']} ({batch_words(sched, world)}) "
+                         f"= {images} training images ({images / max(data.n_train, 1):.1f} "
                          f"epochs); warm-up {sched['warmup']}, "
                          + {"cosine": "cosine decay",
                             "poly": f"poly decay (power {sched.get('poly_power')})"}.get(

@@ -72,7 +72,11 @@ RUNNER_SETTINGS: tuple[Setting, ...] = (
       "configs/<task>.<protocol>.yaml; a report compares a run only with published numbers of the same protocol)",
       per_size=False),
     S("image_size", "size", "training crop (and the timm baselines' input size)", unit="px"),
-    S("batch_size", "int", "total batch over all processes (the per-process batch is batch_size / world size)"),
+    S("batch_size", "int", "total batch per optimiser step, over all processes and accumulation steps (the "
+      "learning rate's batch)"),
+    S("per_gpu_batch", "int", "micro-batch per process; accumulation steps = batch_size / (per_gpu_batch x "
+      "processes), a whole number (null: batch_size / processes, no accumulation). How a run is executed, not "
+      "what it is: not part of the run's cell", default=None, null=True),
     S("schedule", "section", "the training schedule", per_size=False),
     S("schedule.unit", "str", "what length counts", choices=("iter", "epoch")),
     S("schedule.length", "float", "training length in schedule.unit", unit="iter or epoch"),
