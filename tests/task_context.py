@@ -16,3 +16,24 @@ def run_context_for(task, p: dict, data, predictions_dir: Path, backbone: str = 
     return run_context(task, p, data, name=backbone, checkpoint=None, info=info,
                        options=task.backbone_options(p, backbone, info), world=1, seed=seed,
                        predictions_dir=predictions_dir)
+
+
+def build_task_model(task_name: str, root: Path, backbone: str, tmp: Path, sets: dict | None = None):
+    """The model `fourm-eval run TASK --backbone BACKBONE --random-init` trains, built the runner's way
+    (profile, data check, run context, the task's parts, mmengine's registry under the task's scope),
+    without training it; with the layer-decay groups the optimiser would get."""
+    from mmengine.registry import MODELS, DefaultScope
+
+    from fourm_eval.tasks import get_task
+    from fourm_eval.tasks.mm import layer_decay_groups
+    from fourm_eval.tasks.profiles import load_profile
+
+    task = get_task(task_name)
+    p = {**load_profile(task_name, "smoke"), **(sets or {})}
+    data = task.check_data(root, p, skip_bad_images=False, out_dir=tmp / "data", log=lambda *_: None)
+    ctx = run_context_for(task, p, data, tmp / "predictions", backbone=backbone)
+    task.register_mm()
+    with DefaultScope.overwrite_default_scope(task.mm_scope):
+        model = MODELS.build(task.runner_parts(ctx)["model"])
+    groups = layer_decay_groups(model, model.backbone.net, "backbone.net.", 1e-3, 0.05, 0.9)
+    return model, groups
