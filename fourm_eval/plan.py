@@ -402,8 +402,8 @@ def suggestion_words(alts: list[dict[str, Any]]) -> list[str]:
             opts.append("--set grad_checkpointing=true")
         if alt["options"].get("mode") == "lora":
             opts.append(f"LoRA (finetune: {{mode: lora, rank: {alt['options']['lora_rank']}}} in the profile)")
-        opts.append(f"--per-gpu-batch {alt['per_gpu_batch']} ({alt['accumulation']} accumulation step"
-                    f"{'s' if alt['accumulation'] > 1 else ''})")
+        opts.append(f"per-GPU batch {alt['per_gpu_batch']} x {alt['accumulation']} accumulation step"
+                    f"{'s' if alt['accumulation'] > 1 else ''}")
         words.append(f"{alt['label']}: " + " ".join(opts) + f" -> {alt['memory'] / GIB:.1f} GiB per GPU")
     return words
 
@@ -436,13 +436,87 @@ def check_fit(task: Any, p: dict[str, Any], name: str, info: dict[str, Any], opt
         + ("Settings that would fit: " + "; ".join(ways) if ways else
            "No setting fits: even the weights with LoRA and one image exceed it; use a GPU with more memory")
         + f". `fourm-eval plan {task.name} --backbone {name} --profile {p.get('profile')} --gpus {world} "
-          f"--gpu-memory {gpu_memory / GIB:.0f}GB` shows the breakdown.")
+          f"--gpu-memory {gpu_memory / GIB:g}GB` (with the same --set values) shows the breakdown.")
 
 
-def default_gpu_memory() -> float | None:
-    """The CUDA device's total memory, or None (no check) without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
+def resolve_gpu_memory(value: float | str | None) -> float | None:
+    """``run``'s --gpu-memory in bytes: "auto" is the CUDA device's total memory (None without CUDA:
+    no check), a string is parsed ('80GB'), None stays None."""
+    if value is None:
         return None
-    return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    if value == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return parse_memory(value) if isinstance(value, str) else float(value)
+
+
+def plan_for(task: Any, backbone: str, profile: str, *, gpus: int, gpu_memory: float | None,
+             checkpoint: str | None = None, sets: list[str] | None = None, size: str | None = None,
+             per_gpu_batch: int | None = None, checkpointing: bool | None = None, bf16: bool | None = None,
+             gpu: str = "a100", utilisation: float = UTILISATION) -> dict[str, Any]:
+    """``fourm-eval plan``: resolve the profile for the backbone as ``run`` does, then :func:`estimate`.
+    Named backbones are built on the meta device; ``4m`` reads only its checkpoint's header."""
+    from .backbones import backbone_info
+    from .tasks.runner import resolve_run_profile
+    from .tasks.runs import resolve_backbone_name
+
+    named = backbone.lower() != "4m"
+    name, ckpt = resolve_backbone_name(backbone, size, checkpoint, random_init=named and checkpoint is None)
+    info = backbone_info(name, ckpt if name == "4m" else None)
+    p, note = resolve_run_profile(task, profile, sets, info, size)
+    options = task.backbone_options(p, name, info)
+    arch = build_arch(name, info=info, image_size=p["image_size"], options=options)
+    est = estimate(task, p, arch, gpus=gpus, gpu_memory=gpu_memory, options=options, per_gpu_batch=per_gpu_batch,
+                   checkpointing=checkpointing, bf16=bf16, gpu=gpu, utilisation=utilisation)
+    est["notes"] = [note] if note else []
+    return est
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:.2f} GiB"
+
+
+def render(est: dict[str, Any], out: Any) -> None:
+    """The plan as text lines (``out``: a print function)."""
+    s, mem, t = est["settings"], est["memory"], est["time"]
+    out(f"plan: {est['task']} / profile {est['profile']} (size {est['model_size']}), backbone {est['backbone']}")
+    out(f"  parameters: {est['params']['total'] / 1e6:.1f}M total, {est['params']['trainable'] / 1e6:.1f}M trainable "
+        f"({s['mode']}{' rank ' + str(s['lora_rank']) if s['mode'] == 'lora' else ''}); heads not modelled")
+    out(f"  input: {est['image_size']} px = {est['tokens']} tokens per image; attention {est['attention']}")
+    out(f"  batch: total {est['total_batch']} = {s['per_gpu_batch']} per GPU x {s['gpus']} GPU(s) x "
+        f"{s['accumulation']} accumulation step(s); {'bf16 autocast' if s['bf16'] else 'fp32'}, activation "
+        f"checkpointing {'on' if s['checkpointing'] else 'off'}, optimiser {s['optimizer']}")
+    out("  memory per GPU (lower bound: backbone only):")
+    rows = [("weights (fp32)", mem["weights"]), ("bf16 weight copies (autocast)", mem["autocast_copies"]),
+            ("gradients (fp32)", mem["gradients"]),
+            (f"optimiser state ({s['optimizer']}: {'2 states' if s['optimizer'] == 'adamw' else '1 state'})",
+             mem["optimizer"]),
+            (f"activations ({_gib(mem['activations_per_image'])} per image x {s['per_gpu_batch']})", mem["activations"]),
+            ("total", mem["total"])]
+    for label, v in rows:
+        out(f"    {label:<48} {_gib(v):>12}")
+    if est["budget"] is not None:
+        verdict = "fits" if est["fits"] else "does NOT fit"
+        out(f"  GPU memory {_gib(est['gpu_memory'])}, budget {_gib(est['budget'])} ({100 * (1 - RESERVE):.0f}%, the "
+            f"rest for heads, CUDA context, fragmentation): {verdict}; largest per-GPU batch that fits: "
+            f"{est['max_per_gpu_batch']}")
+        for alt in est.get("alternatives", []):
+            if alt["fits"]:
+                out(f"    {alt['label']:<44} fits at {alt['per_gpu_batch']} per GPU x {alt['accumulation']} "
+                    f"accumulation ({_gib(alt['memory'])}; up to {alt['max_per_gpu_batch']} per GPU)")
+            else:
+                out(f"    {alt['label']:<44} does not fit (fixed part alone {_gib(alt['fixed'])})")
+    f = est["flops"]
+    sch = est["schedule"]
+    out(f"  compute: {f['forward_per_image'] / 1e12:.3f} TFLOP forward per image, {f['per_iteration'] / 1e15:.3f} PFLOP "
+        f"per iteration (forward + backward{' + recompute' if s['checkpointing'] else ''}, total batch)")
+    out(f"  schedule: {sch['iterations']} iterations"
+        + (f" ({sch['train_images']} training images, the dataset's published size)" if sch["unit"] == "epoch" else ""))
+    out(f"  time at {100 * t['utilisation']:.0f}% of {t['gpu'].upper()} {'bf16' if s['bf16'] else 'fp32'} peak "
+        f"({t['peak_flops'] / 1e12:.1f} TFLOP/s): {t['s_per_iteration']:.2f} s per iteration, wall "
+        f"{t['wall_s'] / 3600:.1f} h on {s['gpus']} GPU(s) = {t['gpu_hours']:.0f} GPU-hours")
+    for n in est.get("notes", []):
+        out(f"  note: {n}")
