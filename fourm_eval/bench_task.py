@@ -155,7 +155,7 @@ def measure(task_name: str, backbone: str = "4m", profile: str = "smoke", iters:
         sync()
         dt = (time.perf_counter() - t0) / iters
         if device == "cuda":
-            peak_mem, mem_kind = float(torch.cuda.max_memory_allocated()), "CUDA max allocated"
+            peak_mem, mem_kind = float(torch.cuda.max_memory_allocated()), "CUDA max allocated (peak)"
             growth = peak_mem - base
         else:
             peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
@@ -220,14 +220,15 @@ def run_bench(tasks: list[str], backbones: list[str], profile: str = "smoke", it
 
 
 def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    cols = ["task", "backbone", "px", "batch", "device", "it/s", "img/s", "peak memory", "GFLOP/iter",
+    cols = ["task", "backbone", "px", "batch", "device", "it/s", "img/s", "memory", "GFLOP/iter",
             "achieved GFLOP/s", "planner s/iter", "measured s/iter", "implied util.", "counted util."]
     rows = []
     for r in records:
         pl = r["planner"]
         rows.append([r["task"], r["backbone"], str(r["image_size"]), str(r["batch"]), r["device"],
                      f"{r['iters_per_s']:.2f}", f"{r['images_per_s']:.1f}",
-                     f"{r['memory_growth_bytes'] / 2**20:.0f} MB", f"{r['flops_per_iter'] / 1e9:.2f}",
+                     f"{(r['peak_memory_bytes'] if r['device'] == 'cuda' else r['memory_growth_bytes']) / 2**20:.0f} MB",
+                     f"{r['flops_per_iter'] / 1e9:.2f}",
                      f"{r['achieved_flops_per_s'] / 1e9:.1f}",
                      f"{pl['s_per_iter_estimate']:.3f}", f"{r['s_per_iter']:.3f}",
                      f"{100 * pl['implied_utilisation']:.1f}%", f"{100 * pl['counted_utilisation']:.1f}%"])
