@@ -215,7 +215,7 @@ def forward_flops(a: Arch, g: Geometry) -> float:
 # ------------------------------------------------------------------------------------------ the estimate
 def finetune_of(p: dict[str, Any]) -> dict[str, Any]:
     """The profile's fine-tuning mode: ``finetune.mode`` (full | lora | linear, with ``rank``), else
-    in1k-cls's ``mode: linear``, else full."""
+    a profile's own ``mode: linear`` (a frozen-backbone probe), else full."""
     ft = p.get("finetune") or {}
     if not isinstance(ft, dict):
         raise ConfigError(f"{p.get('profile_file', 'profile')}: finetune must be a section (mode, rank, ...), "
@@ -276,7 +276,7 @@ def memory(a: Arch, g: Geometry, s: Settings) -> dict[str, float]:
     frozen_total = a.params + (trainable if s.mode == "lora" else 0)
     act = activation_bytes(a, g, bf16=s.bf16, checkpointing=s.checkpointing, mode=s.mode, lora_rank=s.lora_rank)
     out = {"weights": 4.0 * frozen_total,
-           "autocast_copies": 2.0 * a.matmul_params if s.bf16 else 0.0,
+           "autocast_copies": 2.0 * a.matmul_params if (s.bf16 and s.mode != "linear") else 0.0,
            "gradients": 4.0 * trainable,
            "optimizer": 4.0 * states * trainable,
            "activations": act["peak"] * s.per_gpu_batch,
@@ -309,6 +309,8 @@ def estimate(task: Any, p: dict[str, Any], arch: Arch, *, gpus: int, gpu_memory:
     from .tasks.schema import default
 
     total = int(p["batch_size"])
+    if per_gpu_batch is None and p.get("per_gpu_batch") is not None:  # a profile's own per-GPU batch
+        per_gpu_batch = int(p["per_gpu_batch"])
     per_gpu, accum = derive_batch(total, gpus, per_gpu_batch)
     ft = finetune_of(p)
     amp = p.get("amp", default("amp"))
@@ -502,7 +504,8 @@ def render(est: dict[str, Any], out: Any) -> None:
         verdict = "fits" if est["fits"] else "does NOT fit"
         out(f"  GPU memory {_gib(est['gpu_memory'])}, budget {_gib(est['budget'])} ({100 * (1 - RESERVE):.0f}%, the "
             f"rest for heads, CUDA context, fragmentation): {verdict}; largest per-GPU batch that fits: "
-            f"{est['max_per_gpu_batch']}")
+            + (f"{est['max_per_gpu_batch']}" if est["max_per_gpu_batch"] < 10 ** 9 else
+               "any (the frozen backbone keeps no activations)"))
         for alt in est.get("alternatives", []):
             if alt["fits"]:
                 out(f"    {alt['label']:<44} fits at {alt['per_gpu_batch']} per GPU x {alt['accumulation']} "
