@@ -197,19 +197,48 @@ def activation_bytes(a: Arch, g: Geometry, *, bf16: bool, checkpointing: bool, m
     return {"saved": float(saved), "peak": float(saved), "per_block_max": max(blocks)}
 
 
-def forward_flops(a: Arch, g: Geometry) -> float:
-    """Forward FLOPs of the backbone for one image (a multiply-add = 2 FLOPs): the Linears, the patch
-    embedding and attention's two matmuls (QK^T and AV: 4 N^2 D globally, 4 N w^2 D in windows)."""
-    lin = sum(i * o for _, i, o in a.linears)
+def flop_parts(a: Arch, g: Geometry) -> dict[str, float]:
+    """Forward FLOPs of the backbone for one image (a multiply-add = 2 FLOPs), by kind: the patch
+    embedding; the blocks' Linears (qkv and proj over the window-padded grid in windowed blocks, the MLP
+    over the image's tokens); attention's two matmuls (QK^T and AV: 4 N^2 D globally, 4 N w^2 D in
+    windows); and each block's last Linear (fc2), which checkpointing's recompute skips."""
+    attn_lin = sum(i * o for n, i, o in a.linears if n in ("qkv", "proj"))
+    mlp_lin = sum(i * o for n, i, o in a.linears if n not in ("qkv", "proj"))
+    last = next((i * o for n, i, o in a.linears if n == "fc2"), 0)
     n = g.tokens
-    total = 2 * (n - a.prefix) * 3 * a.patch ** 2 * a.dim
+    lin = attn = 0.0
     for i in range(a.depth):
-        windowed = g.window and i not in g.global_blocks
-        if windowed:
-            total += 2 * g.window_tokens * lin + 4 * g.window_tokens * g.window ** 2 * a.dim
+        if g.window and i not in g.global_blocks:
+            lin += 2 * g.window_tokens * attn_lin + 2 * n * mlp_lin
+            attn += 4 * g.window_tokens * g.window ** 2 * a.dim
         else:
-            total += 2 * n * lin + 4 * n * n * a.dim
-    return float(total)
+            lin += 2 * n * (attn_lin + mlp_lin)
+            attn += 4 * n * n * a.dim
+    return {"patch": float(2 * (n - a.prefix) * 3 * a.patch ** 2 * a.dim), "linear": lin, "attention": attn,
+            "last_linear": float(a.depth * 2 * n * last)}
+
+
+def forward_flops(a: Arch, g: Geometry) -> float:
+    """Forward FLOPs of the backbone for one image (:func:`flop_parts` summed)."""
+    f = flop_parts(a, g)
+    return f["patch"] + f["linear"] + f["attention"]
+
+
+def iteration_flops(a: Arch, g: Geometry, mode: str, checkpointing: bool) -> float:
+    """Forward + backward FLOPs of the backbone for one image, as FlopCounterMode counts them: a Linear's
+    backward is 2x its forward when its weight trains (input and weight gradients), 1x when frozen (LoRA:
+    input gradients; the adapters are not counted); attention's backward 2.5x its forward (the fused
+    kernels recompute the scores); the patch embedding's backward only its weight gradient (1x, none when
+    frozen); checkpointing recomputes the blocks' forward up to each block's last Linear. A linear probe:
+    the forward only."""
+    f = flop_parts(a, g)
+    fwd = f["patch"] + f["linear"] + f["attention"]
+    if mode == "linear":
+        return fwd
+    full = mode == "full"
+    bwd = (2.0 if full else 1.0) * f["linear"] + 2.5 * f["attention"] + (f["patch"] if full else 0.0)
+    recompute = (f["linear"] - f["last_linear"] + f["attention"]) if checkpointing else 0.0
+    return fwd + bwd + recompute
 
 
 # ------------------------------------------------------------------------------------------ the estimate
@@ -323,13 +352,9 @@ def estimate(task: Any, p: dict[str, Any], arch: Arch, *, gpus: int, gpu_memory:
     mem = memory(arch, g, s)
     budget = gpu_memory * (1 - RESERVE) if gpu_memory else None
     fits = None if budget is None else mem["total"] <= budget
-    # FLOPs of one optimiser step (the total batch): forward x (1 + backward), backward = 2 forward for
-    # full fine-tuning (input and weight gradients), ~1 forward when the backbone is frozen (input
-    # gradients only, LoRA), none for a linear probe; checkpointing adds one forward
+    # FLOPs of one optimiser step (the total batch): forward, backward and checkpointing's recompute
     fwd = forward_flops(arch, g)
-    bwd = {"full": 2.0, "lora": 1.0, "linear": 0.0}[s.mode]
-    recompute = 1.0 if (s.checkpointing and s.mode != "linear") else 0.0
-    flops_image = fwd * (1 + bwd + recompute)
+    flops_image = iteration_flops(arch, g, s.mode, s.checkpointing)
     flops_iter = flops_image * total
     n_images = n_train if n_train is not None else getattr(task, "reference_train_images", None)
     if p["schedule"]["unit"] == "epoch" and not n_images:

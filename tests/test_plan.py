@@ -158,3 +158,27 @@ def test_run_refuses_what_cannot_fit(tmp_path):
     assert "does not fit" in msg and "grad_checkpointing=true" in msg and "LoRA" in msg
     assert "accumulation steps" in msg
     assert not wd.exists()
+
+
+# WINDOW has windowed (0, 2) and global (1, 3) blocks, so each case checks both attention formulas
+FLOP_CASES = [(WINDOW, False, False), (WINDOW, True, True)]
+
+
+@pytest.mark.parametrize("options,ckpt,frozen", FLOP_CASES, ids=["full", "frozen, checkpointing"])
+def test_flops_match_flop_counter(options, ckpt, frozen):
+    """The planner's forward and forward + backward FLOPs vs torch's FlopCounterMode (with torch's own
+    attention formulas for the CPU kernels) on a small 4M."""
+    from fourm_eval.bench_task import count_flops
+
+    bb = FourMBackbone(FourMConfig(dim=64, depth=4, num_heads=4), grad_checkpointing=ckpt, **options).train()
+    if frozen:  # a frozen backbone (LoRA's, adapters aside): the input must need a gradient for backward
+        bb.requires_grad_(False)
+    a = _arch(bb)
+    g = plan.geometry(a, 128, options)
+    x = torch.randn(2, 3, 128, 128, requires_grad=frozen)
+    fwd, _ = count_flops(lambda: bb(x))
+    total, _ = count_flops(lambda: bb(x).sum().backward())
+    image_grad = plan.flop_parts(a, g)["patch"] if frozen else 0  # the test's input gradient, not LoRA's
+    assert fwd / 2 == pytest.approx(plan.forward_flops(a, g), rel=1e-3)
+    assert (total / 2 - image_grad) == pytest.approx(plan.iteration_flops(a, g, "lora" if frozen else "full", ckpt),
+                                                     rel=1e-3)
