@@ -3,7 +3,7 @@
 Everything is computed, nothing is run: the backbone is built on the meta device (no checkpoint is
 read, no memory allocated) for its parameter count and shapes; activations are counted per
 transformer block from the tensors autograd saves for the backward pass (see :func:`block_saved`);
-FLOPs are the matmuls and attention of the forward pass, x3 for forward + backward.
+FLOPs are the matmuls and attention of forward, backward and recompute (:func:`iteration_flops`).
 
 Modelled: the backbone only (patch embedding, blocks, final norm) and the input images. Heads,
 necks, losses, the data pipeline, the CUDA context and allocator fragmentation are not, so every
@@ -395,7 +395,7 @@ def alternatives(a: Arch, g: Geometry, s: Settings, total: int, budget: float) -
     per_total = total // s.gpus
     divisors = [d for d in range(per_total, 0, -1) if per_total % d == 0]
     rank = s.lora_rank or 8
-    combos: list[tuple[str, dict[str, Any]]] = [("smaller per-GPU batch", {})]
+    combos: list[tuple[str, dict[str, Any]]] = [("as configured, largest per-GPU batch", {})]
     if not s.checkpointing:
         combos.append(("activation checkpointing", {"checkpointing": True}))
     if s.mode == "full":
