@@ -244,6 +244,39 @@ def bench_backbone(sizes: str = typer.Option("224,1024", help="Input sizes to me
         json_out.write_text(json.dumps({"results": [r.__dict__ for r in res], "ratios": rat}, indent=2))
 
 
+@bench_app.command("task")
+@friendly
+def bench_task_cmd(tasks: list[str] = typer.Argument(..., help="Task names, or all."),
+                   backbone: list[str] = typer.Option(["4m"], "--backbone", help="Backbone(s) (repeatable); 4m: the "
+                                                      "tiny shipped 4M, others from random init."),
+                   profile: str = typer.Option("smoke", help="Profile (its resolution, batch and model)."),
+                   iters: int = typer.Option(5, help="Timed training iterations."),
+                   warmup: int = typer.Option(1, help="Untimed iterations first."),
+                   json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the records here.")) -> None:
+    """Training iterations/s, images/s, peak memory and FLOP/s of each task's real model (built as `run`
+    builds it), beside the planner's time estimate; each measurement in a fresh process."""
+    from .bench_task import run_bench, table_rows
+
+    records = run_bench(list(tasks), list(backbone), profile, iters, warmup,
+                        log=lambda s: console.print(s, highlight=False, markup=False))
+    cols, rows = table_rows(records)
+    t = Table(title=f"bench task ({profile}; {warmup} warm-up + {iters} timed iterations; memory: "
+                    f"{records[0]['memory_kind'] if records else '-'})")
+    for c in cols:
+        t.add_column(c, justify="right" if c not in ("task", "backbone", "device") else "left")
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    if records:
+        pl = records[0]["planner"]
+        console.print(f"planner: backbone FLOPs at {100 * pl['utilisation_assumed']:.0f}% of {pl['peak_flops'] / 1e9:.0f} "
+                      f"GFLOP/s ({pl['peak_source']}); implied util. = planner FLOPs / (measured time x peak), counted "
+                      "util. = all counted FLOPs (heads included) / (measured time x peak)", highlight=False,
+                      markup=False, soft_wrap=True)
+    if json_out:
+        json_out.write_text(json.dumps({"records": records}, indent=2))
+
+
 @app.command("tasks")
 @friendly
 def tasks_cmd(names: bool = typer.Option(False, "--names", help="Only the names, one per line (for scripts)."),
@@ -321,6 +354,9 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
                                                                     "default: the profile's 'loggers', none)."),
              dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan (profile, data, subsets, "
                                                                       "schedule, time estimate) and stop."),
+             gpu_memory: str = typer.Option("auto", "--gpu-memory", help="Memory per GPU the run must fit by the "
+                                            "planner's estimate (e.g. 80GB), else it is refused before anything is "
+                                            "built; auto: the CUDA device's memory (no check on CPU); none: no check."),
              verbose: bool = typer.Option(False, "--verbose", "-v",
                                           help="Also show mmengine's log (environment, config, iteration lines) "
                                                "on the console; it is always in the run directory.")) -> None:
@@ -346,7 +382,8 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
             sets=list(set_) + ([f"per_gpu_batch={per_gpu_batch}"] if per_gpu_batch is not None else []),
             skip_bad_images=skip_bad_images, allow_pickle=allow_pickle, launcher=launcher, size=model_size,
             random_init=random_init, num_heads=num_heads, console=RunConsole(verbose=verbose), dry_run=dry_run,
-            init_from=init_from, eval_from=from_, loggers=list(logger) or None)
+            init_from=init_from, eval_from=from_, loggers=list(logger) or None,
+            gpu_memory=None if gpu_memory.lower() == "none" else gpu_memory)
     except RunInterrupted as e:
         raise typer.Exit(e.exit_code) from None
 
@@ -364,6 +401,42 @@ def _fmt_metric(v: Any, digits: int = 6) -> str:
     from .cells import clean_value
     x = clean_value(v)
     return "n/a (no value)" if x is None else f"{x:.{digits}f}"
+
+
+@app.command("plan")
+@friendly
+def plan_cmd(task: str = typer.Argument(..., help="Task name (see `fourm-eval tasks`)."),
+             backbone: str = typer.Option("4m", help="Registered backbone (4m-b, 4m-l, 4m-xl, deit3-b, mae-l, ...); "
+                                                     "built on the meta device, no weights read."),
+             checkpoint: Optional[str] = typer.Option(None, help="For backbone 4m: the checkpoint whose header "
+                                                                 "gives the architecture (default: the tiny one)."),
+             profile: str = typer.Option("paper", help="Profile name or YAML file."),
+             set_: list[str] = typer.Option([], "--set", help="Override a profile value: key=value (repeatable)."),
+             model_size: Optional[str] = typer.Option(None, "--model-size", help="Model size for deit3 / mae."),
+             gpus: int = typer.Option(1, help="GPUs (the profile's batch_size is the total over all of them)."),
+             gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory per GPU, e.g. 80GB "
+                                                                                   "(GB = GiB = 2^30 bytes)."),
+             per_gpu_batch: Optional[int] = typer.Option(None, "--per-gpu-batch", help="Micro-batch per GPU "
+                                                         "(default batch_size / gpus); the rest is accumulation."),
+             grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
+                                                               help="Default: the profile's grad_checkpointing."),
+             bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Default: the profile's amp (auto = bf16 "
+                                                                             "on a GPU that has it)."),
+             gpu: str = typer.Option("a100", help="Peak FLOP/s of: a100, h100, h200, v100, l40s."),
+             utilisation: float = typer.Option(0.35, help="Share of the peak FLOP/s assumed for the time estimate."),
+             json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the plan here.")) -> None:
+    """Memory per GPU, whether it fits (and what would), FLOPs, wall time and GPU-hours of a run, computed
+    without running or reading weights."""
+    from .plan import parse_memory, plan_for, render
+    from .tasks import get_task
+
+    est = plan_for(get_task(task), backbone, profile, gpus=gpus,
+                   gpu_memory=parse_memory(gpu_memory) if gpu_memory else None, checkpoint=checkpoint,
+                   sets=list(set_), size=model_size, per_gpu_batch=per_gpu_batch, checkpointing=grad_checkpointing,
+                   bf16=bf16, gpu=gpu, utilisation=utilisation)
+    render(est, lambda line: console.print(line, highlight=False, markup=False))
+    if json_out:
+        json_out.write_text(json.dumps(est, indent=2, default=str))
 
 
 @app.command("evaluate")

@@ -45,6 +45,7 @@ class Ade20kSeg(SegmentationTask):
     title = "ADE20K semantic segmentation, 150 classes (ConvNeXt head or UperNet, mmseg)"
     data_kind = "ade20k"
     mini_data = "fourm_eval.data.ade_mini"
+    reference_train_images = 20210     # ADE20K (SceneParsing): 20,210 training images
     prediction_format = ("one 8-bit PNG per validation image, <image stem>.png, values 1..150 (class k as k + 1), "
                          "as the ADE20K benchmark server takes, at the image's size (or at the size the protocol "
                          "scores, named in meta.json)")

@@ -79,6 +79,8 @@ class Task(ABC):
     base_scaled_lr: ClassVar[bool] = False  # its protocols write blr (per 256 images); a bare lr is an error
 
     mini_data: ClassVar[str]       # module of its built-in mini dataset: make(out, seed=...) and default()
+    # training images of the real dataset as published (``fourm-eval plan`` turns epochs into iterations)
+    reference_train_images: ClassVar[int | None] = None
 
     # ---------------------------------------------------------------- data
     def make_mini(self, out: Path, seed: int = 0) -> Path:

@@ -173,6 +173,7 @@ class CocoDet(Task):
     title = "COCO detection + instance segmentation (ViTDet-style Mask R-CNN, mmdet)"
     data_kind = "coco"
     mini_data = "fourm_eval.data.coco_mini"
+    reference_train_images = 118287    # COCO train2017
     metrics = tuple(
         [Metric(f"box_{s}", main=s == "AP", gated=s in ("AP", "AP50"), description=f"box {s} (COCOeval)")
          for s in STATS]

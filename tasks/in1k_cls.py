@@ -45,6 +45,7 @@ class In1kCls(Task):
     title = "ImageNet-1K classification (full fine-tuning, 4M-21 recipe; linear probe, MAE recipe)"
     data_kind = "imagenet"
     mini_data = "fourm_eval.data.imagenet_mini"
+    reference_train_images = 1281167   # ImageNet-1K (ILSVRC-2012) train
     base_scaled_lr = True  # ml-4m, MAE and MultiMAE write a base lr x total batch / 256
     metrics = CLASSIFICATION_METRICS
     requires = ("torch", "timm", "mmengine")

@@ -87,6 +87,7 @@ class NyuDepth(DepthTask):
     title = "NYUv2 monocular depth (ConvNeXt or DPT head, Eigen-crop metrics, mmseg)"
     data_kind = "nyu"
     mini_data = "fourm_eval.data.nyu_mini"
+    reference_train_images = 795       # NYUv2 labelled set, Eigen split (transfer-protocols.md)
     prediction_format = ("one 16-bit PNG per test image, depth in millimetres (0 = none), named like the image "
                          "(NAME.png), at the image's full size (or at the size the protocol scores, named in "
                          "meta.json)")

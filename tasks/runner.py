@@ -251,7 +251,7 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
         size: str | None = None, random_init: bool = False, num_heads: int | None = None,
         console: RunConsole | None = None, dry_run: bool = False,
         init_from: str | Path | None = None, eval_from: str | Path | None = None,
-        loggers: list[str] | None = None) -> dict[str, Any]:
+        loggers: list[str] | None = None, gpu_memory: float | str | None = "auto") -> dict[str, Any]:
     """Fine-tune and evaluate ``task``; returns the result record (also written to result.json).
     ``dry_run``: resolve and print the plan (profile, data, subsets, schedule, time estimate) only.
     ``init_from``: a finished run directory whose final weights the model starts from (every tensor
@@ -261,6 +261,8 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
     record and predictions are marked evaluation-only.
     ``loggers``: extra mmengine visualizer backends ("tensorboard", "wandb"); default: the profile's
     ``loggers`` (none).
+    ``gpu_memory``: bytes (or '80GB') per GPU the planner's estimate must fit (``fourm_eval.plan.check_fit``);
+    "auto": the CUDA device's memory, no check without CUDA; None: no check.
     An interrupt (SIGINT, SIGTERM) prints where the run stopped and how to resume, then raises
     :class:`RunInterrupted`."""
     from .state import launcher_env
@@ -278,7 +280,7 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
                               work_dir=work_dir, seed=seed, sets=sets, skip_bad_images=skip_bad_images,
                               allow_pickle=allow_pickle, launcher=launcher, size=size, random_init=random_init,
                               num_heads=num_heads, console=console, dry_run=dry_run, init_from=init_from,
-                              eval_from=eval_from, loggers=loggers)
+                              eval_from=eval_from, loggers=loggers, gpu_memory=gpu_memory)
         finally:
             console.close()
     if wd is not None and caught and rank_zero():
@@ -333,7 +335,8 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
          work_dir: str | Path | None, seed: int, sets: list[str] | None, skip_bad_images: bool, allow_pickle: bool,
          launcher: str, size: str | None, random_init: bool, num_heads: int | None,
          console: RunConsole, dry_run: bool = False, init_from: str | Path | None = None,
-         eval_from: str | Path | None = None, loggers: list[str] | None = None) -> tuple[dict[str, Any], Path | None]:
+         eval_from: str | Path | None = None, loggers: list[str] | None = None,
+         gpu_memory: float | str | None = None) -> tuple[dict[str, Any], Path | None]:
     from fourm_eval.backbones import backbone_info
     from fourm_eval.checkpoints import resolve_checkpoint
     from fourm_eval.results import device_description
@@ -370,6 +373,10 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     for note in warns:
         console.warn(note)
     options = task.backbone_options(p, name, info)
+    if src is None:  # refuse, before anything is built, a training that cannot fit the GPU's memory
+        from fourm_eval import plan
+        plan.check_fit(task, p, name, info, options, world=int(os.environ.get("WORLD_SIZE", "1")) if launcher != "none"
+                       else 1, gpu_memory=plan.resolve_gpu_memory(gpu_memory))
 
     if data_root is None:
         data_root = task.default_data_root()
