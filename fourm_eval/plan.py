@@ -276,18 +276,13 @@ class Settings:
 
 
 def derive_batch(total: int, gpus: int, per_gpu: int | None) -> tuple[int, int]:
-    """(per-GPU micro-batch, accumulation steps) for the profile's TOTAL batch over ``gpus`` GPUs."""
+    """(per-GPU micro-batch, accumulation steps) for the profile's TOTAL batch over ``gpus`` GPUs: the
+    runner's own split (``batch_split``), so a plan and a run never disagree."""
+    from .tasks.runner import batch_split
+
     if gpus < 1:
         raise ConfigError(f"--gpus must be at least 1, not {gpus}")
-    if per_gpu is None:
-        if total % gpus:
-            raise ConfigError(f"batch_size {total} (the total over all GPUs) does not divide over {gpus} GPUs; "
-                              "choose a GPU count that divides it, or --per-gpu-batch with accumulation")
-        return total // gpus, 1
-    if per_gpu < 1 or total % (per_gpu * gpus):
-        raise ConfigError(f"per-GPU batch {per_gpu} x {gpus} GPUs does not divide the total batch {total}: "
-                          f"accumulation steps = {total} / ({per_gpu} x {gpus}) must be a whole number")
-    return per_gpu, total // (per_gpu * gpus)
+    return batch_split(total, gpus, per_gpu)
 
 
 def memory(a: Arch, g: Geometry, s: Settings) -> dict[str, float]:
@@ -429,8 +424,8 @@ def suggestion_words(alts: list[dict[str, Any]]) -> list[str]:
             opts.append("--set grad_checkpointing=true")
         if alt["options"].get("mode") == "lora":
             opts.append(f"LoRA (finetune: {{mode: lora, rank: {alt['options']['lora_rank']}}} in the profile)")
-        opts.append(f"per-GPU batch {alt['per_gpu_batch']} x {alt['accumulation']} accumulation step"
-                    f"{'s' if alt['accumulation'] > 1 else ''}")
+        opts.append(f"--per-gpu-batch {alt['per_gpu_batch']} ({alt['accumulation']} accumulation step"
+                    f"{'s' if alt['accumulation'] > 1 else ''})")
         words.append(f"{alt['label']}: " + " ".join(opts) + f" -> {alt['memory'] / GIB:.1f} GiB per GPU")
     return words
 

@@ -373,15 +373,14 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     for note in warns:
         console.warn(note)
     options = task.backbone_options(p, name, info)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if launcher != "none" else 1
     if src is None:  # refuse, before anything is built, a training that cannot fit the GPU's memory
         from fourm_eval import plan
-        plan.check_fit(task, p, name, info, options, world=int(os.environ.get("WORLD_SIZE", "1")) if launcher != "none"
-                       else 1, gpu_memory=plan.resolve_gpu_memory(gpu_memory))
+        plan.check_fit(task, p, name, info, options, world=world, gpu_memory=plan.resolve_gpu_memory(gpu_memory))
 
     if data_root is None:
         data_root = task.default_data_root()
     root = Path(data_root).expanduser().resolve()
-    world = int(os.environ.get("WORLD_SIZE", "1")) if launcher != "none" else 1
     init_src = init_from_source(init_from) if init_from is not None else None
     if dry_run:
         _dry_run(task, p, root, name, info, world, console)

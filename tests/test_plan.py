@@ -110,7 +110,7 @@ def test_batch_derivation_and_fit_decision():
     assert plan.derive_batch(64, 8, 2) == (2, 4)
     with pytest.raises(plan.ConfigError, match="accumulation"):
         plan.derive_batch(64, 8, 3)
-    with pytest.raises(plan.ConfigError, match="does not divide"):
+    with pytest.raises(plan.ConfigError, match="does not split evenly"):
         plan.derive_batch(64, 6, None)
     assert plan.parse_memory("80GB") == plan.parse_memory("80GiB") == 80 * 2 ** 30
 
@@ -156,7 +156,7 @@ def test_run_refuses_what_cannot_fit(tmp_path):
     assert time.perf_counter() - t < 30
     msg = " ".join(r.output.split())
     assert "does not fit" in msg and "grad_checkpointing=true" in msg and "LoRA" in msg
-    assert "accumulation steps" in msg
+    assert "accumulation steps" in msg and "--per-gpu-batch" in msg
     assert not wd.exists()
 
 
