@@ -93,8 +93,8 @@ def describe(ft: dict[str, Any] | None) -> str:
     """The run's fine-tuning mode in words, for footnotes and the console."""
     if not ft or ft.get("mode", "full") == "full":
         return "full fine-tuning"
-    return (f"LoRA rank {ft['rank']}, scale {float(ft['scale']):g} (backbone frozen; adapters on "
-            f"{', '.join(ft.get('targets', ['all']))})")
+    return (f"LoRA rank {ft['rank']}, scale {float(ft['scale'])} (backbone frozen; adapters on "
+            f"{', '.join(ft.get('targets', ['all']))} linears)")
 
 
 # ----------------------------------------------------------------- adapters

@@ -295,6 +295,10 @@ def load_init_weights(model: Any, source: dict[str, Any]) -> dict[str, Any]:
     allow_mmengine_checkpoint_types()
     sd = torch.load(source["checkpoint"], map_location="cpu", weights_only=True).get("state_dict", {})
     own = model.state_dict()
+    # a LoRA model (fourm_eval/lora.py) holds an adapted linear's weights under X.base_layer.*: a source
+    # without adapters gives them under X.*
+    alias = {k.replace(".base_layer.", "."): k for k in own if ".base_layer." in k}
+    sd = {(alias[k] if k not in own and k in alias else k): v for k, v in sd.items()}
     take = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not take:
         raise ConfigError(f"--init-from {source['run_dir']}: no tensor of {source['checkpoint']} fits this model "
