@@ -26,6 +26,9 @@ def lora_run(tmp_path_factory):
 
 
 def _final_state(wd):
+    from fourm_eval.tasks.state import allow_mmengine_checkpoint_types
+
+    allow_mmengine_checkpoint_types()  # the message hub's numpy scalars, as a resume loads them
     ckpt = torch.load(wd / "iter_200.pth", map_location="cpu", weights_only=True)
     return {k.removeprefix("backbone.net."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.net.")}
 
