@@ -261,13 +261,45 @@ def fourm_file_tensors(net: Any, sd: dict[str, Any]) -> tuple[dict[str, Any], di
     return {k: v.contiguous() for k, v in out.items()}, {k: str(v) for k, v in meta.items()}
 
 
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """A safetensors file with its header in sorted key order, so equal tensors and metadata give equal
+    bytes (the recorded sha256 is reproducible; safetensors' own writer orders the metadata by a hash
+    map, which differs between processes). Layout per the format: 8-byte little-endian header length,
+    the JSON header padded with spaces to a multiple of 8, the tensors' bytes back to back."""
+    import json
+    import struct
+
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        dtype = _ST_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ConfigError(f"merged export: {name} has dtype {t.dtype}, which safetensors does not store")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for b in blobs:
+            f.write(b)
+
+
 def export_merged(net: Any, path: str | Path) -> dict[str, Any]:
     """Write ``net`` with its adapters merged, loadable without peft through ``--checkpoint``: the
     released 4M layout for 4M backbones, timm's layout (the ``vit.`` module's own names) for the
     DeiT III / MAE baselines. Returns path, sha256 and layout for the record."""
     import os
-
-    from safetensors.torch import save_file
 
     sd = merged_state_dict(net)
     family = getattr(net, "family", None)
@@ -282,7 +314,7 @@ def export_merged(net: Any, path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"merged export: no file layout for backbone family {family!r}")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(tmp, tensors, meta)
     tmp.replace(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
