@@ -145,3 +145,18 @@ def test_full_profiles_record_no_finetune_section():
     assert "; LoRA rank 64, scale 1.0 (backbone frozen; adapters on all linears)," in ade.footnote({"config": p})
     p, _ = resolve_run_profile(ade, "paper", ["finetune.mode=full"], xl, None)
     assert "; full fine-tuning (4M-21 fine-tunes XL with LoRA rank 64)," in ade.footnote({"config": p})
+
+
+@pytest.mark.parametrize("family", ["4m", "timm"])
+def test_activation_checkpointing_still_trains_every_adapter(family):
+    """With the patch embedding frozen no block input requires grad; a re-entrant checkpoint would then
+    give the adapters inside it no gradient. Both backbones checkpoint non-re-entrantly."""
+    kw = dict(grad_checkpointing=True)
+    net = (build_backbone("4m", checkpoint=str(default_tiny_checkpoint()), **kw) if family == "4m" else
+           build_backbone("mae-b", embed_dim=64, depth=2, num_heads=4, img_size=64, **kw))
+    inject(net, dict(LORA, rank=4))
+    _train_adapters(net)
+    net.train()
+    net.get_intermediate_layers(X, [-1])[0].square().mean().backward()
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable)
