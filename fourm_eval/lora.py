@@ -181,7 +181,8 @@ def inject(net: Any, ft: dict[str, Any]) -> dict[str, Any]:
     for name, p in net.named_parameters():
         p.requires_grad_(".lora_" in name)
     suffixes = sorted({n.split(".")[-2] + "." + n.split(".")[-1] for n in names})
-    return {"mode": "lora", "rank": rank, "scale": scale, "alpha": scale * rank, "dropout": float(ft.get("dropout", 0.0)),
+    return {"mode": "lora", "rank": rank, "scale": scale, "alpha": scale * rank,
+            "dropout": float(ft.get("dropout", 0.0)),
             "targets": list(ft["targets"]), "adapted_linears": suffixes, "n_adapted": len(names),
             "packed_rank": {s: _packed(s) * rank for s in suffixes if _packed(s) > 1},
             "init": "A ~ N(0, (1/rank)^2), B = 0 (ml-4m lora_utils.LoRAWrapper)",
