@@ -64,7 +64,6 @@ class Ade20kSeg(SegmentationTask):
         S("test_scale", "list", "slide: test resize (long side cap, short side), aspect kept", default=None,
           null=True, item="int", length=2, unit="px"),
         S("test_pad_value", "float", "single: the grey level (0-255) the test input is padded with", default=128.0),
-        S("tuning", "str", "fine-tuning mode (recorded; LoRA does not exist yet)", default="full", choices=("full",)),
     )
 
     # data

@@ -69,7 +69,8 @@ class FourmEvalViT(BaseModule):
     DDP sees no unused parameters."""
 
     def __init__(self, name: str, checkpoint: str | None = None, allow_pickle: bool = False,
-                 out_indices: Sequence[int] = (-1,), final_norm: bool = False, **kwargs: Any):
+                 out_indices: Sequence[int] = (-1,), final_norm: bool = False,
+                 finetune: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__()
         from fourm_eval.backbones import build_backbone
 
@@ -80,6 +81,11 @@ class FourmEvalViT(BaseModule):
             for n, p in self.net.named_parameters():
                 if self.net.layer_id(n) == self.net.num_layers + 1:
                     p.requires_grad_(False)
+        # finetune (the profile's section, LoRA only): adapters on the loaded weights, the rest frozen
+        self.lora_info = None
+        if finetune and finetune.get("mode") == "lora":
+            from fourm_eval.lora import inject
+            self.lora_info = inject(self.net, finetune)
 
     def init_weights(self) -> None:  # weights come from build_backbone; never re-initialise
         pass

@@ -140,7 +140,11 @@ def apply_overrides(cfg: dict[str, Any], sets: list[str], declared: Any = ()) ->
                 pass
         node = cfg
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
+            section = ".".join(parts[:i + 1])
+            if p not in node and getattr(declared.get(section) if isinstance(declared, dict) else None,
+                                         "kind", None) == "section":
+                node[p] = {}  # a declared section the profile leaves out (e.g. --set finetune.mode=lora)
             if not isinstance(node.get(p), dict):
                 raise ConfigError(f"--set {key}: '{p}' is not a section of the profile")
             node = node[p]

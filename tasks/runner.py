@@ -225,6 +225,8 @@ def run_context(task: Task, p: dict[str, Any], data: PreparedData, *, name: str,
                         **options)
     if num_heads is not None:
         backbone_cfg["num_heads"] = int(num_heads)
+    from fourm_eval.lora import backbone_cfg_extra
+    backbone_cfg.update(backbone_cfg_extra(p))  # finetune: lora (adapters injected after the weights load)
     if not name.startswith("4m"):
         h, w = size_hw(p["image_size"])
         backbone_cfg["img_size"] = h if h == w else (h, w)
@@ -242,6 +244,8 @@ def resolve_run_profile(task: Task, profile: str, sets: list[str] | None, info: 
     bsize, note = resolve_size(info["embed_dim"], info["num_layers"], size)
     p = resolve_per_size(p, bsize)
     p["model_size"] = bsize
+    from fourm_eval.lora import resolve_finetune
+    p = resolve_finetune(p, p.get("profile_file", profile))  # full: no finetune section (records unchanged)
     return p, note
 
 
@@ -480,6 +484,8 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         raise
     record: dict[str, Any] = {}
     if rank_zero():
+        from fourm_eval.lora import finish_run
+        finetune = finish_run(runner, wd.path) if src is None else None  # LoRA: merged backbone, record entry
         eval_only = None
         if src is not None:
             eval_only = {"source_run": src["run_dir"], "checkpoint": src["checkpoint"], "weights_sha256": src["sha256"],
@@ -497,7 +503,7 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
             eval_history=history, predictions=PREDICTIONS_DIR, started=started, train_end=train_end,
             provenance_extra={**({"init_from": init_record} if init_record else {}),
                               **({"loggers": logger_record} if logger_record else {})},
-            invocations=invocations, eval_only=eval_only)
+            invocations=invocations, eval_only=eval_only, finetune=finetune)
         _closing_table(console, task, final, step0, started, wd.path, record)
     return record, wd.path
 

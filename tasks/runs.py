@@ -163,7 +163,7 @@ def write_result(wd: RunDir, *, task: str, profile: str, seed: int, metrics: dic
                  eval_history: list[dict], started: float, warnings: list[str] | None = None,
                  predictions: str | None = None, train_end: dict[str, Any] | None = None,
                  provenance_extra: dict[str, Any] | None = None, invocations: "Invocations | None" = None,
-                 eval_only: dict[str, Any] | None = None) -> dict[str, Any]:
+                 eval_only: dict[str, Any] | None = None, finetune: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record, atomically. With ``invocations``, ``provenance.wall_time_s`` is the total over
     every invocation of the run (a resumed run's first attempts included) and
     ``provenance.invocations`` lists them."""
@@ -189,6 +189,9 @@ def write_result(wd: RunDir, *, task: str, profile: str, seed: int, metrics: dic
                   **({"predictions": predictions} if predictions else {})},
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if finetune is not None:  # a LoRA run's adapters, parameter counts and merged backbone (absent: full)
+        record["finetune"] = finetune
+        record["files"]["merged_backbone"] = finetune["merged"]["path"]
     if eval_only is not None:
         record["eval_only"] = eval_only
         record["files"].pop("param_groups")
@@ -292,6 +295,10 @@ def load_init_weights(model: Any, source: dict[str, Any]) -> dict[str, Any]:
     allow_mmengine_checkpoint_types()
     sd = torch.load(source["checkpoint"], map_location="cpu", weights_only=True).get("state_dict", {})
     own = model.state_dict()
+    # a LoRA model (fourm_eval/lora.py) holds an adapted linear's weights under X.base_layer.*: a source
+    # without adapters gives them under X.*
+    alias = {k.replace(".base_layer.", "."): k for k in own if ".base_layer." in k}
+    sd = {(alias[k] if k not in own and k in alias else k): v for k, v in sd.items()}
     take = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not take:
         raise ConfigError(f"--init-from {source['run_dir']}: no tensor of {source['checkpoint']} fits this model "

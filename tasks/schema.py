@@ -12,7 +12,8 @@ the tables of ``configs/README.md`` (a test keeps them equal).
 Kinds: ``int``, ``float`` (an int is accepted), ``bool``, ``str``, ``list`` (``item`` the element
 kind, ``length`` its length), ``interval`` (an integer number of iterations, or a share of
 training as a string "10%"), ``size`` (pixels: an int for a square, or [height, width]),
-``section`` (a mapping whose keys are declared as ``section.key``). ``null`` marks a key that may
+``section`` (a mapping whose keys are declared as ``section.key``), ``names`` (a string or a list
+of strings). ``null`` marks a key that may
 be null. Unless ``per_size`` is false a value may also be a per-size mapping
 ``{tiny, b, l, xl, default}``, each value of the key's kind.
 """
@@ -46,7 +47,8 @@ class Setting:
     def describe_type(self) -> str:
         t = {"list": f"list of {self.item or 'values'}" + (f" ({self.length})" if self.length else ""),
              "interval": "iterations (int) or share ('10%')",
-             "range": "float or [lo, hi]", "size": "px: int or [height, width]"}.get(self.kind,
+             "range": "float or [lo, hi]", "size": "px: int or [height, width]",
+             "names": "str or list of str"}.get(self.kind,
                                                                                                      self.kind)
         if self.choices:
             t = " / ".join(str(c) for c in self.choices)
@@ -116,6 +118,18 @@ RUNNER_SETTINGS: tuple[Setting, ...] = (
     S("loggers", "list", "extra loggers", default=[], item="str", per_size=False),
     S("s_per_image_estimate", "float", "measured seconds per training image, for the time estimate printed "
       "before a run", default=None, unit="s"),
+    S("finetune", "section", "how the backbone is tuned (absent: full fine-tuning; fourm_eval/lora.py, README "
+      "'LoRA')", default=None, per_size=False),
+    S("finetune.mode", "str", "full: every backbone weight trains; lora: the backbone is frozen and low-rank "
+      "adapters (peft) on its block linears train, heads in full", default="full", choices=("full", "lora")),
+    S("finetune.rank", "int", "LoRA rank r (ml-4m: a packed qkv linear gets 3 r); required with lora",
+      default=None),
+    S("finetune.scale", "float", "LoRA scale: output W0 x + scale * B A x (peft's lora_alpha = scale x r)",
+      default=1.0),
+    S("finetune.dropout", "float", "dropout on the adapters' input (peft's lora_dropout; ml-4m has none)",
+      default=0.0),
+    S("finetune.targets", "names", "the adapted linears of the blocks: all (attention and MLP: ml-4m's "
+      "'all'), attn, mlp, or module-name suffixes such as [attn.qkv, mlp.fc2]", default="all"),
 )
 
 SUBSET_SETTINGS: tuple[Setting, ...] = (
@@ -157,6 +171,9 @@ def _kind_ok(s: Setting, v: Any) -> bool:
         return isinstance(v, str)
     if k == "section":
         return isinstance(v, dict)
+    if k == "names":
+        return (isinstance(v, str) and bool(v)) or (isinstance(v, list) and bool(v)
+                                                    and all(isinstance(x, str) and x for x in v))
     if k == "range":
         num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
         return num(v) or (isinstance(v, list) and len(v) == 2 and all(num(x) for x in v) and v[0] <= v[1])

@@ -50,7 +50,8 @@ class DenseTask(Task):
     map_bits: ClassVar[int]          # stored PNG bit depth, 8 or 16
     map_max: ClassVar[int | None] = None  # largest valid stored value (None: the bit depth's)
     metric_words: ClassVar[str]      # the footnote's words for the metric (the kit of the kind says)
-    xl_tuning_published: ClassVar[str | None] = None  # how 4M-21 tunes XL on this task, when not fully
+    xl_tuning_published: ClassVar[str | None] = None  # how 4M-21 tunes XL on this task, when not fully (named in
+    # the footnote of an XL run that tunes otherwise)
 
     # ------------------------------------------------------- declared by the task
     @abstractmethod
@@ -142,9 +143,10 @@ class DenseTask(Task):
         """The protocol from the record: head; training crops; schedule; tuning; test; metric."""
         c = record.get("config") or {}
         sch = c.get("schedule_resolved") or {}
-        tuning = f"{c.get('tuning', 'full')} fine-tuning"
-        if c.get("model_size") == "xl" and self.xl_tuning_published and c.get("tuning", "full") == "full":
-            tuning += f" (4M-21 fine-tunes XL with {self.xl_tuning_published}; not implemented here yet)"
+        from fourm_eval.lora import describe, is_lora
+        tuning = describe(c.get("finetune"))  # the run's own mode (no finetune section: full)
+        if c.get("model_size") == "xl" and self.xl_tuning_published and not is_lora(c):
+            tuning += f" (4M-21 fine-tunes XL with {self.xl_tuning_published})"
         parts = [self.footnote_head(c), self.footnote_training(c),
                  f"{sch.get('max_iters', '?')} iterations at batch {sch.get('eff_batch', '?')}, "
                  f"{sch.get('decay') or (c.get('schedule') or {}).get('decay', '?')} decay",
