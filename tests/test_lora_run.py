@@ -1,7 +1,8 @@
 """`fourm-eval run nyu-depth --profile lora-smoke` end to end (built-in mini NYU, tiny 4M, CPU): LoRA trains
 only the adapters and the head (every pre-trained backbone weight in the final checkpoint is bit-identical to
 the released file's, every adapter moved), the run learns like the full smoke (delta1 at least twice its
-step-0 value), the record says LoRA with its rank and scale, and the merged backbone the run writes loads
+step-0 value), the record says LoRA with its rank and scale and the batch split (the total 8 as 2 accumulated
+micro-batches of 4), and the merged backbone the run writes loads
 through the plain 4M loader and reproduces the adapted backbone (<= 1e-5)."""
 
 import hashlib
@@ -20,7 +21,8 @@ from cli_runner import run_cli
 def lora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora-run")
     wd = tmp / "run"
-    r = run_cli(["run", "nyu-depth", "--profile", "lora-smoke", "--work-dir", str(wd)], tmp)
+    # the total batch 8 as 2 accumulated micro-batches of 4: the real pipeline's accumulation path too
+    r = run_cli(["run", "nyu-depth", "--profile", "lora-smoke", "--per-gpu-batch", "4", "--work-dir", str(wd)], tmp)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return wd, json.loads((wd / "result.json").read_text())
 
@@ -49,6 +51,8 @@ def test_lora_smoke_trains_adapters_only_and_learns(lora_run):
     ft = rec["finetune"]
     assert (ft["mode"], ft["rank"], ft["scale"], ft["alpha"]) == ("lora", 8, 1.0, 8.0)
     assert rec["config"]["finetune"]["mode"] == "lora" and ft["peft_version"]
+    sched = rec["config"]["schedule_resolved"]
+    assert (sched["eff_batch"], sched["per_gpu_batch"], sched["accumulation"]) == (8, 4, 2)
     assert ft["backbone_frozen_params"] == sum(v.numel() for v in original.values() if v.is_floating_point())
     assert ft["adapter_params"] == sum(v.numel() for k, v in sd.items() if ".lora_" in k)
 
