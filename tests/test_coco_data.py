@@ -144,7 +144,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert "subsets        train: 6 images, seed 0" in out
-    assert "10000 iterations x batch 8 (8 per process x 1) = 80000 training images" in out
+    assert ("10000 iterations x batch 8 (total batch 8 = 8 per process x 1 process(es)) = 80000 training images"
+            in out)
     assert "peak lr 1.25e-05 as written (lr; total batch 8, not rescaled)" in out
     assert "optimiser      AdamW" in out and "time estimate  about 6.7 h" in out
     assert not (tmp_path / "w").exists()
