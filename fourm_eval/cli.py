@@ -252,12 +252,15 @@ def bench_task_cmd(tasks: list[str] = typer.Argument(..., help="Task names, or a
                    profile: str = typer.Option("smoke", help="Profile (its resolution, batch and model)."),
                    iters: int = typer.Option(5, help="Timed training iterations."),
                    warmup: int = typer.Option(1, help="Untimed iterations first."),
-                   json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the records here.")) -> None:
+                   json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the records here."),
+                   in_process: bool = typer.Option(False, "--in-process", help="Measure in this process, one after "
+                                                   "another (faster; CPU memory growth then includes earlier "
+                                                   "measurements' allocator caches).")) -> None:
     """Training iterations/s, images/s, peak memory and FLOP/s of each task's real model (built as `run`
     builds it), beside the planner's time estimate; each measurement in a fresh process."""
     from .bench_task import run_bench, table_rows
 
-    records = run_bench(list(tasks), list(backbone), profile, iters, warmup,
+    records = run_bench(list(tasks), list(backbone), profile, iters, warmup, fresh_process=not in_process,
                         log=lambda s: console.print(s, highlight=False, markup=False))
     cols, rows = table_rows(records)
     t = Table(title=f"bench task ({profile}; {warmup} warm-up + {iters} timed iterations; memory: "

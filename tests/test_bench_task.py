@@ -1,10 +1,39 @@
-"""`bench task` on the cheapest task: the record's fields, and FLOPs against the analytic ViT formula."""
+"""`fourm-eval bench task all`: a table row per task, each record's fields, and each backbone's FLOPs against
+the analytic ViT formula."""
 
-from fourm_eval.bench_task import measure, table_rows
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fourm_eval.bench_task import table_rows
+from fourm_eval.cli import app
+from fourm_eval.tasks import all_tasks
 
 
-def test_bench_task_nyu_depth_smoke():
-    r = measure("nyu-depth", "4m", "smoke", iters=1, warmup=0)  # in this process (the CLI uses a fresh one)
+@pytest.fixture(scope="module")
+def bench_all(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    # in this process (the default measures each in a fresh process: the same code, the CLI's subprocess)
+    r = CliRunner().invoke(app, ["bench", "task", "all", "--iters", "1", "--warmup", "0", "--in-process",
+                                 "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    return r.output, json.loads(out.read_text())["records"]
+
+
+def test_bench_task_all_prints_a_row_per_task(bench_all):
+    output, records = bench_all
+    assert sorted(r["task"] for r in records) == sorted(all_tasks())
+    cols, rows = table_rows(records)
+    assert len(rows) == len(all_tasks()) and all(len(row) == len(cols) for row in rows)
+    for name in all_tasks():
+        assert name in output
+    assert "planner:" in output
+
+
+@pytest.mark.parametrize("task", sorted(all_tasks()))
+def test_bench_task_record(bench_all, task):
+    r = next(x for x in bench_all[1] if x["task"] == task)
     for k in ("s_per_iter", "iters_per_s", "images_per_s", "peak_memory_bytes", "flops_per_iter",
               "achieved_flops_per_s", "backbone_forward_flops"):
         assert r[k] > 0, k
@@ -18,5 +47,3 @@ def test_bench_task_nyu_depth_smoke():
     assert abs(r["backbone_forward_flops"] / (batch * pl["backbone_forward_flops_per_image"]) - 1) < 0.01
     # the whole iteration (heads, backward) costs more than the backbone's forward
     assert r["flops_per_iter"] > 2 * r["backbone_forward_flops"]
-    cols, rows = table_rows([r])
-    assert len(rows) == 1 and len(rows[0]) == len(cols)
