@@ -111,10 +111,6 @@ def _build(task: Any, backbone: str, profile: str, sets: list[str], work: Path) 
                       predictions_dir=work / "predictions")
     cfg = runner_cfg(task, p, task.runner_parts(ctx), sched=ctx.schedule, work_dir=work, seed=0, launcher="none")
     cfg["log_level"] = "WARNING"
-    # mmengine names its logger / visualizer instances by the experiment (default: the second it started);
-    # measurements one after another in one process must not share those of a removed work dir
-    cfg["experiment_name"] = f"bench-{task.name}-{name}-{time.time_ns()}"
-    cfg["visualizer"] = dict(cfg["visualizer"], name=cfg["experiment_name"])
     runner = Runner.from_cfg(Config(cfg))
     optim = runner.build_optim_wrapper(runner.optim_wrapper)
     loader = runner.build_dataloader(runner._train_dataloader, seed=0)

@@ -201,8 +201,12 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                      dist_cfg=dict(backend="nccl" if cuda else "gloo")),
         log_processor=dict(type="LogProcessor", window_size=int(p.get("log_interval", default("log_interval"))), by_epoch=False),
+        # mmengine keeps one logger / visualizer instance per name for the process; a name of this run's own
+        # (not the second it started, mmengine's default) keeps a second run in one process (the Python
+        # API, a notebook) from writing its log and scalars into the first run's directory
+        experiment_name=f"fourm-eval-{task.name}-{os.getpid()}-{time.time_ns()}",
         visualizer=dict(type="Visualizer", vis_backends=vis_backends or [dict(type="LocalVisBackend")],
-                        name="fourm_eval_vis"),
+                        name=f"fourm_eval_vis-{os.getpid()}-{time.time_ns()}"),
         log_level="INFO",
         load_from=None,
         resume=True,

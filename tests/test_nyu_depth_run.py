@@ -178,3 +178,23 @@ def test_eval_only_reproduces_the_smoke_run(smoke):
     assert bad.returncode == 2 and "--set cannot change them" in bad.stderr
     bad = _run(["run", "coco-det", "--eval-only", "--from", str(wd)], tmp)
     assert bad.returncode == 2 and "a nyu-depth run, not coco-det" in bad.stderr
+
+
+def test_two_runs_in_one_process_keep_their_own_logs(tmp_path, tiny_nyu):
+    """The Python API twice in one process (a notebook): each run's log and scalars are in its own run
+    directory and its record names them (mmengine's per-process logger and visualizer instances were
+    once shared by name, so the second run's scalars went to the first run's directory)."""
+    from fourm_eval.console import RunConsole
+    from fourm_eval.tasks import get_task
+    from fourm_eval.tasks.runner import run
+
+    sets = ["image_size=32", "batch_size=2", "schedule.length=2", "schedule.val_interval=2",
+            "schedule.checkpoint_interval=2", "log_interval=1"]
+    for name in ("first", "second"):
+        rec = run(get_task("nyu-depth"), data_root=tiny_nyu, work_dir=tmp_path / name, sets=sets,
+                  console=RunConsole(force_plain=True))
+        scalars = rec["files"]["scalars"]
+        assert len(scalars) == 1, (name, scalars)
+        lines = (tmp_path / name / scalars[0]).read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines if '"loss"' in x] == [1, 2]  # this run's two steps only
+        assert len(list((tmp_path / name).glob("*/*.log"))) == 1
