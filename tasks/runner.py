@@ -177,6 +177,7 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
     if p.get("eval_at_start", default("eval_at_start")):
         hooks.append(dict(type="EvalAtStartHook", out_file=str(work_dir / "eval_step0.json")))
     cuda = torch.cuda.is_available()
+    run_name = f"fourm-eval-{task.name}-{os.getpid()}-{time.time_ns()}"  # this run's mmengine instances
     cfg = dict(
         default_scope=task.mm_scope,
         work_dir=str(work_dir),
@@ -204,9 +205,9 @@ def runner_cfg(task: Task, p: dict[str, Any], parts: dict[str, Any], *, sched: d
         # mmengine keeps one logger / visualizer instance per name for the process; a name of this run's own
         # (not the second it started, mmengine's default) keeps a second run in one process (the Python
         # API, a notebook) from writing its log and scalars into the first run's directory
-        experiment_name=f"fourm-eval-{task.name}-{os.getpid()}-{time.time_ns()}",
+        experiment_name=run_name,
         visualizer=dict(type="Visualizer", vis_backends=vis_backends or [dict(type="LocalVisBackend")],
-                        name=f"fourm_eval_vis-{os.getpid()}-{time.time_ns()}"),
+                        name=run_name),
         log_level="INFO",
         load_from=None,
         resume=True,
