@@ -342,6 +342,10 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
                                            "with a warning in the record)."),
              random_init: bool = typer.Option(False, "--random-init", help="Train a baseline from random init."),
              launcher: str = typer.Option("none", help="none, pytorch (torchrun) or slurm (srun)."),
+             stage_data_root: Optional[Path] = typer.Option(
+                 None, "--stage-data-root", help="Data of the profile's pre_stage (for the 4M-21 ImageNet protocol: ImageNet-21K, the "
+                                                 "winter21 release unpacked); needed with --data-root when the profile "
+                                                 "has one."),
              init_from: Optional[Path] = typer.Option(
                  None, "--init-from", help="Start from the final weights of another finished run (RUN_DIR), e.g. "
                                            "an intermediate fine-tuning stage; every tensor whose name and shape "
@@ -386,7 +390,7 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
             skip_bad_images=skip_bad_images, allow_pickle=allow_pickle, launcher=launcher, size=model_size,
             random_init=random_init, num_heads=num_heads, console=RunConsole(verbose=verbose), dry_run=dry_run,
             init_from=init_from, eval_from=from_, loggers=list(logger) or None,
-            gpu_memory=None if gpu_memory.lower() == "none" else gpu_memory)
+            gpu_memory=None if gpu_memory.lower() == "none" else gpu_memory, stage_data_root=stage_data_root)
     except RunInterrupted as e:
         raise typer.Exit(e.exit_code) from None
 

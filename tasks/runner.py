@@ -12,6 +12,7 @@ schedulers, hooks, resume, distributed set-up and the record are here.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -251,6 +252,8 @@ def resolve_run_profile(task: Task, profile: str, sets: list[str] | None, info: 
     p["model_size"] = bsize
     from fourm_eval.lora import resolve_finetune
     p = resolve_finetune(p, p.get("profile_file", profile))  # full: no finetune section (records unchanged)
+    if p.get("pre_stage", 0) is None:  # null: no stage, as absent (records of single-stage runs unchanged)
+        p.pop("pre_stage")
     return p, note
 
 
@@ -260,8 +263,11 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
         size: str | None = None, random_init: bool = False, num_heads: int | None = None,
         console: RunConsole | None = None, dry_run: bool = False,
         init_from: str | Path | None = None, eval_from: str | Path | None = None,
-        loggers: list[str] | None = None, gpu_memory: float | str | None = "auto") -> dict[str, Any]:
+        loggers: list[str] | None = None, gpu_memory: float | str | None = "auto",
+        stage_data_root: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune and evaluate ``task``; returns the result record (also written to result.json).
+    A profile with a ``pre_stage`` runs that stage first (``stage_data_root``: its data), in
+    ``WORK_DIR/stage-<task>``, and starts from its final weights (:func:`_pre_stage`).
     ``dry_run``: resolve and print the plan (profile, data, subsets, schedule, time estimate) only.
     ``init_from``: a finished run directory whose final weights the model starts from (every tensor
     whose name and shape fit; recorded in the record's provenance), e.g. a chained intermediate stage.
@@ -289,7 +295,8 @@ def run(task: Task, *, backbone: str = "4m", checkpoint: str | None = None, data
                               work_dir=work_dir, seed=seed, sets=sets, skip_bad_images=skip_bad_images,
                               allow_pickle=allow_pickle, launcher=launcher, size=size, random_init=random_init,
                               num_heads=num_heads, console=console, dry_run=dry_run, init_from=init_from,
-                              eval_from=eval_from, loggers=loggers, gpu_memory=gpu_memory)
+                              eval_from=eval_from, loggers=loggers, gpu_memory=gpu_memory,
+                              stage_data_root=stage_data_root)
         finally:
             console.close()
     if wd is not None and caught and rank_zero():
@@ -345,7 +352,8 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
          launcher: str, size: str | None, random_init: bool, num_heads: int | None,
          console: RunConsole, dry_run: bool = False, init_from: str | Path | None = None,
          eval_from: str | Path | None = None, loggers: list[str] | None = None,
-         gpu_memory: float | str | None = None) -> tuple[dict[str, Any], Path | None]:
+         gpu_memory: float | str | None = None,
+         stage_data_root: str | Path | None = None) -> tuple[dict[str, Any], Path | None]:
     from fourm_eval.backbones import backbone_info
     from fourm_eval.checkpoints import resolve_checkpoint
     from fourm_eval.results import device_description
@@ -355,6 +363,9 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     from .state import allow_mmengine_checkpoint_types, init_distributed_cpu
 
     started = time.time()
+    given = dict(backbone=backbone, checkpoint=checkpoint, seed=seed, skip_bad_images=skip_bad_images,
+                 allow_pickle=allow_pickle, launcher=launcher, size=size, random_init=random_init,
+                 num_heads=num_heads, console=console, loggers=loggers, gpu_memory=gpu_memory)
     src = eval_source(eval_from, task) if eval_from is not None else None
     if src is not None and init_from is not None:
         raise ConfigError("--eval-only evaluates trained weights; --init-from starts a training from them: "
@@ -379,6 +390,14 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         p["loggers"] = list(loggers)
     if size_note:
         warns.append(size_note)
+    stage = p.get("pre_stage") if src is None else None
+    stage_task = _stage_task(task, stage, init_from, data_root, stage_data_root) if stage else None
+    if src is None and not stage and sets:
+        declared = load_profile(task.name, profile).get("pre_stage")
+        if declared:
+            warns.append(f"profile {p['profile']} (protocol {p.get('protocol')}) runs the stage {declared['task']} / "
+                         f"{declared['profile']} first; --set removed it, so this run is its last stage alone and "
+                         f"its numbers are not protocol {p.get('protocol')}'s")
     for note in warns:
         console.warn(note)
     options = task.backbone_options(p, name, info)
@@ -391,7 +410,15 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         data_root = task.default_data_root()
     root = Path(data_root).expanduser().resolve()
     init_src = init_from_source(init_from) if init_from is not None else None
+    if stage_task is not None and init_src is not None:  # a finished run of the stage, given: the stage is done
+        init_src["stage"] = _stage_entry(stage_task, stage, Path(init_from), init_src)
     if dry_run:
+        if stage_task is not None and init_src is None:
+            console.line(f"stage 1 of 2: {stage_task.name} --profile {stage['profile']} (pre_stage of "
+                         f"{p['profile_file']})")
+            _run(stage_task, **given, data_root=stage_data_root, profile=stage["profile"], work_dir=None, sets=None,
+                 dry_run=True)
+            console.line(f"stage 2 of 2: {task.name} --profile {p['profile']}, from stage 1's final weights")
         _dry_run(task, p, root, name, info, world, console)
         return {}, None
     if src is not None and work_dir is None:
@@ -411,6 +438,13 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     if done is not None:
         console.line(f"{wd.path} already holds a finished run; result.json left as it is")
         return done, None
+    if stage_task is not None and init_src is None:  # run (or resume, or find finished) the stage first
+        stage_wd = wd.path / f"stage-{stage_task.name}"
+        console.line(f"stage 1 of 2: {stage_task.name} --profile {stage['profile']} in {stage_wd}")
+        _run(stage_task, **given, data_root=stage_data_root, profile=stage["profile"], work_dir=stage_wd, sets=None)
+        init_src = init_from_source(stage_wd)
+        init_src["stage"] = _stage_entry(stage_task, stage, stage_wd, init_src, relative_to=wd.path)
+        console.line(f"stage 2 of 2: {task.name} --profile {p['profile']}, from stage 1's final weights")
     sha = checkpoint_digest(ckpt_path) if ckpt_path else None
     data = task.check_data(root, p, skip_bad_images=skip_bad_images, out_dir=wd.path / "data", log=console.line,
                            progress=_progress(console))
@@ -452,7 +486,7 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
                                                 f"{sched['max_iters']}; sha256 {src['sha256'][:12]}), no training"),
         ("device", device_description()),
         ("work dir", str(wd.path) + (f" (resuming from {resume_from.name})" if resume_from else "")),
-    ] + ([("loggers", ", ".join(f"{r['name']} ({r.get('dir') or r.get('mode')})" for r in logger_record))]
+    ] + ([("pre-stage", _stage_words(init_src["stage"]))] if init_src and init_src.get("stage") else []) + ([("loggers", ", ".join(f"{r['name']} ({r.get('dir') or r.get('mode')})" for r in logger_record))]
          if logger_record else []))
     invocations = Invocations(wd, start_iter, started)
     runner = None
@@ -511,6 +545,53 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
             invocations=invocations, eval_only=eval_only, finetune=finetune)
         _closing_table(console, task, final, step0, started, wd.path, record)
     return record, wd.path
+
+
+def _stage_task(task: Task, stage: dict[str, Any], init_from: str | Path | None, data_root: str | Path | None,
+                stage_data_root: str | Path | None) -> Task:
+    """The task of a profile's ``pre_stage``, checked before anything runs."""
+    from . import get_task
+
+    st = get_task(str(stage["task"]))
+    if st.name == task.name:
+        raise ConfigError(f"pre_stage.task = {stage['task']!r}: a stage of another task is expected (the run itself is "
+                          f"{task.name})")
+    sp = load_profile(st.name, str(stage["profile"]))
+    if sp.get("pre_stage"):
+        raise ConfigError(f"pre_stage {st.name} / {stage['profile']} has a pre_stage of its own; one stage is supported")
+    if init_from is None and data_root is not None and stage_data_root is None:
+        raise ConfigError(f"the profile runs the stage {st.name} / {stage['profile']} first, on its own data: pass "
+                          f"--stage-data-root ({st.data_kind}: `fourm-eval data check {st.name} ROOT` checks it), or "
+                          f"--init-from a finished {st.name} run of that profile")
+    return st
+
+
+def _stage_entry(stage_task: Task, stage: dict[str, Any], stage_dir: Path, init_src: dict[str, Any],
+                 relative_to: Path | None = None) -> dict[str, Any]:
+    """What the record keeps of the stage: task, profile, directory, cell, metrics, record hash. A run
+    given with --init-from stands in for the stage only if it is a finished run of it."""
+    import hashlib
+
+    from fourm_eval.cells import identity as cell_identity
+
+    rec_path = Path(stage_dir) / "result.json"
+    rec = json.loads(rec_path.read_text())
+    if rec.get("task") != stage_task.name or rec.get("profile") != stage["profile"]:
+        raise ConfigError(f"--init-from {stage_dir}: a {rec.get('task')} / {rec.get('profile')} run, but the profile's "
+                          f"pre_stage is {stage_task.name} / {stage['profile']}; pass a finished run of the stage, or "
+                          "--set pre_stage=null to start this single stage from another run")
+    ident = cell_identity(rec)
+    where = Path(stage_dir).resolve()
+    return {"task": stage_task.name, "profile": stage["profile"], "protocol": (rec.get("config") or {}).get("protocol"),
+            "work_dir": str(where.relative_to(relative_to.resolve())) if relative_to is not None else str(where),
+            "cell": ident["cell"], "settings_sha256": ident["settings_sha256"], "seed": rec.get("seed"),
+            "metrics": rec.get("metrics"), "dataset_root": (rec.get("dataset") or {}).get("root"),
+            "record_sha256": hashlib.sha256(rec_path.read_bytes()).hexdigest()}
+
+
+def _stage_words(st: dict[str, Any]) -> str:
+    m = ", ".join(f"{k} {v:.4f}" for k, v in (st.get("metrics") or {}).items() if isinstance(v, (int, float)))
+    return f"{st['task']} / {st['profile']} ({st['work_dir']}): {m or 'no metrics'}; cell {st['cell']}"
 
 
 def _iter_of(runner: Any, default: int) -> int:

@@ -118,6 +118,10 @@ RUNNER_SETTINGS: tuple[Setting, ...] = (
     S("loggers", "list", "extra loggers", default=[], item="str", per_size=False),
     S("s_per_image_estimate", "float", "measured seconds per training image, for the time estimate printed "
       "before a run", default=None, unit="s"),
+    S("pre_stage", "section", "a stage run first, whose final weights this run starts from (the record names both; "
+      "README 'Chained stages'); null or absent: none", default=None, null=True, per_size=False),
+    S("pre_stage.task", "str", "the stage's task (a registered task name)"),
+    S("pre_stage.profile", "str", "the stage's profile of that task"),
     S("finetune", "section", "how the backbone is tuned (absent: full fine-tuning; fourm_eval/lora.py, README "
       "'LoRA')", default=None, per_size=False),
     S("finetune.mode", "str", "full: every backbone weight trains; lora: the backbone is frozen and low-rank "

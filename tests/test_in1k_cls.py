@@ -261,16 +261,27 @@ def test_init_from_starts_from_the_final_weights(smoke_run):
     """--init-from: the new run's step-0 evaluation is the source run's final one (same weights, same
     evaluation), and the source is in the record's provenance."""
     tmp, wd, rec = smoke_run
+    short = ["--set", "schedule.length=2", "--set", "schedule.val_interval=2", "--set", "schedule.warmup_epochs=0"]
+    # the smoke profile runs the in21k-cls stage first: another run stands in for it only if it is one
+    wrong = _run(["run", "in1k-cls", "--profile", "smoke", "--init-from", str(wd), "--work-dir", str(tmp / "w")], tmp)
+    assert wrong.returncode == 2 and "pre_stage is in21k-cls / smoke" in wrong.stderr, wrong.stderr[-2000:]
     r = _run(["run", "in1k-cls", "--profile", "smoke", "--init-from", str(wd), "--work-dir", str(tmp / "chained"),
-              "--set", "schedule.length=2", "--set", "schedule.val_interval=2", "--set", "schedule.warmup_epochs=0"],
-             tmp)
+              "--set", "pre_stage=null", *short], tmp)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rec2 = json.loads((tmp / "chained" / "result.json").read_text())
+    assert any("--set removed it" in w and "not protocol 4m-21's" in w for w in rec2["warnings"]), rec2["warnings"]
+    assert "pre_stage" not in rec2["config"] and "stage" not in rec2["provenance"]["init_from"]
     assert rec2["metrics_step0"] == {k: rec["metrics"][k] for k in rec2["metrics_step0"]}
     src = rec2["provenance"]["init_from"]
     assert src["run_dir"] == str(wd) and src["checkpoint"].endswith(
         f"iter_{rec['config']['schedule_resolved']['max_iters']}.pth") and len(src["sha256"]) == 64
     assert src["loaded_tensors"] > 0 and src["shape_mismatch"] == []
+    # a finished run of the stage stands in for it: nothing of the stage reruns, the record names it
+    r = _run(["run", "in1k-cls", "--profile", "smoke", "--init-from", str(wd / "stage-in21k-cls"),
+              "--work-dir", str(tmp / "from-stage"), *short], tmp)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    st = json.loads((tmp / "from-stage" / "result.json").read_text())["provenance"]["init_from"]["stage"]
+    assert st["cell"] == rec["provenance"]["init_from"]["stage"]["cell"] and not (tmp / "from-stage" / "stage-in21k-cls").exists()
     # not a finished run: a named error
     bad = _run(["run", "in1k-cls", "--init-from", str(tmp), "--work-dir", str(tmp / "x")], tmp)
     assert bad.returncode == 2 and "not a finished run" in bad.stderr

@@ -83,7 +83,12 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
 
 def make_image(cls: int, rng: np.random.Generator, size_range: tuple[int, int] = (64, 96)) -> np.ndarray:
     """One (H, W, 3) uint8 image of class ``cls`` (shape ``cls // 2``, fill ``cls % 2``)."""
-    shape, fill = SHAPES[cls // 2], FILLS[cls % 2]
+    return draw(SHAPES[cls // 2], FILLS[cls % 2], rng, size_range)
+
+
+def draw(shape: str, fill: str, rng: np.random.Generator, size_range: tuple[int, int] = (64, 96)) -> np.ndarray:
+    """One (H, W, 3) uint8 image of ``shape`` with ``fill``: solid, striped, or outline (only the
+    shape's rim, the outer quarter of its radius, painted: the mini ImageNet-21K's extra classes)."""
     w = int(rng.integers(size_range[0], size_range[1] + 1))
     h = int(rng.integers(size_range[0], size_range[1] + 1))
     img = _background(rng, h, w)
@@ -91,7 +96,10 @@ def make_image(cls: int, rng: np.random.Generator, size_range: tuple[int, int] =
     r = float(rng.uniform(0.28, 0.42) * side)
     cx = float(rng.uniform(0.4 * side, w - 0.4 * side))
     cy = float(rng.uniform(0.4 * side, h - 0.4 * side))
-    mask = _shape_mask(shape, h, w, cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
+    angle = float(rng.uniform(0, 2 * math.pi))
+    mask = _shape_mask(shape, h, w, cx, cy, r, angle)
+    if fill == "outline":
+        mask &= ~_shape_mask(shape, h, w, cx, cy, 0.75 * r, angle)
     hue = float(rng.uniform(0, 1))
     colour = _hsv(hue, rng.uniform(0.5, 0.95), rng.uniform(0.6, 1.0))
     if fill == "striped":

@@ -18,9 +18,13 @@ import csv
 import math
 from pathlib import Path
 
-from fourm_eval.errors import PredictionsError
+from fourm_eval.data.checks import DatasetError
+from fourm_eval.errors import ConfigError, PredictionsError
 
-from ..base import Metric
+from typing import Any, ClassVar
+
+from ..base import Metric, PreparedData, RunContext, Task
+from ..schema import S, SUBSET_SETTINGS
 
 CLASSIFICATION_METRICS = (
     Metric("top1", main=True, gated=True, description="top-1 accuracy, centre-crop evaluation"),
@@ -123,5 +127,120 @@ def score_predictions(preds: dict[str, list[int]], truth: list[tuple[str, int]],
     return topk_accuracy([preds[f] for f in files], [labels[f] for f in files])
 
 
-__all__ = ["CLASSIFICATION_METRICS", "CSV_HEADER", "PRED_FILE", "PRED_FILE_EMA", "PredictionsError", "TOPK", "read_predictions_csv",
+# ------------------------------------------------------------ the task base
+class ImageClassificationTask(Task):
+    """What every image-classification task shares (ImageNet-1K, ImageNet-21K): the profile keys, the
+    classifier on the shared backbone adapter (``classification_model.py``), timm's transforms, the
+    run's metric and record mapping, the footnote. A task adds its data (layout check, identity,
+    class list, the validation split) and its ``evaluate``. ``check_data`` must hand over
+    ``private = {"classes": [...], "files": {"train": json, "val": json}}`` (the sample lists)."""
+
+    data_title: ClassVar[str] = "ImageNet"
+    val_words: ClassVar[str] = "val"
+    base_scaled_lr = True  # ml-4m, MAE and MultiMAE write a base lr x total batch / 256
+    metrics = CLASSIFICATION_METRICS
+    requires = ("torch", "timm", "mmengine")
+    mm_scope = "mmengine"
+    settings = SUBSET_SETTINGS + (
+        S("image_size", "int", "square crop", unit="px"),
+        S("mode", "str", "finetune, or linear (frozen backbone, BN + linear head)", choices=("finetune", "linear")),
+        S("pool", "str", "pooling of the final tokens (cls: DeiT III / MAE only)", choices=("mean", "cls")),
+        S("probe_blocks", "int", "linear mode: average the pooled tokens of the last k blocks", default=1),
+        S("final_norm", "bool", "the encoder's final norm on the tokens the head reads (ml-4m's FourMViT applies "
+          "it; MAE's global-pool fine-tuning does not, its linear probe does)"),
+        S("eval_crop_pct", "float", "centre-crop evaluation: short side to image_size / this"),
+        S("interpolation", "str", "resize interpolation (timm's names)", choices=("bicubic", "bilinear", "nearest")),
+        S("augment", "section", "training augmentation (timm)", per_size=False),
+        S("augment.rrc_scale", "list", "random-resized-crop area range", item="float", length=2),
+        S("augment.rrc_ratio", "list", "random-resized-crop aspect range", item="float", length=2),
+        S("augment.hflip", "float", "horizontal flip probability"),
+        S("augment.rand_augment", "str", "timm RandAugment policy (null: none)", null=True),
+        S("augment.random_erasing", "float", "random erasing probability"),
+        S("augment.mixup", "float", "mixup alpha (0: off)"),
+        S("augment.cutmix", "float", "cutmix alpha (0: off)"),
+        S("augment.mixup_prob", "float", "probability of mixing a batch"),
+        S("augment.mixup_switch_prob", "float", "probability of cutmix instead of mixup"),
+        S("augment.label_smoothing", "float", "label smoothing"),
+        S("ema", "section", "model EMA (timm ModelEmaV3)", per_size=False),
+        S("ema.enabled", "bool", "keep and evaluate an EMA of the weights"),
+        S("ema.decay", "float", "EMA decay"),
+        S("ema.warmup", "bool", "timm's EMA decay warm-up", default=False),
+    )
+
+    # model and runner
+    def register_mm(self) -> None:
+        from .. import mm  # noqa: F401 - FourmEvalViT, the optimiser constructor and the hooks
+        from . import classification_model  # noqa: F401 - the classifier, dataset and metric
+
+    def runner_parts(self, ctx: RunContext) -> dict[str, Any]:
+        p, data, backbone_cfg, predictions_dir = ctx.profile, ctx.data, ctx.backbone_cfg, ctx.predictions_dir
+        classes = data.private["classes"]
+        files = data.private["files"]
+        if not files:
+            raise ConfigError("the image lists are written by the data check into the run directory (out_dir)")
+        return dict(model=build_model_cfg(p, backbone_cfg, len(classes)),
+                    train_dataset=dict(type="FourmImageFolder", root=str(data.root), samples_file=str(files["train"]),
+                                       transform=transform_cfg(p, True)),
+                    val_dataset=dict(type="FourmImageFolder", root=str(data.root), samples_file=str(files["val"]),
+                                     transform=transform_cfg(p, False)),
+                    val_evaluator=dict(type="FourmTopKMetric", num_classes=len(classes),
+                                       predictions_dir=str(predictions_dir) if predictions_dir else None))
+
+    def verify_runner(self, runner: Any, data: PreparedData) -> None:
+        model = getattr(runner.model, "module", runner.model)
+        n = len(data.private["classes"])
+        if model.num_classes != n:
+            raise DatasetError(f"the model has {model.num_classes} outputs but the data root has {n} classes")
+
+    def record_metrics(self, evaluator_out: dict[str, float]) -> dict[str, float]:
+        return {k.removeprefix("cls/"): float(v) for k, v in evaluator_out.items()}
+
+    def footnote(self, record: dict[str, Any]) -> str:
+        c = record.get("config", {})
+        sch = c.get("schedule_resolved", {})
+        aug = c.get("augment", {})
+        size = c.get("image_size", "?")
+        crop = c.get("eval_crop_pct", "?")
+        resize = round(size / crop) if isinstance(size, int) and isinstance(crop, float) else "?"
+        lr = (f"blr {c['blr']} (peak lr {(c.get('lr_resolved') or {}).get('lr', '?')})" if c.get("blr") is not None
+              else f"lr {c.get('lr', '?')}")
+        normed = {True: " after the final norm", False: " before the final norm"}.get(c.get("final_norm"), "")
+        st = ((record.get("provenance") or {}).get("init_from") or {}).get("stage") or {}
+        stage = (f"after the pre-stage {st.get('task', '?')} / {st.get('profile', '?')} (its final weights; "
+                 "the head for its classes not carried over), " if st else "")
+        if c.get("mode") == "linear":
+            how = (f"linear probe (frozen backbone, mean-pooled tokens of the last {c.get('probe_blocks', '?')} "
+                   f"block(s){normed}, BatchNorm without affine + Linear); {c.get('optimizer', '?')} "
+                   f"{lr}")
+        else:
+            how = (f"full fine-tuning ({c.get('pool', '?')}-pooled last-block tokens{normed}, LayerNorm + Linear); AdamW "
+                   f"{lr}, layer decay {c.get('layer_decay', '?')}, drop path {c.get('drop_path', '?')}, "
+                   f"mixup {aug.get('mixup', '?')} / cutmix {aug.get('cutmix', '?')}, label smoothing "
+                   f"{aug.get('label_smoothing', '?')}")
+        return (f"{self.name} / {record.get('profile')}: {stage}{how}; {sch.get('max_iters', '?')} iterations at batch "
+                f"{sch.get('eff_batch', '?')}, {size} px; top-1/top-5 on {self.val_words}, centre crop {size} of {resize} "
+                f"(ratio {crop}), final model (not best-on-val)"
+                + ("; EMA evaluated too" if (c.get("ema") or {}).get("enabled") else ""))
+
+
+def transform_cfg(p: dict[str, Any], train: bool) -> dict[str, Any]:
+    a = p["augment"]
+    cfg = dict(is_training=train, image_size=int(p["image_size"]), crop_pct=float(p["eval_crop_pct"]),
+               interpolation=str(p["interpolation"]))
+    if train:
+        cfg.update(rrc_scale=list(a["rrc_scale"]), rrc_ratio=list(a["rrc_ratio"]), hflip=float(a["hflip"]),
+                   rand_augment=a["rand_augment"], random_erasing=float(a["random_erasing"]))
+    return cfg
+
+
+def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    a = p["augment"]
+    mixup = dict(mixup_alpha=float(a["mixup"]), cutmix_alpha=float(a["cutmix"]), prob=float(a["mixup_prob"]),
+                 switch_prob=float(a["mixup_switch_prob"]), mode="batch")
+    return dict(type="FourmClassifier", backbone=dict(backbone_cfg), num_classes=int(num_classes),
+                mode=str(p["mode"]), pool=str(p["pool"]), probe_blocks=int(p["probe_blocks"]), mixup=mixup,
+                label_smoothing=float(a["label_smoothing"]), ema=dict(p["ema"]), final_norm=bool(p["final_norm"]))
+
+
+__all__ = ["CLASSIFICATION_METRICS", "ImageClassificationTask", "build_model_cfg", "transform_cfg", "CSV_HEADER", "PRED_FILE", "PRED_FILE_EMA", "PredictionsError", "TOPK", "read_predictions_csv",
            "score_predictions", "topk_accuracy", "write_predictions_csv"]
