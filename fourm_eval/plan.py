@@ -494,6 +494,14 @@ def plan_for(task: Any, backbone: str, profile: str, *, gpus: int, gpu_memory: f
     est = estimate(task, p, arch, gpus=gpus, gpu_memory=gpu_memory, options=options, per_gpu_batch=per_gpu_batch,
                    checkpointing=checkpointing, bf16=bf16, gpu=gpu, utilisation=utilisation)
     est["notes"] = [note] if note else []
+    stage = p.get("pre_stage")
+    if stage:  # the stage the profile runs first is part of the run's cost: planned alike, added up
+        from .tasks import get_task
+        est["pre_stage"] = plan_for(get_task(stage["task"]), backbone, stage["profile"], gpus=gpus,
+                                    gpu_memory=gpu_memory, checkpoint=checkpoint, size=size,
+                                    per_gpu_batch=per_gpu_batch, checkpointing=checkpointing, bf16=bf16, gpu=gpu,
+                                    utilisation=utilisation)
+        est["total_gpu_hours"] = est["time"]["gpu_hours"] + est["pre_stage"]["time"]["gpu_hours"]
     return est
 
 
@@ -504,6 +512,9 @@ def _gib(b: float) -> str:
 def render(est: dict[str, Any], out: Any) -> None:
     """The plan as text lines (``out``: a print function)."""
     s, mem, t = est["settings"], est["memory"], est["time"]
+    if est.get("pre_stage"):
+        out("stage 1 of 2 (the profile's pre_stage), then stage 2 from its weights:")
+        render(est["pre_stage"], out)
     out(f"plan: {est['task']} / profile {est['profile']} (size {est['model_size']}), backbone {est['backbone']}")
     out(f"  parameters: {est['params']['total'] / 1e6:.1f}M total, {est['params']['trainable'] / 1e6:.1f}M trainable "
         f"({s['mode']}{' rank ' + str(s['lora_rank']) if s['mode'] == 'lora' else ''}); heads not modelled")
@@ -543,3 +554,6 @@ def render(est: dict[str, Any], out: Any) -> None:
         f"{t['wall_s'] / 3600:.1f} h on {s['gpus']} GPU(s) = {t['gpu_hours']:.0f} GPU-hours")
     for n in est.get("notes", []):
         out(f"  note: {n}")
+    if est.get("pre_stage"):
+        out(f"both stages: {est['pre_stage']['time']['gpu_hours']:.0f} + {t['gpu_hours']:.0f} = "
+            f"{est['total_gpu_hours']:.0f} GPU-hours")

@@ -416,8 +416,8 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         if stage_task is not None and init_src is None:
             console.line(f"stage 1 of 2: {stage_task.name} --profile {stage['profile']} (pre_stage of "
                          f"{p['profile_file']})")
-            _run(stage_task, **given, data_root=stage_data_root, profile=stage["profile"], work_dir=None, sets=None,
-                 dry_run=True)
+            _run(stage_task, **given, data_root=stage_data_root, profile=stage["profile"], work_dir=None,
+                 sets=_execution_sets(sets), dry_run=True)
             console.line(f"stage 2 of 2: {task.name} --profile {p['profile']}, from stage 1's final weights")
         _dry_run(task, p, root, name, info, world, console)
         return {}, None
@@ -441,7 +441,8 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     if stage_task is not None and init_src is None:  # run (or resume, or find finished) the stage first
         stage_wd = wd.path / f"stage-{stage_task.name}"
         console.line(f"stage 1 of 2: {stage_task.name} --profile {stage['profile']} in {stage_wd}")
-        _run(stage_task, **given, data_root=stage_data_root, profile=stage["profile"], work_dir=stage_wd, sets=None)
+        _run(stage_task, **given, data_root=stage_data_root, profile=stage["profile"], work_dir=stage_wd,
+             sets=_execution_sets(sets))
         init_src = init_from_source(stage_wd)
         init_src["stage"] = _stage_entry(stage_task, stage, stage_wd, init_src, relative_to=wd.path)
         console.line(f"stage 2 of 2: {task.name} --profile {p['profile']}, from stage 1's final weights")
@@ -587,6 +588,15 @@ def _stage_entry(stage_task: Task, stage: dict[str, Any], stage_dir: Path, init_
             "cell": ident["cell"], "settings_sha256": ident["settings_sha256"], "seed": rec.get("seed"),
             "metrics": rec.get("metrics"), "dataset_root": (rec.get("dataset") or {}).get("root"),
             "record_sha256": hashlib.sha256(rec_path.read_bytes()).hexdigest()}
+
+
+def _execution_sets(sets: list[str] | None) -> list[str] | None:
+    """The --set overrides that say how a run executes, not what it is (per_gpu_batch, num_workers, ...:
+    ``fourm_eval.cells.EXECUTION_KEYS``): they apply to a pre-stage too; the others are the last stage's."""
+    from fourm_eval.cells import EXECUTION_KEYS
+
+    out = [s for s in sets or [] if s.split("=", 1)[0].strip() in EXECUTION_KEYS]
+    return out or None
 
 
 def _stage_words(st: dict[str, Any]) -> str:

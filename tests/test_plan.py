@@ -145,6 +145,22 @@ def test_plan_cli_coco_xl_8x80gb(tmp_path):
             assert alt["memory"] <= est["budget"]
 
 
+
+def test_a_staged_profile_plans_both_stages():
+    """in1k-cls paper runs the ImageNet-21K stage first: the plan holds it (batch 4096, 90 epochs of the
+    release's 13,153,500 images) and adds the GPU-hours; --per-gpu-batch reaches both stages."""
+    from fourm_eval.tasks import get_task
+    est = plan.plan_for(get_task("in1k-cls"), "4m-b", "paper", gpus=8, gpu_memory=80 * 2 ** 30, per_gpu_batch=128)
+    st = est["pre_stage"]
+    assert st["task"] == "in21k-cls" and st["total_batch"] == 4096 and est["total_batch"] == 1024
+    assert st["schedule"]["iterations"] == round(90 * 13153500 / 4096)
+    assert (st["settings"]["per_gpu_batch"], st["settings"]["accumulation"]) == (128, 4)
+    assert (est["settings"]["per_gpu_batch"], est["settings"]["accumulation"]) == (128, 1)
+    assert est["total_gpu_hours"] == pytest.approx(st["time"]["gpu_hours"] + est["time"]["gpu_hours"])
+    lines = []
+    plan.render(est, lines.append)
+    assert lines[0].startswith("stage 1 of 2") and lines[-1].startswith("both stages:")
+
 def test_run_refuses_what_cannot_fit(tmp_path):
     """`run` checks before it builds anything: no run directory, the settings that would fit named."""
     wd = tmp_path / "run"
