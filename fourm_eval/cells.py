@@ -64,7 +64,7 @@ def backbone_identity(rec: dict[str, Any]) -> dict[str, Any]:
 def settings_of(rec: dict[str, Any]) -> dict[str, Any]:
     """Every setting of a record that could change its numbers, flattened to dotted keys:
     ``config.*`` (less :data:`EXECUTION_KEYS`), ``dataset.*`` (less its location and absolute
-    paths), the backbone's architecture and options, the weights a chained run started from (the cell of its pre-stage, for a staged run),
+    paths), the backbone's architecture and options, the weights a chained run started from (for a staged run: its pre-stage's task, profile and settings hash),
     and for an evaluation-only record: the weights' sha256 when they come from a file outside a
     run, else the iteration when it is not the run's last."""
     out: dict[str, Any] = {}
@@ -79,8 +79,11 @@ def settings_of(rec: dict[str, Any]) -> dict[str, Any]:
         for k, v in flatten(bb.get(part) or {}).items():
             out[f"backbone.{part}.{k}"] = v
     init_from = (rec.get("provenance") or {}).get("init_from") or {}
-    if (init_from.get("stage") or {}).get("cell"):  # a pre-stage: its cell (its settings), not its weights' hash,
-        out["init_from.stage_cell"] = init_from["stage"]["cell"]  # so the seeds of a staged run share one cell
+    stage = init_from.get("stage") or {}
+    if stage.get("settings_sha256"):  # a pre-stage: what it is (task, profile, the hash of its settings), not
+        out["init_from.stage"] = f"{stage.get('task')}/{stage.get('profile')}"  # its weights' hash, so the seeds
+        out["init_from.stage_settings"] = stage["settings_sha256"]  # of a staged run share one cell (its
+        # backbone is this run's own: the record's backbone identity covers it)
     elif init_from.get("sha256"):
         out["init_from.sha256"] = init_from["sha256"]
     ev = rec.get("eval_only") or {}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -811,6 +813,128 @@ def regress(dirs: list[Path] = typer.Argument(..., help="Run directories with th
     n_bad = sum(v.regression for v in verdicts)
     console.print(f"{n_bad} regression(s) in {len(verdicts)} metric(s)", highlight=False)
     raise typer.Exit(1 if n_bad else 0)
+
+
+@app.command("sweep")
+@friendly
+def sweep_cmd(target: str = typer.Argument(..., help="A sweep file (or a shipped sweep's name, e.g. ci, table1); "
+                                                     "or `status` followed by the file."),
+              file: Optional[str] = typer.Argument(None, help="With `status`: the sweep file."),
+              out: Optional[Path] = typer.Option(None, "--out", help="The sweep's folder (default: the file's `out`, "
+                                                                    "else runs/sweeps/NAME)."),
+              only: list[str] = typer.Option([], "--only", help="Only the cells whose key starts with, or whose name "
+                                                                "(task/backbone/profile-sSEED) contains, this "
+                                                                "(repeatable)."),
+              dry_run: bool = typer.Option(False, "--dry-run", help="List the cells, their state and GPU-hours; open "
+                                                                    "no checkpoint or dataset, run nothing."),
+              launcher: Optional[str] = typer.Option(None, "--launcher", help="Override the file's launcher: local, "
+                                                                              "local-gpus, slurm."),
+              gpus: Optional[int] = typer.Option(None, "--gpus", help="local-gpus: GPUs to use, one cell each "
+                                                                      "(default: the file's, else every visible one)."),
+              wait: bool = typer.Option(True, "--wait/--no-wait", help="slurm: wait for the jobs (default), or submit "
+                                                                      "and return (then `sweep status`)."),
+              expected: Optional[Path] = typer.Option(None, "--expected", help="Expectations for `regress` after the "
+                                                                               "sweep (default: the file's)."),
+              report: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report from the finished "
+                                                                             "cells at the end."),
+              regress: bool = typer.Option(True, "--regress/--no-regress", help="Run `regress` against the "
+                                                                                "expectations at the end."),
+              watch: bool = typer.Option(False, "--watch", help="status: refresh until no cell runs."),
+              interval: float = typer.Option(10.0, "--interval", help="status --watch: seconds between refreshes.")
+              ) -> None:
+    """Run a sweep: every backbone x task x seed cell of FILE as its own resumable `fourm-eval run`; finished
+    cells are skipped, partial ones resumed, a failing one does not stop the others. `sweep status FILE`
+    shows the cells' states. Ends with the report of the finished cells and `regress` against the file's
+    expectations (exit 1 on a failed cell or a regression)."""
+    from . import sweep as sw
+    from .errors import ConfigError
+
+    if target == "status":
+        if not file:
+            raise ConfigError("sweep status FILE: name the sweep file")
+        spec = sw.load_sweep(file)
+        cells = sw.select(sw.expand(spec, (out or sw.default_out(spec)).resolve()), only)
+        while True:
+            rows = sw.status_rows(cells)
+            _sweep_table(spec, rows, f"sweep {spec.name}: {_counts_words(sw.counts(rows))}")
+            if not watch or not sw.counts(rows).get("running"):
+                break
+            time.sleep(interval)
+        raise typer.Exit(1 if sw.counts(rows).get("failed") else 0)
+    if file:
+        raise ConfigError(f"sweep {target} {file}: one sweep file at a time (or `sweep status FILE`)")
+    spec = sw.load_sweep(target)
+    if launcher:
+        if launcher not in sw.LAUNCHERS:
+            raise ConfigError(f"--launcher {launcher}: one of {', '.join(sw.LAUNCHERS)}")
+        spec.launcher["kind"] = launcher
+    root = (out or sw.default_out(spec)).resolve()
+    cells = sw.select(sw.expand(spec, root), only)
+    rows = sw.status_rows(cells)
+    if dry_run:
+        n_gpu = int(spec.launcher.get("gpus_per_cell", 1))
+        hours = {c.key: sw.plan_hours(c, n_gpu) for c in cells}
+        _sweep_table(spec, rows, f"sweep {spec.name} (dry run): {len(cells)} cell(s) in {root}; "
+                                 f"{_counts_words(sw.counts(rows))}", hours=hours)
+        known = [h for h, _ in hours.values() if h is not None]
+        console.print(f"planned: {sum(known):.0f} GPU-hours for {len(known)} of {len(cells)} cell(s) "
+                      f"(at {n_gpu} GPU(s) per cell; the planner's assumptions: `fourm-eval plan --help`); "
+                      "nothing was run", highlight=False)
+        raise typer.Exit(0)
+    sw.write_manifest(spec, root, cells)
+    todo = [c for c, st in rows if st["state"] != "done"]
+    console.print(f"sweep {spec.name}: {len(cells)} cell(s) in {root}; {len(cells) - len(todo)} finished (skipped), "
+                  f"{len(todo)} to run with launcher {spec.launcher['kind']}", highlight=False)
+    say = lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    kind = spec.launcher["kind"]
+    if todo and kind == "slurm":
+        sw.run_slurm(spec, root, todo, say, wait=wait)
+        if not wait:
+            console.print(f"submitted; follow with: fourm-eval sweep status {spec.path}"
+                          + (f" --out {root}" if out else ""), highlight=False)
+            raise typer.Exit(0)
+    elif todo:
+        n = 0
+        if kind == "local-gpus":
+            import torch
+            n = int(gpus or spec.launcher.get("gpus") or torch.cuda.device_count())
+            if n < 1:
+                raise ConfigError("launcher local-gpus: no CUDA device is visible (use --launcher local)")
+        sw.run_local(todo, say, gpus=n)
+    rows = sw.status_rows(cells)
+    _sweep_table(spec, rows, f"sweep {spec.name}: {_counts_words(sw.counts(rows))}")
+    done = [str(c.dir / "result.json") for c, st in rows if st["state"] == "done"]
+    rc = 1 if sw.counts(rows).get("failed") else 0
+    exe = [sys.executable, "-m", "fourm_eval.cli"]
+    if report and done:
+        r = subprocess.run(exe + ["report", *done, "--out", str(root / "report")])
+        rc = rc or (1 if r.returncode else 0)
+    exp = expected or spec.expected
+    if regress and exp is not None and done:
+        r = subprocess.run(exe + ["regress", *done, "--expected", str(exp)])
+        rc = rc or r.returncode
+    raise typer.Exit(rc)
+
+
+def _counts_words(c: dict[str, int]) -> str:
+    order = ("done", "running", "partial", "failed", "pending")
+    return ", ".join(f"{c[k]} {k}" for k in order if c.get(k)) or "no cells"
+
+
+def _sweep_table(spec: Any, rows: list, title: str, hours: dict | None = None) -> None:
+    from . import sweep as sw
+
+    t = Table(title=title)
+    for col in ("cell", "task", "backbone", "profile", "seed", "state") + (("GPU-hours",) if hours else ()) + ("folder",):
+        t.add_column(col, no_wrap=col != "state")
+    for c, st in rows:
+        extra = ()
+        if hours:
+            h, why = hours[c.key]
+            extra = ((f"{h:.0f}" if h >= 10 else f"{h:.1f}") if h is not None else f"- ({why})",)
+        where = st["log"] if st["state"] in ("failed", "running") else st["dir"]
+        t.add_row(c.key, c.task, c.label, c.profile, str(c.seed), sw.state_words(st), *extra, where)
+    console.print(t)
 
 
 def run() -> None:  # pragma: no cover

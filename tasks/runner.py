@@ -542,7 +542,9 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
             config={**p, "schedule_resolved": sched, "world_size": world, **_lr_record(p, sched)},
             eval_history=history, predictions=PREDICTIONS_DIR, started=started, train_end=train_end,
             provenance_extra={**({"init_from": init_record} if init_record else {}),
-                              **({"loggers": logger_record} if logger_record else {})},
+                              **({"loggers": logger_record} if logger_record else {}),
+                              **({"sweep_cell": os.environ["FOURM_EVAL_SWEEP_CELL"]}
+                                 if os.environ.get("FOURM_EVAL_SWEEP_CELL") else {})},
             invocations=invocations, eval_only=eval_only, finetune=finetune)
         _closing_table(console, task, final, step0, started, wd.path, record)
     return record, wd.path

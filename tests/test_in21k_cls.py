@@ -134,7 +134,7 @@ def test_evaluate_scores_hand_made_predictions(mini, tmp_path):
 def test_two_stage_smoke_names_both_and_starts_from_the_stage(smoke_runs):
     """`fourm-eval run in1k-cls --profile smoke` (the gate's runs): the in21k-cls smoke ran first in
     WORK_DIR/stage-in21k-cls and finished; the ImageNet-1K stage loaded every tensor of its final
-    checkpoint but the 15-way head; one record names both (stage cell, metrics, record hash); the two
+    checkpoint but the 15-way head; one record names both (stage task, profile, cell, metrics, record hash); the two
     seeds are one cell (the stage's settings, not its weights, key it); the stage's predictions
     re-score exactly; the same command again finds both stages finished."""
     import torch
@@ -191,32 +191,3 @@ def test_stage_data_root_required_and_dry_run_shows_both(tmp_path):
     assert "total batch 1024" in out[i2:] and "pre_stage.task = in21k-cls" in out[i2:]
     assert str(stage_root) in out[i1:i2] and str(root) in out[i2:]
 
-
-@pytest.mark.smoke_runs(("in1k-cls", 0))
-def test_kill_after_the_second_stage_validation_resumes_without_redoing_the_stage(smoke_runs, tmp_path):
-    """SIGKILL at iteration 201, just after the ImageNet-1K stage's checkpoint and evaluation at 200 (the
-    ImageNet-21K stage finished before): the same command again keeps the finished stage as it is,
-    resumes the second from iteration 200, and ends with the uninterrupted run's predictions, byte
-    for byte (the gate's seed-0 run)."""
-    import subprocess
-    import sys
-
-    ref = smoke_runs.get("in1k-cls", 0)
-    wd = tmp_path / "staged"
-    cmd = [sys.executable, "-m", "fourm_eval.cli", "run", "in1k-cls", "--profile", "smoke", "--work-dir", str(wd)]
-    env = cli_env(ref.base)  # the gate run's cache: the same mini datasets
-    killed = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900,
-                            env={**env, "FOURM_EVAL_KILL_AT": "after_iter:201"})
-    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
-    stage_rec = wd / "stage-in21k-cls" / "result.json"
-    assert stage_rec.is_file() and not (wd / "result.json").exists()
-    assert "evaluation at iteration 200" in killed.stdout
-    before = (stage_rec.stat().st_mtime_ns, stage_rec.read_bytes())
-    resumed = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900, env=env)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "already holds a finished run" in resumed.stdout and "resuming from iter_200.pth" in resumed.stdout
-    assert (stage_rec.stat().st_mtime_ns, stage_rec.read_bytes()) == before
-    got = (wd / "predictions" / "val_predictions.csv").read_bytes()
-    assert got == (ref.work_dir / "predictions" / "val_predictions.csv").read_bytes()
-    rec = json.loads((wd / "result.json").read_text())
-    assert rec["metrics"] == ref.record["metrics"] and len(rec["provenance"]["invocations"]) == 2
