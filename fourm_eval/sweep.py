@@ -231,13 +231,18 @@ def expand(sweep: Sweep, out: Path) -> list[Cell]:
 
 # ------------------------------------------------------------------ state
 def _pid_alive(pid: int | None) -> bool:
+    """The process exists and is not a zombie (a killed run whose parent died first may stay one)."""
     if not pid:
         return False
     try:
         os.kill(int(pid), 0)
     except (ProcessLookupError, PermissionError, OSError):
         return False
-    return True
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def read_json(p: Path) -> Any:
@@ -325,15 +330,16 @@ def run_cell(cell: Cell, env: dict[str, str] | None = None, job: str | None = No
         proc = subprocess.Popen(cell.argv(), stdout=f, stderr=subprocess.STDOUT, env=child_env,
                                 preexec_fn=(lambda: os.nice(nice)) if nice else None)
         _update_cell_file(cell, new=True, start=time.strftime("%Y-%m-%dT%H:%M:%S"), end=None, pid=proc.pid,
-                          host=os.uname().nodename, job=job, exit_code=None, error=None)
+                          launcher_pid=os.getpid(), host=os.uname().nodename, job=job, exit_code=None, error=None)
         if on_start:
             on_start(proc)
         try:
             rc = proc.wait()
-        except BaseException:
+        except BaseException:  # the sweep interrupted, or its job preempted (the handler recorded why)
             _stop(proc)
-            _update_cell_file(cell, end=time.strftime("%Y-%m-%dT%H:%M:%S"), exit_code=proc.returncode,
-                              error="the sweep was interrupted")
+            info = read_json(cell.dir / CELL_FILE) or {}
+            why = ((info.get("attempts") or [{}])[-1].get("error")) or "the sweep was interrupted"
+            _update_cell_file(cell, end=time.strftime("%Y-%m-%dT%H:%M:%S"), exit_code=proc.returncode, error=why)
             raise
     _update_cell_file(cell, end=time.strftime("%Y-%m-%dT%H:%M:%S"), exit_code=rc,
                       error=None if rc == 0 else _last_error(log))
@@ -341,15 +347,22 @@ def run_cell(cell: Cell, env: dict[str, str] | None = None, job: str | None = No
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    """SIGTERM (the run saves where it stopped and says how to resume), then SIGKILL after a grace."""
-    if proc.poll() is not None:
+    """SIGTERM (the run says where it stopped and how to resume; its checkpoints stay), then SIGKILL
+    after a grace. Safe inside a signal handler that interrupted ``proc.wait()`` (submitit's preemption
+    handler): it never calls into Popen's wait, whose lock the interrupted wait holds, but watches the
+    process id (an exited child stays a zombie until its parent reaps it)."""
+    if proc.returncode is not None:
         return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.kill(proc.pid, sig)
+        except OSError:
+            return
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            if not _pid_alive(proc.pid):
+                return
+            time.sleep(0.1)
 
 
 # ------------------------------------------------------------------ launchers

@@ -191,3 +191,35 @@ def test_stage_data_root_required_and_dry_run_shows_both(tmp_path):
     assert "total batch 1024" in out[i2:] and "pre_stage.task = in21k-cls" in out[i2:]
     assert str(stage_root) in out[i1:i2] and str(root) in out[i2:]
 
+
+
+def test_a_second_check_decodes_nothing_and_a_touched_image_is_decoded_again(tmp_path, monkeypatch):
+    """The image-decode cache of the data check: a second check of the unchanged dataset opens no image
+    (PIL's open made to fail proves it) and says so on the console; an image rewritten since is decoded
+    again, and a broken one is still the named error."""
+    import PIL.Image
+
+    from fourm_eval.data.checks import image_check_cache
+
+    monkeypatch.setenv("FOURM_EVAL_CACHE", str(tmp_path / "cache"))
+    root = make_mini_imagenet21k(tmp_path / "w", n_per_class=4)
+    with image_check_cache(root) as first:
+        _check(root, {"val_per_class": 1})
+    assert (first.decoded, first.cached) == (60, 0) and first.file.is_file()
+    with monkeypatch.context() as m:
+        m.setattr(PIL.Image, "open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded again")))
+        with image_check_cache(root) as second:
+            _check(root, {"val_per_class": 1})
+    assert (second.decoded, second.cached) == (0, 60)
+    r = run_cli(["data", "check", "in21k-cls", str(root)], tmp_path)
+    assert r.returncode == 0 and "0 image(s) decoded, 60 of 60 unchanged since an earlier check" in r.stdout, r.stdout
+    victim = sorted((root / sorted(d for d in os.listdir(root) if d.startswith("n"))[0]).iterdir())[0]
+    good = victim.read_bytes()
+    victim.write_bytes(b"\xff\xd8 not a jpeg any more")
+    with image_check_cache(root) as third, pytest.raises(DatasetError, match=victim.name):
+        _check(root, {"val_per_class": 1})
+    assert third.decoded == 1
+    victim.write_bytes(good)
+    with image_check_cache(root) as fourth:
+        _check(root, {"val_per_class": 1})
+    assert (fourth.decoded, fourth.cached) == (1, 59)

@@ -16,7 +16,8 @@ def test_wheel_contains_top_level_folders_and_works(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for mod in ("fourm_eval/cli.py", "fourm_eval/backbones/fourm.py", "fourm_eval/baselines/timm_vit.py",
                 "fourm_eval/tasks/__init__.py", "fourm_eval/configs/__init__.py",
-                "fourm_eval/assets/fourm-tiny-pretrained.safetensors", "fourm_eval/assets/fourm-tiny-pretrained.json"):
+                "fourm_eval/assets/fourm-tiny-pretrained.safetensors", "fourm_eval/assets/fourm-tiny-pretrained.json",
+                "fourm_eval/configs/sweeps/ci.yaml", "fourm_eval/configs/sweeps/table1.yaml"):
         assert mod in names, mod
     assert any(n.endswith("entry_points.txt") for n in names)
     # install into a bare folder and use it from outside the source tree
@@ -30,6 +31,8 @@ def test_wheel_contains_top_level_folders_and_works(tmp_path):
             "from fourm_eval.fixtures import default_tiny_checkpoint\n"
             "assert str(default_tiny_checkpoint()).startswith(" + repr(str(target)) + ")\n"
             "bb = build_backbone('4m', checkpoint=default_tiny_checkpoint())\n"
+            "from fourm_eval import sweep\n"
+            "assert len(sweep.expand(sweep.load_sweep('table1'), sweep.Path('out'))) == 40\n"
             "print(tuple(bb(torch.zeros(1, 3, 32, 32)).shape), build_backbone('mae-b').num_layers)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})

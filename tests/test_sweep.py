@@ -150,7 +150,10 @@ def test_submitit_launcher_requeues_a_preempted_cell(smoke_runs, tmp_path, monke
     while time.time() < deadline and not (cell.dir / "iter_60.pth").exists():
         time.sleep(0.2)
     assert (cell.dir / "iter_60.pth").exists() and not job.done()
-    job._interrupt()  # what Slurm's preemption / time-out signal does (submitit's USR2)
+    # what Slurm does before a preemption or the time limit (--signal): submitit's signal to the job's task
+    job_pid = json.loads((cell.dir / sw.CELL_FILE).read_text())["attempts"][-1]["launcher_pid"]
+    assert job_pid != os.getpid()
+    os.kill(job_pid, signal.SIGUSR2)
     assert job.result() == 0
     info = json.loads((cell.dir / sw.CELL_FILE).read_text())
     assert [a["error"] for a in info["attempts"]] == ["preempted or timed out: requeued", None], info

@@ -33,9 +33,98 @@ def problem_listing(bad: Sequence[Problem], show: int = 10) -> str:
     return f"  {listing}{more}"
 
 
+class ImageCheckCache:
+    """What decoding each image of one dataset root found, by file (path relative to the root, size,
+    modification time in ns), so that a second check of an unchanged dataset decodes nothing: an image
+    whose size or mtime changed (a touched or replaced file) is decoded again. Kept in
+    ``<cache>/image-checks/<sha256 of the root>.json`` (``fourm_eval.paths.cache_dir``); only a decode
+    result is cached, never a layout or label check. Counts: ``decoded`` and ``cached``."""
+
+    def __init__(self, root: Path) -> None:
+        import hashlib
+        import json
+        import threading
+
+        from ..paths import cache_dir
+
+        self.root = Path(root).resolve()
+        self.file = cache_dir() / "image-checks" / (hashlib.sha256(str(self.root).encode()).hexdigest()[:24] + ".json")
+        self.lock = threading.Lock()
+        self.decoded = self.cached = 0
+        try:
+            data = json.loads(self.file.read_text())
+            self.entries = data["files"] if data.get("root") == str(self.root) else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.entries = {}
+
+    def lookup(self, path: Path) -> tuple[str | None, Any]:
+        """(key, cached result or a miss marker) for ``path`` under the root; key None outside it."""
+        try:
+            rel = str(Path(path).resolve().relative_to(self.root))
+            st = os.stat(path)
+        except (ValueError, OSError):
+            return None, _MISS
+        key = f"{rel}\t{st.st_size}\t{st.st_mtime_ns}"
+        with self.lock:
+            e = self.entries.get(rel)
+        if e is not None and e[0] == key:
+            with self.lock:
+                self.cached += 1
+            return key, e[1]
+        return key, _MISS
+
+    def store(self, path: Path, key: str, reason: str | None) -> None:
+        rel = key.split("\t", 1)[0]
+        with self.lock:
+            self.entries[rel] = [key, reason]
+            self.decoded += 1
+
+    def save(self) -> None:
+        from ..results import atomic_write_json
+
+        if self.decoded:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            with self.lock:
+                atomic_write_json(self.file, {"root": str(self.root), "files": dict(self.entries)})
+
+
+_MISS = object()
+_ACTIVE: list[ImageCheckCache] = []
+
+
+class image_check_cache:
+    """``with image_check_cache(root) as cache:`` -- :func:`check_image` calls inside (any thread) use
+    and fill the root's cache, saved at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.cache = ImageCheckCache(root)
+
+    def __enter__(self) -> ImageCheckCache:
+        _ACTIVE.append(self.cache)
+        return self.cache
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.remove(self.cache)
+        self.cache.save()
+
+
 def check_image(path: Path) -> str | None:
     """None if the image decodes, else the reason (JPEGs in draft mode, which still reads the whole
-    entropy-coded stream)."""
+    entropy-coded stream). Inside :class:`image_check_cache` an unchanged file's earlier result is
+    returned without decoding it again."""
+    cache = _ACTIVE[-1] if _ACTIVE else None
+    if cache is not None:
+        key, hit = cache.lookup(path)
+        if hit is not _MISS:
+            return hit
+        reason = _decode(path)
+        if key is not None:
+            cache.store(path, key, reason)
+        return reason
+    return _decode(path)
+
+
+def _decode(path: Path) -> str | None:
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
@@ -117,5 +206,5 @@ def raising(check: Callable[[str], Any], error: type[DatasetError]) -> Callable[
     return one
 
 
-__all__ = ["DatasetError", "Problem", "check_image", "check_samples", "files_by_stem", "pair_files",
+__all__ = ["DatasetError", "ImageCheckCache", "Problem", "check_image", "image_check_cache", "check_samples", "files_by_stem", "pair_files",
            "problem_listing", "raising", "seeded_subset"]
