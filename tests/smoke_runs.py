@@ -30,7 +30,11 @@ CI_SWEEP = "ci"
 @dataclass
 class Output:
     returncode: int
-    stdout: str          # the run's console output (the cell's log)
+    stdout: str          # the run's console output: the cell's log, which holds both streams
+    stderr: str = ""     # the same log (set below), for checks written against a process's stderr
+
+    def __post_init__(self) -> None:
+        self.stderr = self.stdout
 
 
 @dataclass

@@ -151,9 +151,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert not (tmp_path / "w").exists()
     # a base lr (in1k-cls: ml-4m's and MAE's blr): the plan shows the base lr, the total batch and the peak lr
     from fourm_eval.data.imagenet_mini import make_mini_imagenet
+    from fourm_eval.data.imagenet21k_mini import make_mini_imagenet21k
     im = make_mini_imagenet(tmp_path / "im", n_train_per_class=2, n_val_per_class=1, seed=1)
+    im21 = make_mini_imagenet21k(tmp_path / "im21", n_per_class=2, seed=1)  # the 4m-21 protocol's first stage
     r = subprocess.run([sys.executable, "-m", "fourm_eval.cli", "run", "in1k-cls", "--profile", "paper", "--dry-run",
-                        "--data-root", str(im), "--work-dir", str(tmp_path / "w2")],
+                        "--data-root", str(im), "--stage-data-root", str(im21), "--work-dir", str(tmp_path / "w2")],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "base lr (blr) 0.0001 per 256 images x total batch 1024 / 256 = peak lr 0.0004" in r.stdout, r.stdout
