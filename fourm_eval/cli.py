@@ -846,6 +846,8 @@ def sweep_cmd(target: str = typer.Argument(..., help="A sweep file (or a shipped
               regress: bool = typer.Option(True, "--regress/--no-regress", help="Run `regress` against the "
                                                                                 "expectations at the end."),
               watch: bool = typer.Option(False, "--watch", help="status: refresh until no cell runs."),
+              json_out: Optional[Path] = typer.Option(None, "--json", help="status: also write every cell's state "
+                                                                            "here (JSON)."),
               interval: float = typer.Option(10.0, "--interval", help="status --watch: seconds between refreshes.")
               ) -> None:
     """Run a sweep: every backbone x task x seed cell of FILE as its own resumable `fourm-eval run`; finished
@@ -863,6 +865,9 @@ def sweep_cmd(target: str = typer.Argument(..., help="A sweep file (or a shipped
         while True:
             rows = sw.status_rows(cells)
             _sweep_table(spec, rows, f"sweep {spec.name}: {_counts_words(sw.counts(rows))}")
+            if json_out:
+                json_out.write_text(json.dumps([{**st, "task": c.task, "backbone": c.label, "profile": c.profile,
+                                                 "seed": c.seed} for c, st in rows], indent=1, default=str))
             if not watch or not sw.counts(rows).get("running"):
                 break
             time.sleep(interval)

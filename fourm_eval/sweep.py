@@ -268,14 +268,14 @@ def cell_state(cell: Cell) -> dict[str, Any]:
         main = (t.main_metrics or t.gated_metrics or list(rec["metrics"]))[0]
         out.update(state="done", metric=main, value=rec["metrics"].get(main))
         return out
-    inv = read_json(d / "invocations.json") or []
-    reached = max((int(i.get("iteration") or 0) for i in inv), default=0) if isinstance(inv, list) else 0
-    max_iters = (((read_json(d / "run.json") or {}).get("profile") or {}).get("schedule") or {}).get("length")
+    inv = read_json(d / "invocations.json") or []  # the run's own heartbeat (tasks/runs.py Invocations)
+    inv = [i for i in inv if isinstance(i, dict)] if isinstance(inv, list) else []
+    reached = max((int(i.get("iter_reached") or 0) for i in inv), default=0)
     out["iteration"] = reached
     if last and last.get("end") is None:
-        beat = max((float(i.get("heartbeat_unix") or 0) for i in inv), default=0.0) if isinstance(inv, list) else 0
+        beat = max((float(i.get("last_seen_t") or 0) for i in inv), default=0.0)
         alive = _pid_alive(last.get("pid")) if last.get("host") == os.uname().nodename else \
-            (time.time() - beat < STALE_S)
+            (time.time() - beat < STALE_S)  # a job on another node: its heartbeat is fresh
         if alive:
             out.update(state="running", since=last.get("start"), job=last.get("job"))
             return out
@@ -283,8 +283,6 @@ def cell_state(cell: Cell) -> dict[str, Any]:
         out.update(state="failed", exit_code=last.get("exit_code"), error=last.get("error"))
         return out
     out["state"] = "partial" if reached or (d / "run.json").exists() else "pending"
-    if max_iters:
-        out["length"] = max_iters
     return out
 
 
@@ -478,7 +476,7 @@ def state_words(st: dict[str, Any]) -> str:
     if s == "failed":
         return f"FAILED (exit {st.get('exit_code')}): {st.get('error') or '?'}"
     if s == "partial":
-        return f"partial (resumes at iteration {st.get('iteration', 0)})"
+        return f"partial (reached iteration {st.get('iteration', 0)}; resumes from its last checkpoint)"
     return "pending"
 
 

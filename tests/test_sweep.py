@@ -110,8 +110,10 @@ def test_sweep_killed_mid_cell_resumes_to_the_uninterrupted_result(smoke_runs, t
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert not (cell.dir / "result.json").exists() and (cell.dir / "stage-in21k-cls" / "result.json").exists()
-    st = run_cli(["sweep", "status", str(f), "--out", str(out)], tmp_path)
-    assert "partial" in st.stdout, st.stdout
+    st = run_cli(["sweep", "status", str(f), "--out", str(out), "--json", str(tmp_path / "status.json")], tmp_path)
+    assert st.returncode == 0 and "partial" in st.stdout, st.stdout
+    (row,) = json.loads((tmp_path / "status.json").read_text())
+    assert row["state"] == "partial" and row["cell"] == cell.key and row["iteration"] >= 200, row
     stage_before = (cell.dir / "stage-in21k-cls" / "result.json").read_bytes()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
