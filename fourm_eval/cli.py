@@ -573,14 +573,13 @@ def data_check(kind: str = typer.Argument(..., help="Task name or its data kind 
     from .tasks.profiles import load_profile
 
     from .data.checks import image_check_cache
-    from .tasks.runner import check_words
 
     t = get_task(kind)
     t0 = time.time()
     with image_check_cache(root.expanduser().resolve()) as cache:
         data = t.check_data(root.expanduser().resolve(), load_profile(t.name, "paper"), skip_bad_images=False,
                             out_dir=None, log=lambda m: console.print(m, highlight=False, markup=False))
-    console.print(check_words(cache, time.time() - t0), highlight=False, markup=False)
+    console.print(cache.summary(time.time() - t0), highlight=False, markup=False)
     console.print(f"{t.name}: {data.n_train} training / {data.n_val} validation images [green]ok[/]")
 
 

@@ -252,18 +252,24 @@ def read_json(p: Path) -> Any:
         return None
 
 
+def finished(run_dir: Path) -> dict[str, Any] | None:
+    """The cell's record when its run finished, by the run's own rule (the runner skips it too)."""
+    from .tasks.runs import RunDir
+    return RunDir(Path(run_dir)).finished_result()
+
+
 def cell_state(cell: Cell) -> dict[str, Any]:
     """``state``: done | running | failed | partial | pending, with what the table shows of it."""
     from .tasks import get_task
 
     d = cell.dir
-    rec = read_json(d / "result.json")
+    rec = finished(d)
     info = read_json(d / CELL_FILE) or {}
     attempts = info.get("attempts") or []
     last = attempts[-1] if attempts else {}
     out: dict[str, Any] = {"cell": cell.key, "name": cell.name, "dir": str(d), "log": str(d / CELL_LOG),
                            "attempts": len(attempts)}
-    if isinstance(rec, dict) and rec.get("metrics") is not None:
+    if rec is not None:
         t = get_task(cell.task)
         main = (t.main_metrics or t.gated_metrics or list(rec["metrics"]))[0]
         out.update(state="done", metric=main, value=rec["metrics"].get(main))
@@ -375,7 +381,7 @@ class CellJob:
 
     def __call__(self) -> int:
         job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
-        if read_json(self.cell.dir / "result.json"):
+        if finished(self.cell.dir) is not None:
             return 0
         rc = run_cell(self.cell, job=job, on_start=lambda p: setattr(self, "_proc", p))
         if rc != 0:
@@ -460,7 +466,7 @@ def plan_hours(cell: Cell, gpus: int) -> tuple[float | None, str]:
         from .plan import plan_for
         from .tasks import get_task
         est = plan_for(get_task(cell.task), b["backbone"], cell.profile, gpus=gpus, gpu_memory=None,
-                       sets=[s for s in cell.sets], size=b.get("model_size"))
+                       sets=list(cell.sets), size=b.get("model_size"))
     except Exception as e:  # the planner's refusal is shown, not raised: a dry run lists every cell
         return None, f"{type(e).__name__}: {str(e)[:80]}"
     return float(est.get("total_gpu_hours", est["time"]["gpu_hours"])), ""

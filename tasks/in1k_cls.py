@@ -56,20 +56,11 @@ class In1kCls(ImageClassificationTask):
     def check_data(self, root: Path, p: dict[str, Any], *, skip_bad_images: bool, out_dir: Path | None,
                    log: Log, progress: Progress | None = None) -> PreparedData:
         from fourm_eval.data import imagenet_check as ic
-        from fourm_eval.data.checks import seeded_subset
-        from fourm_eval.results import atomic_write_json
 
         root = Path(root)
         classes = ic.classes_of(root)
         listings = {s: ic.list_split(root, s, classes) for s in ("train", "val")}
-        subsets: dict[str, Any] = {}
-        seed = int(p.get("subset_seed", 0))
-        for split, lst in listings.items():
-            keep, n = seeded_subset([f for f, _ in lst.samples], p.get(f"{split}_subset"), seed)
-            if n is not None:
-                kept = set(keep)
-                lst.samples = [s for s in lst.samples if s[0] in kept]  # listing order kept
-                subsets[split] = {"n": n, "seed": seed, "files": f"data/{split}_samples.json"}
+        subsets = self.apply_subsets(listings, p)
         for split, lst in listings.items():
             label = f"checking {split}/"
             cb = (lambda i, n, label=label: progress(label, i, n)) if progress else None
@@ -82,14 +73,7 @@ class In1kCls(ImageClassificationTask):
         missing_val = sorted(set(classes) - set(listings["val"].classes_present))
         if missing_val:
             log(f"val/ has no images of {len(missing_val)} train class(es), e.g. {missing_val[:3]}")
-        files = {}
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for split, lst in listings.items():
-                files[split] = atomic_write_json(out_dir / f"{split}_samples.json", lst.samples)
-            if any(lst.bad_images for lst in listings.values()):
-                atomic_write_json(out_dir / "bad_images.json",
-                                  {s: lst.bad_images for s, lst in listings.items() if lst.bad_images})
+        files = self.write_listings(out_dir, listings)
         ident = self.data_identity(root)
         record = {"root": str(root), "listing_sha256": ident["listing_sha256"],
                   "n_train_images": len(listings["train"].samples), "n_val_images": len(listings["val"].samples),
@@ -104,8 +88,7 @@ class In1kCls(ImageClassificationTask):
     # metrics and predictions
     def evaluate(self, predictions: Path, data_root: Path, protocol: str | None = None,
                  log: Any = None) -> dict[str, float]:
-        if protocol is not None and log:
-            log(f"{self.name}: every protocol scores alike (top-k accuracy); --protocol {protocol} changes nothing")
+        self.note_protocol(protocol, log)
         from fourm_eval.data import imagenet_check as ic
         root = Path(data_root)
         classes = ic.classes_of(root)

@@ -53,7 +53,6 @@ class In21kCls(ImageClassificationTask):
     def check_data(self, root: Path, p: dict[str, Any], *, skip_bad_images: bool, out_dir: Path | None,
                    log: Log, progress: Progress | None = None) -> PreparedData:
         from fourm_eval.data import imagenet21k_check as ic
-        from fourm_eval.data.checks import seeded_subset
         from fourm_eval.data.imagenet_check import check_images
         from fourm_eval.results import atomic_write_json
 
@@ -67,28 +66,16 @@ class In21kCls(ImageClassificationTask):
             + (f"; {short} small class(es) gave fewer" if short else "") + ")"
             + (f"; {len(other)} non-image file(s) ignored, e.g. {other[0]}" if other else ""))
         listings = {"train": train, "val": val}
-        subsets: dict[str, Any] = {}
-        for split, lst in listings.items():
-            keep, n = seeded_subset([f for f, _ in lst.samples], p.get(f"{split}_subset"), seed)
-            if n is not None:
-                kept = set(keep)
-                lst.samples = [s for s in lst.samples if s[0] in kept]
-                subsets[split] = {"n": n, "seed": seed, "files": f"data/{split}_samples.json"}
+        subsets = self.apply_subsets(listings, p)
         for split, lst in listings.items():
             label = f"checking {split} images"
             cb = (lambda i, n, label=label: progress(label, i, n)) if progress else None
             check_images(root, lst, skip_bad_images, progress=cb)
             if lst.bad_images:
                 log(f"{split}: {len(lst.bad_images)} unusable image(s) skipped")
-        files = {}
+        files = self.write_listings(out_dir, listings)
         if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for split, lst in listings.items():
-                files[split] = atomic_write_json(out_dir / f"{split}_samples.json", lst.samples)
             atomic_write_json(out_dir / "classes.json", classes)
-            if any(lst.bad_images for lst in listings.values()):
-                atomic_write_json(out_dir / "bad_images.json",
-                                  {s: lst.bad_images for s, lst in listings.items() if lst.bad_images})
         record = {"root": str(root), "listing_sha256": self.data_identity(root)["listing_sha256"],
                   "n_train_images": len(train.samples), "n_val_images": len(val.samples),
                   "num_classes": len(classes),
@@ -107,8 +94,7 @@ class In21kCls(ImageClassificationTask):
     # metrics and predictions
     def evaluate(self, predictions: Path, data_root: Path, protocol: str | None = None,
                  log: Any = None) -> dict[str, float]:
-        if protocol is not None and log:
-            log(f"{self.name}: every protocol scores alike (top-k accuracy); --protocol {protocol} changes nothing")
+        self.note_protocol(protocol, log)
         from fourm_eval.data import imagenet21k_check as ic
         predictions = Path(predictions)
         run_dir = (predictions if predictions.is_dir() else predictions.parent).parent

@@ -748,16 +748,8 @@ def checked_data(task: Task, root: Path, p: dict[str, Any], *, skip_bad_images: 
     with image_check_cache(root) as cache:
         data = task.check_data(root, p, skip_bad_images=skip_bad_images, out_dir=out_dir, log=console.line,
                                progress=_progress(console))
-    console.line(check_words(cache, time.time() - t0))
+    console.line(cache.summary(time.time() - t0))
     return data
-
-
-def check_words(cache: Any, seconds: float) -> str:
-    n = cache.decoded + cache.cached
-    if not n:
-        return f"data check: {seconds:.1f} s"
-    return (f"data check: {seconds:.1f} s; {cache.decoded} image(s) decoded, {cache.cached} of {n} unchanged since "
-            f"an earlier check (size and mtime) and not decoded again (cache: {cache.file})")
 
 
 def _dry_run(task: Task, p: dict[str, Any], root: Path, name: str, info: dict[str, Any], world: int,

@@ -79,6 +79,14 @@ class ImageCheckCache:
             self.entries[rel] = [key, reason]
             self.decoded += 1
 
+    def summary(self, seconds: float) -> str:
+        """The check's console line: its time, and how many images were decoded or found unchanged."""
+        n = self.decoded + self.cached
+        if not n:
+            return f"data check: {seconds:.1f} s"
+        return (f"data check: {seconds:.1f} s; {self.decoded} image(s) decoded, {self.cached} of {n} unchanged since "
+                f"an earlier check (size and mtime) and not decoded again (cache: {self.file})")
+
     def save(self) -> None:
         from ..results import atomic_write_json
 

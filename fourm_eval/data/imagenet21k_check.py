@@ -22,12 +22,11 @@ Expected layout: the release's per-class archives unpacked, one folder per WordN
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 
 from .checks import DatasetError
-from .imagenet_check import IMAGE_SUFFIXES, SplitListing, _class_folders, _listing_digest
+from .imagenet_check import SplitListing, _class_folders, _listing_digest, scan_class_folder
 
 WNID = re.compile(r"^n\d{8}$")
 RELEASE_FOLDER = "winter21_whole"
@@ -69,18 +68,8 @@ def list_classes(root: Path, classes: list[str]) -> tuple[dict[str, list[str]], 
     by_class: dict[str, list[str]] = {}
     other = [f for f in _class_folders(root)[1] if not f.startswith(".")]
     for wnid in classes:
-        names = []
-        with os.scandir(root / wnid) as it:
-            for e in it:
-                if e.name.startswith("."):
-                    continue
-                if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES):
-                    names.append(e.name)
-                else:
-                    other.append(f"{wnid}/{e.name}")
-        if not names:
-            raise DatasetError(f"{root / wnid}: class folder without images (expected *.JPEG files)")
-        by_class[wnid] = sorted(names)
+        by_class[wnid], others = scan_class_folder(root / wnid, wnid)
+        other += others
     return by_class, sorted(other)
 
 

@@ -89,20 +89,27 @@ def list_split(root: Path, split: str, classes: list[str]) -> SplitListing:
     samples: list[tuple[str, int]] = []
     other: list[str] = [f"{split}/{f}" for f in loose]
     for d in dirs:
-        names = []
-        with os.scandir(folder / d) as it:
-            for e in it:
-                if e.name.startswith("."):
-                    continue
-                rel = f"{split}/{d}/{e.name}"
-                if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES):
-                    names.append(e.name)
-                else:
-                    other.append(rel)
-        if not names:
-            raise DatasetError(f"{folder / d}: class folder without images (expected *.JPEG files)")
-        samples += [(f"{split}/{d}/{n}", index[d]) for n in sorted(names)]
+        names, others = scan_class_folder(folder / d, f"{split}/{d}")
+        other += others
+        samples += [(f"{split}/{d}/{n}", index[d]) for n in names]
     return SplitListing(split, folder, samples, dirs, sorted(other))
+
+
+def scan_class_folder(folder: Path, rel: str) -> tuple[list[str], list[str]]:
+    """(image file names of one class folder, sorted; its other entries as ``rel/<name>``, never read);
+    hidden entries ignored, a folder without images a named error."""
+    names, other = [], []
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES):
+                names.append(e.name)
+            else:
+                other.append(f"{rel}/{e.name}")
+    if not names:
+        raise DatasetError(f"{folder}: class folder without images (expected *.JPEG files)")
+    return sorted(names), other
 
 
 def check_images(root: Path, listing: SplitListing, skip_bad_images: bool,

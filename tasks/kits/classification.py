@@ -167,6 +167,44 @@ class ImageClassificationTask(Task):
         S("ema.warmup", "bool", "timm's EMA decay warm-up", default=False),
     )
 
+    # data: what both datasets' checks do alike
+    @staticmethod
+    def apply_subsets(listings: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
+        """The profile's ``<split>_subset``: a seeded random subset of each listing's samples (listing
+        order kept); returns the record's ``subsets`` entry."""
+        from fourm_eval.data.checks import seeded_subset
+
+        subsets: dict[str, Any] = {}
+        seed = int(p.get("subset_seed", 0))
+        for split, lst in listings.items():
+            keep, n = seeded_subset([f for f, _ in lst.samples], p.get(f"{split}_subset"), seed)
+            if n is not None:
+                kept = set(keep)
+                lst.samples = [s for s in lst.samples if s[0] in kept]  # listing order kept
+                subsets[split] = {"n": n, "seed": seed, "files": f"data/{split}_samples.json"}
+        return subsets
+
+    @staticmethod
+    def write_listings(out_dir: Any, listings: dict[str, Any]) -> dict[str, Any]:
+        """``<split>_samples.json`` (what the run reads) and ``bad_images.json`` into the run's data folder;
+        returns split -> samples file (empty without ``out_dir``)."""
+        from fourm_eval.results import atomic_write_json
+
+        if out_dir is None:
+            return {}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = {split: atomic_write_json(out_dir / f"{split}_samples.json", lst.samples)
+                 for split, lst in listings.items()}
+        if any(lst.bad_images for lst in listings.values()):
+            atomic_write_json(out_dir / "bad_images.json",
+                              {s: lst.bad_images for s, lst in listings.items() if lst.bad_images})
+        return files
+
+    def note_protocol(self, protocol: str | None, log: Any) -> None:
+        """``evaluate --protocol``: every protocol of a classification task scores alike."""
+        if protocol is not None and log:
+            log(f"{self.name}: every protocol scores alike (top-k accuracy); --protocol {protocol} changes nothing")
+
     # model and runner
     def register_mm(self) -> None:
         from .. import mm  # noqa: F401 - FourmEvalViT, the optimiser constructor and the hooks
