@@ -14,8 +14,11 @@ Conventions shared with the 4M backbone (so heads and tasks treat all alike):
   position embedding (bicubic), the standard practice for these models.
 
 Weights come from a local file (``checkpoint=PATH``: safetensors by default,
-pickled files only with ``allow_pickle``) or from the local Hugging Face cache
-under timm's hub id (``timm/<model>.<tag>``); nothing is ever downloaded.
+pickled files only with ``allow_pickle``) or from the hub: ``checkpoint="hub"``
+is the hub id timm's own pretrained config names for the model
+(``timm/<model>.<tag>``, file ``model.safetensors``, as ``timm.create_model(...,
+pretrained=True)`` fetches it), resolved like every hub id by ``fourm_eval.hub``
+(cache first, downloaded when missing unless offline, commit and sha256 recorded).
 """
 
 from __future__ import annotations
@@ -96,21 +99,38 @@ class TimmViTBackbone(nn.Module):
                 "params": sum(p.numel() for p in self.parameters())}
 
 
+def timm_hub_id(name: str) -> str:
+    """The hub repository timm's pretrained config names for a baseline (what ``pretrained=True`` reads)."""
+    import timm
+
+    arch, tag, _ = BASELINES[name]
+    cfg = timm.models.get_pretrained_cfg(f"{arch}.{tag}")
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        raise CheckpointError(f"{name}: timm {timm.__version__} names no hub weights for {arch}.{tag}; pass the "
+                              "weights file with --checkpoint")
+    return hub_id
+
+
+def weights_spec(name: str, checkpoint: str | Path | None) -> str | Path | None:
+    """``hub`` / ``cache`` -> timm's hub id for the baseline; anything else as given."""
+    if checkpoint is not None and str(checkpoint) in ("hub", "cache"):
+        return timm_hub_id(name)
+    return checkpoint
+
+
 def _weights_file(name: str, checkpoint: str | Path | None) -> Path | None:
     from fourm_eval.checkpoints import resolve_checkpoint
 
     arch, tag, _ = BASELINES[name]
     if checkpoint is None:
         return None
-    spec = str(checkpoint)
-    if spec in ("hub", "cache"):
-        spec = f"timm/{arch}.{tag}"
     try:
-        return resolve_checkpoint(spec)
+        return resolve_checkpoint(weights_spec(name, checkpoint))
     except CheckpointError as e:
         raise CheckpointError(f"{name}: weights not found. Expected a local file (timm's "
-                              f"'{arch}.{tag}' model.safetensors) or the hub id timm/{arch}.{tag} in the "
-                              f"local Hugging Face cache. Details: {e}") from None
+                              f"'{arch}.{tag}' model.safetensors) or a hub id (`hub` for timm's own, "
+                              f"timm/{arch}.{tag}). Details: {e}") from None
 
 
 def _load_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -31,7 +31,6 @@ from .errors import CheckpointError, FourmEvalWarning
 
 SAFETENSORS_SUFFIXES = {".safetensors"}
 PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
@@ -130,36 +129,51 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def resolve_checkpoint(spec: str | os.PathLike, filename: str = "model.safetensors") -> Path:
-    """Turn a path, a model folder or a hub id into a local file path.
+def cached_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, cached by (path, size, mtime) since XL checkpoints are several GB."""
+    from .paths import cache_dir
+    from .results import atomic_write_json
 
-    Hub ids are looked up in the local Hugging Face cache only (``HF_HOME`` /
-    ``HF_HUB_CACHE`` are honoured); a missing entry is an error, never a download.
-    """
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    cache = cache_dir() / "sha256-cache.json"
+    try:
+        table = json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        table = {}
+    if key not in table:
+        table[key] = sha256_file(path)
+        atomic_write_json(cache, table)
+    return table[key]
+
+
+def locate_checkpoint(spec: str | os.PathLike, filename: str = "model.safetensors",
+                      say: Any = None) -> tuple[Path, dict[str, Any] | None]:
+    """(local file, hub record or None) of a path, a model folder or a hub id ``OWNER/NAME[@REVISION]``.
+
+    A hub id is fetched into the Hugging Face cache when it is not there (``fourm_eval.hub.fetch``;
+    offline: the cache only); its record holds the repository, revision, commit and sha256."""
     p = Path(os.path.expanduser(str(spec)))
     if p.is_file():
-        return p
+        return p, None
     if p.is_dir():
         for cand in (filename, "model.safetensors", "pytorch_model.bin", "checkpoint-final.pth"):
             if (p / cand).is_file():
-                return p / cand
+                return p / cand, None
         raise CheckpointError(f"{p} is a folder without {filename}; pass the checkpoint file itself")
-    s = str(spec)
-    if HUB_ID_RE.match(s) and not s.endswith(tuple(SAFETENSORS_SUFFIXES | PICKLE_SUFFIXES)):
-        try:
-            from huggingface_hub import hf_hub_download
-            from huggingface_hub.constants import HF_HUB_CACHE
-        except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-            raise CheckpointError(f"{s} looks like a hub id but huggingface_hub is not installed") from None
-        try:
-            return Path(hf_hub_download(s, filename, local_files_only=True))
-        except Exception as e:  # LocalEntryNotFoundError, EntryNotFoundError, ...
-            raise CheckpointError(
-                f"{s}/{filename} is not in the local Hugging Face cache ({HF_HUB_CACHE}). fourm-eval never "
-                f"downloads at run time: on a machine with network run `huggingface-cli download {s}` and "
-                f"copy the cache, or pass the path of the file. ({type(e).__name__})") from None
-    raise CheckpointError(f"checkpoint {s!r} not found: no such file, and not a hub id (OWNER/NAME) "
-                          "in the local Hugging Face cache")
+    from .hub import fetch, parse_hub_spec
+
+    ref = parse_hub_spec(spec, filename)
+    if ref is not None:
+        got = fetch(ref, say=say)
+        return Path(got.path), got.record()
+    raise CheckpointError(f"checkpoint {str(spec)!r} not found: no such file, and not a hub id (OWNER/NAME or "
+                          "OWNER/NAME@REVISION)")
+
+
+def resolve_checkpoint(spec: str | os.PathLike, filename: str = "model.safetensors") -> Path:
+    """The local file of a path, a model folder or a hub id (see :func:`locate_checkpoint`)."""
+    return locate_checkpoint(spec, filename)[0]
 
 
 _WEIGHT_ENTRIES = ("model", "state_dict", "model_ema", "module")

@@ -318,7 +318,8 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
              backbone: Optional[str] = typer.Option(
                  None, help="4m (default), deit3, mae, or a registered name (4m-b, deit3-l, ...)."),
              checkpoint: Optional[str] = typer.Option(
-                 None, help="Weights: file, folder or cached hub id. Default for 4m: a generated tiny 4M."),
+                 None, help="Weights: file, folder, or hub id OWNER/NAME[@REVISION] (fetched into the Hugging Face "
+                            "cache when missing; `hub`: timm's own for deit3/mae). Default for 4m: the shipped tiny 4M."),
              data_root: Optional[Path] = typer.Option(
                  None, help="Dataset root in the task's standard layout. Default: the built-in mini dataset "
                             "(with --eval-only --from RUN_DIR: the run's)."),
@@ -366,6 +367,8 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
              gpu_memory: str = typer.Option("auto", "--gpu-memory", help="Memory per GPU the run must fit by the "
                                             "planner's estimate (e.g. 80GB), else it is refused before anything is "
                                             "built; auto: the CUDA device's memory (no check on CPU); none: no check."),
+             offline: bool = typer.Option(False, "--offline", help="Never contact the hub: a hub checkpoint "
+                                          "must be in the local Hugging Face cache (same as HF_HUB_OFFLINE=1)."),
              verbose: bool = typer.Option(False, "--verbose", "-v",
                                           help="Also show mmengine's log (environment, config, iteration lines) "
                                                "on the console; it is always in the run directory.")) -> None:
@@ -376,6 +379,9 @@ def run_task(task: str = typer.Argument(..., help="Task name (see `fourm-eval ta
     from .tasks import get_task
     from .tasks.runner import RunInterrupted, run
 
+    if offline:
+        from .hub import set_offline
+        set_offline()
     if eval_only != (from_ is not None):
         raise ConfigError("--eval-only and --from go together: --eval-only --from RUN_DIR_OR_CHECKPOINT")
     if from_ is not None and (from_.is_dir() or (from_.parent / "run.json").is_file()):
@@ -847,7 +853,10 @@ def sweep_cmd(target: str = typer.Argument(..., help="A sweep file (or a shipped
               watch: bool = typer.Option(False, "--watch", help="status: refresh until no cell runs."),
               json_out: Optional[Path] = typer.Option(None, "--json", help="status: also write every cell's state "
                                                                             "here (JSON)."),
-              interval: float = typer.Option(10.0, "--interval", help="status --watch: seconds between refreshes.")
+              interval: float = typer.Option(10.0, "--interval", help="status --watch: seconds between refreshes."),
+              offline: bool = typer.Option(False, "--offline", help="Never contact the hub: weights from the local "
+                                                                    "Hugging Face cache only (HF_HUB_OFFLINE=1), for "
+                                                                    "this process and every cell.")
               ) -> None:
     """Run a sweep: every backbone x task x seed cell of FILE as its own resumable `fourm-eval run`; finished
     cells are skipped, partial ones resumed, a failing one does not stop the others. `sweep status FILE`
@@ -891,8 +900,23 @@ def sweep_cmd(target: str = typer.Argument(..., help="A sweep file (or a shipped
                       f"(at {n_gpu} GPU(s) per cell; the planner's assumptions: `fourm-eval plan --help`); "
                       "nothing was run", highlight=False)
         raise typer.Exit(0)
-    sw.write_manifest(spec, root, cells)
     todo = [c for c, st in rows if st["state"] != "done"]
+    if offline:
+        from .hub import set_offline
+        set_offline()
+    if todo:  # the weights first, all of them, pinned in the sweep's lock: a missing one stops nothing midway
+        fetched, errors = sw.fetch_weights(spec, root, say=lambda line: console.print(line, highlight=False),
+                                           labels=sorted({c.label for c in todo}))
+        if errors:
+            for label, err in errors.items():
+                console.print(f"[red]error:[/red] backbone {label}: {err}", highlight=False)
+            raise ConfigError(f"weights of {len(errors)} backbone(s) could not be resolved ({', '.join(errors)}); "
+                              f"nothing was run. `fourm-eval fetch {spec.path}` fetches them (where there is "
+                              "network), or run the others with --only")
+        sw.pin_cells(cells, fetched)
+        if fetched:
+            console.print(f"weights: {len(fetched)} hub file(s) pinned in {sw.lock_path(root)}", highlight=False)
+    sw.write_manifest(spec, root, cells)
     console.print(f"sweep {spec.name}: {len(cells)} cell(s) in {root}; {len(cells) - len(todo)} finished (skipped), "
                   f"{len(todo)} to run with launcher {spec.launcher['kind']}", highlight=False)
     say = lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
@@ -924,6 +948,49 @@ def sweep_cmd(target: str = typer.Argument(..., help="A sweep file (or a shipped
         r = subprocess.run(exe + ["regress", *done, "--expected", str(exp)])
         rc = rc or r.returncode
     raise typer.Exit(rc)
+
+
+@app.command("fetch")
+@friendly
+def fetch_cmd(target: str = typer.Argument(..., help="A sweep file (or a shipped sweep's name, e.g. table1)."),
+              out: Optional[Path] = typer.Option(None, "--out", help="The sweep's folder, where the weights lock is "
+                                                                    "kept (default: as `fourm-eval sweep`)."),
+              offline: bool = typer.Option(False, "--offline", help="Only check the local cache (HF_HUB_OFFLINE=1): "
+                                                                    "name every file that is missing.")) -> None:
+    """Fetch every hub weights file a sweep needs into the local Hugging Face cache, up front (on a machine
+    with network; then copy the cache to an air-gapped cluster). Pins each revision's commit and sha256 in
+    the sweep's weights lock; a revision that moved since is an error. Exit 1 when any file is missing."""
+    from . import sweep as sw
+    from .hub import cache_location, set_offline
+
+    if offline:
+        set_offline()
+    spec = sw.load_sweep(target)
+    root = (out or sw.default_out(spec)).resolve()
+    fetched, errors = sw.fetch_weights(spec, root, say=lambda line: console.print(line, highlight=False))
+    t = Table(title=f"sweep {spec.name}: weights in {cache_location()}")
+    for col in ("backbone", "file", "state", "commit", "sha256", "size"):
+        t.add_column(col, no_wrap=col != "state")
+    for label in spec.backbones:
+        if label in fetched:
+            f = fetched[label]
+            t.add_row(label, f"{f.repo_id}@{f.revision}:{f.filename}", "downloaded" if f.downloaded else "cached",
+                      f.commit[:12], f.sha256[:12], f"{f.size / 1e6:.1f} MB")
+        elif label in errors:
+            t.add_row(label, "", "[red]MISSING[/red]" if "not in the local" in errors[label] else "[red]ERROR[/red]",
+                      "", "", "")
+        else:
+            b = spec.backbones[label]
+            t.add_row(label, str(b.get("checkpoint") or "-"), "local file" if b.get("checkpoint") else "no weights",
+                      "", "", "")
+    console.print(t)
+    for label, err in errors.items():
+        console.print(f"[red]error:[/red] backbone {label}: {err}", highlight=False, soft_wrap=True)
+    if fetched:
+        console.print(f"pinned in {sw.lock_path(root)}", highlight=False)
+    if errors:
+        console.print(f"{len(errors)} of {len(errors) + len(fetched)} hub file(s) missing or failed", highlight=False)
+        raise typer.Exit(1)
 
 
 def _counts_words(c: dict[str, int]) -> str:

@@ -79,6 +79,7 @@ class Cell:
     stage_data_root: str | None
     dir: Path
     resolved: dict[str, Any] = field(repr=False, default_factory=dict)
+    pinned: str | None = None       # OWNER/NAME@COMMIT the cell runs (the sweep's weights lock), once fetched
 
     @property
     def name(self) -> str:
@@ -89,8 +90,8 @@ class Cell:
         b = self.backbone
         cmd = [sys.executable, "-m", "fourm_eval.cli", "run", self.task, "--backbone", b["backbone"],
                "--profile", self.profile, "--seed", str(self.seed), "--work-dir", str(self.dir)]
-        if b.get("checkpoint"):
-            cmd += ["--checkpoint", str(b["checkpoint"])]
+        if self.pinned or b.get("checkpoint"):
+            cmd += ["--checkpoint", self.pinned or checkpoint_spec(b)]
         if b.get("model_size"):
             cmd += ["--model-size", str(b["model_size"])]
         if b.get("random_init"):
@@ -147,9 +148,17 @@ def load_sweep(spec: str | Path) -> Sweep:
         b = dict(b or {})
         _unknown(f"{path}: backbones.{label}", b, BACKBONE_KEYS)
         b.setdefault("backbone", str(label))
-        if b.get("revision") is not None:  # never accepted and ignored: the run would not be the pinned one
-            raise ConfigError(f"{path}: backbones.{label}.revision: pinning a hub revision is not supported yet "
-                              "(runs read the hub id's cached snapshot); remove the key")
+        if b.get("revision") is not None:
+            from .hub import parse_hub_spec
+            ck = b.get("checkpoint")
+            ref = parse_hub_spec(str(ck)) if ck and str(ck) not in ("hub", "cache") else None
+            if ck is None or (ref is None and str(ck) not in ("hub", "cache")):
+                raise ConfigError(f"{path}: backbones.{label}.revision applies to a hub checkpoint (OWNER/NAME, or "
+                                  f"`hub` for a timm baseline); checkpoint is {ck!r}")
+            if ref is not None and ref.revision:
+                raise ConfigError(f"{path}: backbones.{label}: the revision is given twice ({ck!r} and revision: "
+                                  f"{b['revision']!r}); keep one")
+            b["revision"] = str(b["revision"])
         backbones[str(label)] = b
     tasks: list[dict[str, Any]] = []
     items = raw["tasks"]
@@ -183,6 +192,72 @@ def load_sweep(spec: str | Path) -> Sweep:
     return Sweep(name=str(raw.get("name") or path.stem), path=path, backbones=backbones, tasks=tasks,
                  seeds=[int(s) for s in seeds], launcher=launcher, expected=exp_path,
                  out=Path(out).expanduser() if out else None, raw=raw)
+
+
+# ------------------------------------------------------------------ weights
+def checkpoint_spec(b: dict[str, Any]) -> str:
+    """The backbone's ``--checkpoint`` as written: a path, or a hub id with its revision (``OWNER/NAME@REV``)."""
+    ck = str(b["checkpoint"])
+    return f"{ck}@{b['revision']}" if b.get("revision") and ck not in ("hub", "cache") else ck
+
+
+def hub_ref(b: dict[str, Any]) -> Any:
+    """The backbone's hub file (fourm_eval.hub.HubRef), or None for a local file / no weights. ``hub`` names
+    timm's own hub id for a baseline."""
+    from .hub import HubRef, parse_hub_spec
+
+    ck = b.get("checkpoint")
+    if not ck or b.get("random_init"):
+        return None
+    if str(ck) in ("hub", "cache"):  # the run's own translation: timm's pretrained config's hub id
+        from .tasks.runs import resolve_backbone_name
+        _, hub_id = resolve_backbone_name(str(b["backbone"]), b.get("model_size"), str(ck), False)
+        if str(hub_id) in ("hub", "cache"):
+            raise ConfigError(f"backbone {b['backbone']}: checkpoint `{ck}` names timm's weights of a baseline; "
+                              "a 4M backbone needs a hub id (OWNER/NAME) or a file")
+        return HubRef(str(hub_id), b.get("revision"))
+    return parse_hub_spec(checkpoint_spec(b))
+
+
+def lock_path(out: Path) -> Path:
+    from .hub import LOCK_FILE
+    return Path(out) / LOCK_FILE
+
+
+def fetch_weights(sweep: Sweep, out: Path, say: Callable[[str], None], offline: bool | None = None,
+                  labels: list[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every hub file the sweep's backbones name, fetched (unless offline) and checked against the sweep's
+    weights lock, which pins new entries. Returns ({label: HubFile}, {label: error}); every backbone is
+    tried, so one call names every missing file."""
+    from .errors import CheckpointError
+    from .hub import WeightsLock, fetch
+
+    lock = WeightsLock(lock_path(out))
+    got: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for label, b in sweep.backbones.items():
+        if labels is not None and label not in labels:
+            continue
+        try:
+            ref = hub_ref(b)
+            if ref is None:
+                continue
+            f = fetch(ref, offline=offline, say=say, lock=lock)
+            lock.add(f, ref)
+            got[label] = f
+        except (CheckpointError, ConfigError) as e:
+            errors[label] = str(e)
+    if got:
+        lock.save()
+    return got, errors
+
+
+def pin_cells(cells: list[Cell], fetched: dict[str, Any]) -> None:
+    """Run each cell with the commit its weights resolved to (so a sweep is one model per name)."""
+    for c in cells:
+        f = fetched.get(c.label)
+        if f is not None:
+            c.pinned = f"{f.repo_id}@{f.commit}"
 
 
 # ------------------------------------------------------------------ cells

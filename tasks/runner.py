@@ -355,7 +355,7 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
          gpu_memory: float | str | None = None,
          stage_data_root: str | Path | None = None) -> tuple[dict[str, Any], Path | None]:
     from fourm_eval.backbones import backbone_info
-    from fourm_eval.checkpoints import resolve_checkpoint
+    from fourm_eval.checkpoints import locate_checkpoint
     from fourm_eval.results import device_description
 
     from .runs import (Invocations, RunDir, checkpoint_digest, eval_source, init_from_source, resolve_backbone_name,
@@ -377,7 +377,12 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         skip_bad_images, num_heads = bool(ident.get("skip_bad_images")), ident.get("num_heads")
         data_root = data_root if data_root is not None else ident["data_root"]
     name, checkpoint = resolve_backbone_name(backbone, size, checkpoint, random_init)
-    ckpt_path = str(resolve_checkpoint(checkpoint)) if checkpoint else None
+    hub_record = None
+    if checkpoint:
+        located, hub_record = locate_checkpoint(checkpoint, say=console.line)
+        ckpt_path = str(located)
+    else:
+        ckpt_path = None
     if num_heads is not None and not name.startswith("4m"):
         raise ConfigError("--num-heads applies to 4M checkpoints without config metadata only")
     info = backbone_info(name, ckpt_path, allow_pickle, num_heads=num_heads)
@@ -532,7 +537,7 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         record = write_result(
             wd, task=task.name, profile=p["profile"], seed=seed, metrics=final, metrics_step0=step0,
             backbone={"name": name, "family": info["family"], "init": "checkpoint" if ckpt_path else "random",
-                      "checkpoint": ckpt_path, "sha256": sha,
+                      "checkpoint": ckpt_path, "sha256": sha, **({"hub": hub_record} if hub_record else {}),
                       "params": info["params"], "architecture": info["config"],
                       "file_format": info.get("file_format"), "config_source": info.get("config_source"),
                       "config_guessed": info.get("config_guessed") or {}, "options": options,

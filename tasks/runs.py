@@ -54,31 +54,22 @@ def resolve_backbone_name(backbone: str, size: str | None, checkpoint: str | Non
     known = {s.name for s in list_backbones()}
     if name not in known:
         raise ConfigError(f"unknown backbone {backbone!r}; use 4m, deit3, mae or one of: {', '.join(sorted(known))}")
+    if checkpoint is not None and str(checkpoint) in ("hub", "cache") and not name.startswith("4m"):
+        from fourm_eval.baselines.timm_vit import weights_spec
+        checkpoint = str(weights_spec(name, checkpoint))  # timm's own hub id for the baseline
     if checkpoint is None and not random_init:
         if name == "4m":
             return name, str(default_tiny_checkpoint())  # the smoke default: the shipped pre-trained tiny 4M
         if not name.startswith("4m"):
-            raise ConfigError(f"{name} needs --checkpoint (a local weights file or a hub id in the local "
-                              "cache); pass --random-init to train it from scratch on purpose")
+            raise ConfigError(f"{name} needs --checkpoint (a local weights file, a hub id, or `hub` for timm's "
+                              "own weights); pass --random-init to train it from scratch on purpose")
     return name, checkpoint
 
 
 def checkpoint_digest(path: str) -> str:
     """sha256 of a checkpoint, cached by (path, size, mtime) since XL files are several GB."""
-    from fourm_eval.checkpoints import sha256_file
-    from fourm_eval.paths import cache_dir
-
-    st = os.stat(path)
-    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
-    cache = cache_dir() / "sha256-cache.json"
-    try:
-        table = json.loads(cache.read_text())
-    except (OSError, json.JSONDecodeError):
-        table = {}
-    if key not in table:
-        table[key] = sha256_file(path)
-        atomic_write_json(cache, table)
-    return table[key]
+    from fourm_eval.checkpoints import cached_sha256
+    return cached_sha256(path)
 
 
 @dataclass

@@ -1,7 +1,13 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Tests never reach beyond this machine: the hub is offline for every test and every process a test starts,
+# unless the test points HF_ENDPOINT at its own server on 127.0.0.1 (tests/hub_server.py) and says so.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 DATA = Path(__file__).resolve().parent / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))

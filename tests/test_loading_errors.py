@@ -132,12 +132,12 @@ def _hub_lookup(cache: Path, repo: str) -> subprocess.CompletedProcess:
     code = ("import sys\nfrom fourm_eval.backbones import build_backbone\nfrom fourm_eval.errors import CheckpointError\n"
             f"try:\n    bb = build_backbone('4m', checkpoint={repo!r})\n    print('OK', bb.embed_dim, bb.source)\n"
             "except CheckpointError as e:\n    print('ERR', e)\n")
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0"}
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           cwd=cache)
 
 
-def test_hub_id_resolved_from_local_cache_only(tmp_path, official_ckpt):
+def test_hub_id_resolved_from_the_local_cache_offline(tmp_path, official_ckpt):
     cache = tmp_path / "hub"
     repo_dir = cache / "models--EPFL-VILAB--4M-7_B_CC12M"
     snap = repo_dir / "snapshots" / ("0" * 40)
@@ -148,4 +148,5 @@ def test_hub_id_resolved_from_local_cache_only(tmp_path, official_ckpt):
     r = _hub_lookup(cache, "EPFL-VILAB/4M-7_B_CC12M")
     assert r.stdout.startswith("OK 64"), r.stdout + r.stderr
     r = _hub_lookup(cache, "EPFL-VILAB/4M-21_XL")
-    assert "ERR" in r.stdout and "not in the local Hugging Face cache" in r.stdout, r.stdout + r.stderr
+    assert "ERR" in r.stdout and "not in the local Hugging Face cache" in r.stdout and "offline" in r.stdout, \
+        r.stdout + r.stderr

@@ -34,7 +34,8 @@ BASE = {"name": "t", "backbones": {"4m": {}}, "tasks": {"in21k-cls": "smoke"}, "
     ({"tasks": {"no-such-task": "smoke"}}, "unknown task"),
     ({"tasks": {"in21k-cls": "nope"}}, "no profile 'nope' for in21k-cls"),
     ({"seeds": ["0"]}, "seeds must be a list of integers"),
-    ({"backbones": {"4m-b": {"checkpoint": "EPFL-VILAB/4M-21_B", "revision": "main"}}}, "revision"),
+    ({"backbones": {"4m-b": {"checkpoint": "EPFL-VILAB/4M-21_B@v1", "revision": "main"}}}, "revision is given twice"),
+    ({"backbones": {"4m-b": {"revision": "main"}}}, "revision applies to a hub checkpoint"),
     ({"launcher": {"kind": "pbs"}}, "launcher.kind"),
     ({"seeds": []}, "seeds is required"),
 ])
