@@ -575,18 +575,48 @@ def data_convert(kind: str = typer.Argument(..., help="Task name or its data kin
 def data_check(kind: str = typer.Argument(..., help="Task name or its data kind (see `fourm-eval tasks`)."),
                root: Path = typer.Argument(..., help="Dataset root.")) -> None:
     """Validate a dataset layout: files, annotations, every image decodes (named errors)."""
-    from .tasks import get_task
-    from .tasks.profiles import load_profile
+    from .data.download import check_dataset  # the code `data download` runs after unpacking
 
-    from .data.checks import image_check_cache
+    line = check_dataset(kind, root, log=lambda m: console.print(m, highlight=False, markup=False))
+    console.print(f"{line} [green]ok[/]", highlight=False)
 
-    t = get_task(kind)
-    t0 = time.time()
-    with image_check_cache(root.expanduser().resolve()) as cache:
-        data = t.check_data(root.expanduser().resolve(), load_profile(t.name, "paper"), skip_bad_images=False,
-                            out_dir=None, log=lambda m: console.print(m, highlight=False, markup=False))
-    console.print(cache.summary(time.time() - t0), highlight=False, markup=False)
-    console.print(f"{t.name}: {data.n_train} training / {data.n_val} validation images [green]ok[/]")
+
+@data_app.command("download")
+@friendly
+def data_download(kind: str = typer.Argument(..., help="coco, ade20k, nyu (downloaded); imagenet, imagenet21k "
+                                                        "(licence-gated: prints the steps, exit status 3)."),
+                  dest: Path = typer.Argument(..., help="Destination folder (downloads go to DEST/.download)."),
+                  mirror: Optional[str] = typer.Option(None, "--mirror", envvar="FOURM_EVAL_DATA_MIRROR",
+                                                       help="Fetch the same paths from this scheme://host:port "
+                                                            "(a path in it is a prefix) instead of the official "
+                                                            "host; the checksums still apply."),
+                  check: bool = typer.Option(True, "--check/--no-check", help="Run the data check afterwards."),
+                  recheck: bool = typer.Option(False, "--recheck", help="Run the data check again on a download "
+                                                                        "that already completed."),
+                  delete_archives: bool = typer.Option(False, "--delete-archives",
+                                                       help="Delete each zip once it is extracted."),
+                  retries: int = typer.Option(5, help="Resume a lost connection this many times per file."),
+                  progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                                          help="Progress bars (default: when stderr is a terminal)."),
+                  ) -> None:
+    """Download a public dataset from its official URLs, verify the published checksums, unpack it, check it.
+
+    Partial downloads resume (HTTP Range). A file with a wrong size or checksum is moved to DEST/.download/rejected/ and never used. Files placed by hand in DEST/.download/ are verified, not downloaded. A rerun after success does nothing. ImageNet: prints the steps to run (exit status 3)."""
+    from .data.download import MANUAL_EXIT_CODE, download, manual_steps, recipe_for
+
+    recipe = recipe_for(kind)
+    if recipe.manual:
+        console.print(manual_steps(recipe.kind, dest), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(MANUAL_EXIT_CODE)
+    show = progress if progress is not None else bool(getattr(sys.stderr, "isatty", lambda: False)())
+    res = download(recipe.kind, dest, mirror=mirror, check=check, recheck=recheck, delete_archives=delete_archives,
+                   retries=retries, progress=show,
+                   log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True),
+                   warn=lambda m: err_console.print(m, style="bold yellow", highlight=False, markup=False,
+                                                    soft_wrap=True))
+    if res.check:
+        console.print(f"{res.check} [green]ok[/]", highlight=False)
+    console.print(f"data root: {res.data_root}  (use --data-root {res.data_root})", highlight=False)
 
 
 def _load(dirs: list[Path]):
@@ -977,8 +1007,9 @@ def fetch_cmd(target: str = typer.Argument(..., help="A sweep file (or a shipped
             t.add_row(label, f"{f.repo_id}@{f.revision}:{f.filename}", "downloaded" if f.downloaded else "cached",
                       f.commit[:12], f.sha256[:12], f"{f.size / 1e6:.1f} MB")
         elif label in errors:
-            t.add_row(label, "", "[red]MISSING[/red]" if "not in the local" in errors[label] else "[red]ERROR[/red]",
-                      "", "", "")
+            b = spec.backbones[label]
+            t.add_row(label, sw.checkpoint_spec(b) if b.get("checkpoint") else "",
+                      "[red]MISSING[/red]" if "not in the local" in errors[label] else "[red]ERROR[/red]", "", "", "")
         else:
             b = spec.backbones[label]
             t.add_row(label, str(b.get("checkpoint") or "-"), "local file" if b.get("checkpoint") else "no weights",

@@ -23,6 +23,16 @@ class PredictionsError(FourmEvalError):
     """A predictions file or folder is incomplete or holds files not in the task's format."""
 
 
+class DownloadError(FourmEvalError):
+    """A dataset file could not be fetched (host unreachable, HTTP error, connection lost past the retries)
+    or unpacked (a broken or unsafe archive); the message names the URL or file and what to do."""
+
+
+class ChecksumError(DownloadError):
+    """A downloaded (or hand-placed) file's size or checksum differs from the published value; the file
+    was moved aside (``DEST/.download/rejected/``) and is never extracted or used."""
+
+
 class FourmEvalWarning(UserWarning):
     """A value was inferred from a partial signal (a file's kind, an architecture from
     tensor shapes); if the inference is wrong, so is the number. Shown loudly and
