@@ -29,6 +29,9 @@ results_app = typer.Typer(help="Collect, validate and export result.json records
 app.add_typer(results_app, name="results")
 analyze_app = typer.Typer(help="Overfitting analyses (scaling, fine-tuning, pre-training).", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
+features_app = typer.Typer(help="The feature cache: a frozen encoder's features of a dataset, extracted once "
+                                "(fourm_eval/features.py); kNN and linear-grid probes read it.", no_args_is_help=True)
+app.add_typer(features_app, name="features")
 
 
 def _console(stderr: bool = False) -> Console:
@@ -978,6 +981,41 @@ def sweep_cmd(target: str = typer.Argument(..., help="A sweep file (or a shipped
         r = subprocess.run(exe + ["regress", *done, "--expected", str(exp)])
         rc = rc or r.returncode
     raise typer.Exit(rc)
+
+
+@features_app.command("extract")
+@friendly
+def features_extract(data: str = typer.Option(..., "--data", help="Task whose data to encode (one with image-level "
+                                                                  "labels: in1k-cls, in21k-cls)."),
+                     backbone: str = typer.Option("4m", help="4m, deit3, mae or a registered name."),
+                     checkpoint: Optional[str] = typer.Option(None, help="Weights (file, or hub id OWNER/NAME[@REV]); "
+                                                                         "default for 4m: the shipped tiny 4M."),
+                     data_root: Optional[Path] = typer.Option(None, help="Dataset root (default: the built-in mini "
+                                                                         "dataset)."),
+                     profile: str = typer.Option("knn-smoke", help="The probe profile whose crop and transform to use "
+                                                                  "(knn, linear-grid, or their -smoke)."),
+                     blocks: str = typer.Option("-4,-3,-2,-1", help="0-based blocks (negative from the end), "
+                                                                   "comma-separated; the last four serve every grid."),
+                     split: str = typer.Option("train,val", help="Splits, comma-separated."),
+                     seed: int = typer.Option(0, help="Seed of a random init."),
+                     random_init: bool = typer.Option(False, "--random-init", help="The architecture from random "
+                                                                                  "init (the probe's baseline)."),
+                     model_size: Optional[str] = typer.Option(None, "--model-size", help="Size of a named backbone."),
+                     offline: bool = typer.Option(False, "--offline", help="Weights from the local cache only.")
+                     ) -> None:
+    """Encode a dataset's splits with a frozen encoder into the feature cache (fp16 shards, resumable; keyed by
+    the weights' sha256, the data's fingerprint, the transform and the blocks). A second call with the same
+    key reads the cache back and opens no image."""
+    from .console import RunConsole
+    from .tasks.probe_run import extract_command
+
+    if offline:
+        from .hub import set_offline
+        set_offline()
+    extract_command(data, backbone=backbone, checkpoint=checkpoint, data_root=str(data_root) if data_root else None,
+                    profile=profile, blocks=_parse_ints(blocks), seed=seed,
+                    splits=tuple(x.strip() for x in split.split(",") if x.strip()), random_init=random_init,
+                    size=model_size, console=RunConsole())
 
 
 @app.command("fetch")

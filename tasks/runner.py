@@ -457,6 +457,14 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         _check_same_data(src, data, root, warns, console)
 
     task.register_mm()
+    from .probe_run import is_probe, run_probe
+    if is_probe(p) and src is None:  # frozen features from the feature cache, then kNN or the linear grid
+        if init_src is not None:
+            raise ConfigError(f"mode {p['mode']}: probes the encoder as given (--checkpoint); --init-from is not "
+                              "supported for it")
+        return run_probe(task, p, data, wd, name=name, ckpt_path=ckpt_path, sha=sha, info=info, seed=seed,
+                         warns=warns, console=console, started=started, hub_record=hub_record,
+                         allow_pickle=allow_pickle, num_heads=num_heads), wd.path
     allow_mmengine_checkpoint_types()
     from mmengine.config import Config
     from mmengine.runner import Runner

@@ -154,7 +154,8 @@ def write_result(wd: RunDir, *, task: str, profile: str, seed: int, metrics: dic
                  eval_history: list[dict], started: float, warnings: list[str] | None = None,
                  predictions: str | None = None, train_end: dict[str, Any] | None = None,
                  provenance_extra: dict[str, Any] | None = None, invocations: "Invocations | None" = None,
-                 eval_only: dict[str, Any] | None = None, finetune: dict[str, Any] | None = None) -> dict[str, Any]:
+                 eval_only: dict[str, Any] | None = None, finetune: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record, atomically. With ``invocations``, ``provenance.wall_time_s`` is the total over
     every invocation of the run (a resumed run's first attempts included) and
     ``provenance.invocations`` lists them."""
@@ -186,6 +187,10 @@ def write_result(wd: RunDir, *, task: str, profile: str, seed: int, metrics: dic
     if eval_only is not None:
         record["eval_only"] = eval_only
         record["files"].pop("param_groups")
+    if extra:  # a mode's own section (a probe run's ``probe``)
+        record.update(extra)
+        if "probe" in extra:  # no optimiser over the backbone: no param_groups.csv
+            record["files"].pop("param_groups", None)
     atomic_write_json(wd.path / "result.json", record)
     return record
 

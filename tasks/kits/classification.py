@@ -143,7 +143,29 @@ class ImageClassificationTask(Task):
     mm_scope = "mmengine"
     settings = SUBSET_SETTINGS + (
         S("image_size", "int", "square crop", unit="px"),
-        S("mode", "str", "finetune, or linear (frozen backbone, BN + linear head)", choices=("finetune", "linear")),
+        S("mode", "str", "finetune; linear (frozen backbone, BN + linear head, trained from images); knn or "
+          "linear-grid (frozen features from the feature cache: DINOv2's weighted kNN, or a grid of linear heads "
+          "chosen on held-out training images; tasks/probe_run.py)", choices=("finetune", "linear", "knn", "linear-grid")),
+        S("probe", "section", "knn / linear-grid modes: the probe on cached features", per_size=False, default=None,
+          null=True),
+        S("probe.ks", "list", "knn: the k values scored", item="int", default=[10, 20, 100, 200]),
+        S("probe.report_k", "int", "knn: the k whose predictions are the run's metrics and predictions file",
+          default=20),
+        S("probe.temperature", "float", "knn: the vote's softmax temperature", default=0.07),
+        S("probe.lrs", "list", "linear-grid: learning rates (before the x batch / 256 scaling)", item="float",
+          default=[1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]),
+        S("probe.n_last_blocks", "list", "linear-grid: heads on the last n blocks' features, concatenated",
+          item="int", default=[1, 4]),
+        S("probe.poolings", "names", "linear-grid: cls, cls+mean, mean; auto: cls and cls+mean for encoders with "
+          "a class token, mean for 4M", default="auto"),
+        S("probe.epochs", "int", "linear-grid: passes over the fitting part of the training features",
+          default=10),
+        S("probe.batch_size", "int", "linear-grid: batch of cached features per step", default=128),
+        S("probe.holdout", "float", "linear-grid: share of the training split held out to choose the head",
+          default=0.1),
+        S("probe.shard_size", "int", "feature cache: images per shard (memory bound of the extraction)",
+          default=1024),
+        S("probe.batch_size_extract", "int", "feature cache: images per encoder forward", default=64),
         S("pool", "str", "pooling of the final tokens (cls: DeiT III / MAE only)", choices=("mean", "cls")),
         S("probe_blocks", "int", "linear mode: average the pooled tokens of the last k blocks", default=1),
         S("final_norm", "bool", "the encoder's final norm on the tokens the head reads (ml-4m's FourMViT applies "
@@ -246,6 +268,17 @@ class ImageClassificationTask(Task):
         st = ((record.get("provenance") or {}).get("init_from") or {}).get("stage") or {}
         stage = (f"after the pre-stage {st.get('task', '?')} / {st.get('profile', '?')} (its final weights; "
                  "the head for its classes not carried over), " if st else "")
+        if c.get("mode") in ("knn", "linear-grid"):
+            pr = record.get("probe") or {}
+            if c.get("mode") == "knn":
+                how = (f"weighted kNN on frozen features (k = {pr.get('reported_k', '?')}, T = "
+                       f"{pr.get('temperature', '?')}, cosine; DINOv2 dinov2/eval/knn.py)")
+            else:
+                ch = pr.get("chosen") or {}
+                how = (f"linear grid on frozen features ({pr.get('heads', '?')} heads, DINOv2 dinov2/eval/linear.py; "
+                       f"chosen on held-out training images: {ch.get('name', '?')})")
+            return (f"{self.name} / {record.get('profile')}: {how}; {c.get('image_size', '?')} px centre crop "
+                    f"(train and val); top-1/top-5 on {self.val_words}")
         if c.get("mode") == "linear":
             how = (f"linear probe (frozen backbone, mean-pooled tokens of the last {c.get('probe_blocks', '?')} "
                    f"block(s){normed}, BatchNorm without affine + Linear); {c.get('optimizer', '?')} "

@@ -1,0 +1,217 @@
+"""A frozen-feature probe run (profiles with ``mode: knn`` or ``mode: linear-grid``).
+
+No mmengine training: the frozen encoder's features of both splits come from the feature cache
+(``fourm_eval.features``: extracted once per weights x data x transform x blocks), the probe runs on
+them (``fourm_eval.probes``), and the run writes what every run writes: the predictions in the task's
+standard format and a result record (``metrics`` top-1 / top-5 of the scored head or k; ``probe``: every
+k, or the whole grid with each head's held-out and validation top-1 and the head chosen on held-out
+training images). Report, regress and the sweep treat it as any other run.
+
+The features of the training split use the evaluation transform (centre crop, no augmentation), as
+DINOv2's kNN and logistic-regression evaluations do; DINOv2's linear evaluation augments the training
+images instead, which a cache cannot (recorded in the record's ``probe.deviations``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from fourm_eval.errors import ConfigError
+
+PROBE_MODES = ("knn", "linear-grid")
+
+
+def is_probe(p: dict[str, Any]) -> bool:
+    return p.get("mode") in PROBE_MODES
+
+
+def _poolings(p: dict[str, Any], has_cls: bool) -> list[str]:
+    pools = (p.get("probe") or {}).get("poolings", "auto")
+    if pools == "auto":  # DINOv2: class tokens, with and without the mean patch token; 4M has no class token
+        return ["cls", "cls+mean"] if has_cls else ["mean"]
+    return [str(x) for x in pools]
+
+
+def _frozen_backbone(name: str, ckpt_path: str | None, seed: int, allow_pickle: bool,
+                     num_heads: int | None) -> torch.nn.Module:
+    from fourm_eval.backbones import build_backbone
+
+    torch.manual_seed(seed)  # a random init is the seed's
+    kw: dict[str, Any] = {"allow_pickle": allow_pickle} if ckpt_path else {}
+    if num_heads is not None:
+        kw["num_heads"] = int(num_heads)
+    bb = build_backbone(name, checkpoint=ckpt_path, **kw)
+    return bb.eval().requires_grad_(False)
+
+
+def _has_cls(bb: torch.nn.Module) -> bool:
+    return bool(getattr(bb, "num_prefix_tokens", 0)) and hasattr(bb, "vit")
+
+
+def split_features(bb: torch.nn.Module, p: dict[str, Any], data: Any, *, name: str, weights: str, blocks: list[int],
+                   shard_size: int = 1024, batch_size: int = 64, say: Any = None,
+                   splits: tuple[str, ...] = ("train", "val")) -> dict[str, Any]:
+    """Each split's features (fourm_eval.features), keyed by the weights, the data's fingerprint, the
+    centre-crop evaluation transform of the profile and the blocks."""
+    from fourm_eval.features import cache_root, dataset_fingerprint, extract
+
+    from .kits.classification import transform_cfg
+    from .kits.classification_model import FourmImageFolder
+
+    tcfg = transform_cfg(p, False)
+    out = {}
+    for split in splits:
+        ds = FourmImageFolder(str(data.root), str(data.private["files"][split]), tcfg)
+        parts = {"weights": weights, "backbone": name, "dataset": dataset_fingerprint(data.root, ds.samples),
+                 "transform": tcfg}
+        out[split] = extract(bb, ds, key_parts=parts, cache_root=cache_root(), blocks=blocks, shard_size=shard_size,
+                             batch_size=batch_size, desc=f"{split} features", say=say)
+    return out
+
+
+def run_probe(task: Any, p: dict[str, Any], data: Any, wd: Any, *, name: str, ckpt_path: str | None, sha: str | None,
+              info: dict[str, Any], seed: int, warns: list[str], console: Any, started: float,
+              hub_record: dict[str, Any] | None, allow_pickle: bool, num_heads: int | None) -> dict[str, Any]:
+    from fourm_eval.probes import knn_predict, linear_grid, topk_rows
+    from fourm_eval.results import device_description
+
+    from .kits.classification import PRED_FILE, topk_accuracy, write_predictions_csv
+    from .runs import Invocations, write_result
+
+    from .schema import settings_of
+    pr = {k.split(".", 1)[1]: st.default for k, st in settings_of(task).items() if k.startswith("probe.")}
+    pr.update(p.get("probe") or {})  # the profile's values over the schema's defaults
+    mode = p["mode"]
+    classes = data.private["classes"]
+    bb = _frozen_backbone(name, ckpt_path, seed, allow_pickle, num_heads)
+    has_cls = _has_cls(bb)
+    n_last = [int(n) for n in pr.get("n_last_blocks", [1])] if mode == "linear-grid" else [1]
+    if max(n_last) > bb.num_layers:
+        raise ConfigError(f"probe.n_last_blocks {n_last}: the encoder has {bb.num_layers} blocks")
+    weights = sha if sha else f"random-init:{name}:seed{seed}"
+    console.header([
+        ("task", f"{task.name}: {task.title}"),
+        ("backbone", f"{name}, {info['params'] / 1e6:.1f}M params, frozen, "
+                     + (f"{ckpt_path} (sha256 {sha[:12]})" if ckpt_path else f"random init (seed {seed})")),
+        ("data", f"{data.root}: {data.n_train} training / {data.n_val} validation images"),
+        ("profile", f"{p['profile']} ({p['profile_file']}), seed {seed}: {mode} on cached features"),
+        ("device", device_description()),
+        ("work dir", str(wd.path)),
+    ])
+    invocations = Invocations(wd, 0, started)
+    try:
+        feats = split_features(bb, p, data, name=name, weights=weights, blocks=list(range(-max(n_last), 0)),
+                               shard_size=int(pr["shard_size"]), batch_size=int(pr["batch_size_extract"]),
+                               say=console.line)
+        tr, va = feats["train"], feats["val"]
+        n_cls = len(classes)
+        deviations = ["training-split features use the evaluation transform (cached, no augmentation)"]
+        if not has_cls:
+            deviations.append("the encoder has no class token: the mean patch token of the last block stands in "
+                              "for it (kNN), pooling 'mean' of the last n blocks (linear grid)")
+        if mode == "knn":
+            ks = [int(k) for k in pr.get("ks", [10, 20, 100, 200])]
+            too_many = [k for k in ks if k > len(tr.files)]
+            if too_many:
+                raise ConfigError(f"probe.ks {too_many}: more neighbours than the {len(tr.files)} training images")
+            pool = "cls" if has_cls else "mean"
+            votes = knn_predict(tr.pooled(pool, 1), tr.labels, va.pooled(pool, 1), n_cls, ks=ks,
+                                temperature=float(pr.get("temperature", 0.07)))
+            per_k = {k: topk_accuracy([r[1] for r in topk_rows(va.files, v)], va.labels.tolist()) for k, v in votes.items()}
+            report_k = int(pr.get("report_k", 20))
+            if report_k not in votes:
+                raise ConfigError(f"probe.report_k {report_k} is not one of probe.ks {ks}")
+            probs = votes[report_k]
+            probe = {"mode": "knn", "features": pool + " token of the last block, L2-normalised",
+                     "temperature": float(pr.get("temperature", 0.07)), "reported_k": report_k,
+                     "k": {str(k): {kk: round(vv, 6) for kk, vv in m.items()} for k, m in per_k.items()}}
+            for k, m in per_k.items():
+                console.line(f"kNN k={k}: top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f}")
+        else:
+            pools = _poolings(p, has_cls)
+            inputs = {(n, pl): (tr.pooled(pl, n), va.pooled(pl, n)) for n in n_last for pl in pools}
+            lrs = [float(x) for x in pr.get("lrs")]
+            epochs = int(pr.get("epochs", 10))
+            heads, best, sched = linear_grid(inputs, tr.labels, n_cls, lrs=lrs, epochs=epochs,
+                                             batch_size=int(pr.get("batch_size", 128)),
+                                             holdout=float(pr.get("holdout", 0.1)), seed=seed,
+                                             val_labels=va.labels, log=console.line)
+            probs = best.val_probs
+            probe = {"mode": "linear-grid", "heads": len(heads), "chosen": best.entry(),
+                     "chosen_on": f"held-out {sched['holdout_fraction']:.0%} of the training split (never validation)",
+                     "schedule": sched, "grid": [h.entry() for h in heads]}
+            console.line(f"linear grid: {len(heads)} heads; chosen on held-out training images: {best.name} "
+                         f"(held-out top-1 {best.heldout_top1:.4f}); its validation top-1 {best.val_top1:.4f}")
+        probe["deviations"] = deviations
+        probe["feature_cache"] = {s: {"key": f.key, "path": str(f.path), "from_cache": f.from_cache,
+                                      "extract_s": round(f.seconds, 2)} for s, f in feats.items()}
+        rows = topk_rows(va.files, probs)
+        pred_dir = wd.path / "predictions"
+        write_predictions_csv(pred_dir / PRED_FILE, rows)
+        metrics = topk_accuracy([r[1] for r in rows], va.labels.tolist())
+    except BaseException as e:
+        invocations.finish(f"error ({type(e).__name__}: {str(e)[:200]})", 0)
+        raise
+    for w in warns:
+        console.warn(w)
+    record = write_result(
+        wd, task=task.name, profile=p["profile"], seed=seed, metrics=metrics, metrics_step0=None,
+        backbone={"name": name, "family": info["family"], "init": "checkpoint" if ckpt_path else "random",
+                  "checkpoint": ckpt_path, "sha256": sha, **({"hub": hub_record} if hub_record else {}),
+                  "params": info["params"], "architecture": info["config"], "file_format": info.get("file_format"),
+                  "config_source": info.get("config_source"), "config_guessed": info.get("config_guessed") or {},
+                  "frozen": True},
+        warnings=warns, dataset=data.record, config={**p, "schedule_resolved": {}},
+        eval_history=[], predictions="predictions", started=started, invocations=invocations,
+        provenance_extra={"sweep_cell": os.environ["FOURM_EVAL_SWEEP_CELL"]}
+        if os.environ.get("FOURM_EVAL_SWEEP_CELL") else None,
+        extra={"probe": probe})
+    console.line(f"{task.name} {p['profile']}: top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} "
+                 f"({time.time() - started:.0f} s); record {wd.path / 'result.json'}")
+    return record
+
+
+def extract_command(task_name: str, *, backbone: str, checkpoint: str | None, data_root: str | None, profile: str,
+                    blocks: list[int], seed: int, splits: tuple[str, ...], random_init: bool, size: str | None,
+                    console: Any) -> dict[str, Any]:
+    """``fourm-eval features extract``: the features a probe of ``profile`` would read, into the cache."""
+    import hashlib
+    from pathlib import Path
+
+    from fourm_eval.backbones import backbone_info
+    from fourm_eval.checkpoints import cached_sha256, locate_checkpoint
+    from fourm_eval.paths import cache_dir
+
+    from . import get_task
+    from .kits.classification import ImageClassificationTask
+    from .runner import checked_data, resolve_run_profile
+    from .runs import resolve_backbone_name
+
+    task = get_task(task_name)
+    if not isinstance(task, ImageClassificationTask):
+        from . import all_tasks
+        have = [t.name for t in all_tasks().values() if isinstance(t, ImageClassificationTask)]
+        raise ConfigError(f"features extract: {task.name} has no image-level labels to probe; tasks with them: "
+                          f"{', '.join(have)}")
+    name, checkpoint = resolve_backbone_name(backbone, size, checkpoint, random_init)
+    ckpt_path = str(locate_checkpoint(checkpoint, say=console.line)[0]) if checkpoint else None
+    info = backbone_info(name, ckpt_path)
+    p, _ = resolve_run_profile(task, profile, [], info, size)
+    root = Path(data_root).expanduser().resolve() if data_root else task.default_data_root()
+    lists = cache_dir() / "features" / "lists" / hashlib.sha256(f"{task.name}|{root}|{p['profile']}".encode()).hexdigest()[:16]
+    data = checked_data(task, Path(root), p, skip_bad_images=False, out_dir=lists, console=console)
+    bb = _frozen_backbone(name, ckpt_path, seed, False, None)
+    weights = cached_sha256(ckpt_path) if ckpt_path else f"random-init:{name}:seed{seed}"
+    feats = split_features(bb, p, data, name=name, weights=weights, blocks=blocks, say=console.line, splits=splits)
+    for split, f in feats.items():
+        shape = tuple(f.mean.shape)
+        console.line(f"{split}: {len(f.files)} image(s), blocks {f.blocks}, mean tokens {shape} fp16"
+                     + (", class tokens" if f.cls is not None else "") + f"; key {f.key} ({f.path})")
+    return feats
+
+
+__all__ = ["PROBE_MODES", "extract_command", "is_probe", "run_probe", "split_features"]
