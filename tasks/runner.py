@@ -407,7 +407,8 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         console.warn(note)
     options = task.backbone_options(p, name, info)
     world = int(os.environ.get("WORLD_SIZE", "1")) if launcher != "none" else 1
-    if src is None:  # refuse, before anything is built, a training that cannot fit the GPU's memory
+    from .probe_run import is_probe
+    if src is None and not is_probe(p):  # refuse, before anything is built, a training that cannot fit the GPU
         from fourm_eval import plan
         plan.check_fit(task, p, name, info, options, world=world, gpu_memory=plan.resolve_gpu_memory(gpu_memory))
 
@@ -417,6 +418,11 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
     init_src = init_from_source(init_from) if init_from is not None else None
     if stage_task is not None and init_src is not None:  # a finished run of the stage, given: the stage is done
         init_src["stage"] = _stage_entry(stage_task, stage, Path(init_from), init_src)
+    if dry_run and is_probe(p):
+        console.line(f"{task.name} / {p['profile']} ({p['profile_file']}): {p['mode']} on frozen features of {name} "
+                     f"({info['params'] / 1e6:.1f}M params), data {root}; features extracted once into the feature "
+                     f"cache, then the probe; nothing was run")
+        return {}, None
     if dry_run:
         if stage_task is not None and init_src is None:
             console.line(f"stage 1 of 2: {stage_task.name} --profile {stage['profile']} (pre_stage of "
@@ -457,7 +463,7 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         _check_same_data(src, data, root, warns, console)
 
     task.register_mm()
-    from .probe_run import is_probe, run_probe
+    from .probe_run import run_probe
     if is_probe(p) and src is None:  # frozen features from the feature cache, then kNN or the linear grid
         if init_src is not None:
             raise ConfigError(f"mode {p['mode']}: probes the encoder as given (--checkpoint); --init-from is not "
