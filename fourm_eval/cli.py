@@ -584,10 +584,17 @@ def data_check(kind: str = typer.Argument(..., help="Task name or its data kind 
     console.print(f"{line} [green]ok[/]", highlight=False)
 
 
+def _download_kinds_help() -> str:
+    from .data.download import CATALOGUE  # standard library only: cheap at import
+    fetched = [k for k, r in CATALOGUE.items() if not r.manual]
+    manual = [k for k, r in CATALOGUE.items() if r.manual]
+    return (f"{', '.join(fetched)} (downloaded), or their task names; {', '.join(manual)} (licence-gated: prints "
+            "the steps, exit status 3).")
+
+
 @data_app.command("download")
 @friendly
-def data_download(kind: str = typer.Argument(..., help="coco, ade20k, nyu (downloaded); imagenet, imagenet21k "
-                                                        "(licence-gated: prints the steps, exit status 3)."),
+def data_download(kind: str = typer.Argument(..., help=_download_kinds_help()),
                   dest: Path = typer.Argument(..., help="Destination folder (downloads go to DEST/.download)."),
                   mirror: Optional[str] = typer.Option(None, "--mirror", envvar="FOURM_EVAL_DATA_MIRROR",
                                                        help="Fetch the same paths from this scheme://host:port "
@@ -986,7 +993,7 @@ def sweep_cmd(target: str = typer.Argument(..., help="A sweep file (or a shipped
 @features_app.command("extract")
 @friendly
 def features_extract(data: str = typer.Option(..., "--data", help="Task whose data to encode (one with image-level "
-                                                                  "labels: in1k-cls, in21k-cls)."),
+                                                                  "labels, e.g. the classification tasks)."),
                      backbone: str = typer.Option("4m", help="4m, deit3, mae or a registered name."),
                      checkpoint: Optional[str] = typer.Option(None, help="Weights (file, or hub id OWNER/NAME[@REV]); "
                                                                          "default for 4m: the shipped tiny 4M."),

@@ -10,6 +10,10 @@ Protocols (profiles ``multimae`` = ``paper``, ``mae-upernet``; the profile's ``p
   ``Feature2Pyramid`` neck (x4, x2, x1, x0.5), mmseg's ``UPerHead`` on the four levels and mmseg's
   ``FCNHead`` on the third as the auxiliary head (loss weight 0.4); BN (SyncBN with several processes).
 
+* ``linear`` head (protocol linear, with ``mode: linear``): DINOv2's linear probe on the frozen backbone
+  (``tasks/kits/linear_head.py``): the last block's tokens (or four blocks' concatenated), BatchNorm, 1x1
+  convolution to the classes, logits upsampled by mmseg.
+
 Data: the ``ADEChallengeData2016`` layout, checked by ``fourm_eval.data.ade_check``; labels are
 reduced as ADE20K requires (0 "other" ignored, value v -> class v - 1).
 
@@ -42,7 +46,7 @@ from .schema import S, SUBSET_SETTINGS, size_hw
 
 class Ade20kSeg(SegmentationTask):
     name = "ade20k-seg"
-    title = "ADE20K semantic segmentation, 150 classes (ConvNeXt head or UperNet, mmseg)"
+    title = "ADE20K semantic segmentation, 150 classes (ConvNeXt head, UperNet or DINOv2 linear probe, mmseg)"
     data_kind = "ade20k"
     mini_data = "fourm_eval.data.ade_mini"
     reference_train_images = 20210     # ADE20K (SceneParsing): 20,210 training images

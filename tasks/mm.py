@@ -66,17 +66,31 @@ class FourmEvalViT(BaseModule):
     (default: the last block). ``final_norm``: apply the encoder's final norm to
     them. Without it (ViTDet, UperNet), the parameters after the blocks (layer id
     L+1 inside the backbone) are frozen, so they are neither trained nor decayed and
-    DDP sees no unused parameters."""
+    DDP sees no unused parameters.
+
+    ``frozen`` (a profile's ``mode: linear``, the linear probes): no parameter of the backbone
+    trains (``requires_grad`` off, so the optimiser constructor gives it no group and no state),
+    it stays in eval mode (no drop path, no dropout) and its forward runs without autograd --
+    the classification kit's linear probe does the same in ``FourmClassifier``."""
 
     def __init__(self, name: str, checkpoint: str | None = None, allow_pickle: bool = False,
                  out_indices: Sequence[int] = (-1,), final_norm: bool = False,
-                 finetune: dict[str, Any] | None = None, **kwargs: Any):
+                 finetune: dict[str, Any] | None = None, frozen: bool = False, **kwargs: Any):
         super().__init__()
         from fourm_eval.backbones import build_backbone
 
+        self.frozen = bool(frozen)
+        if self.frozen and finetune and finetune.get("mode") == "lora":
+            raise ConfigError("mode: linear freezes the whole backbone; it takes no LoRA adapters "
+                              "(finetune.mode: lora): use one or the other")
+        if self.frozen:
+            kwargs["drop_path_rate"] = 0.0  # frozen and in eval mode: drop path never applies
         self.net = build_backbone(name, checkpoint=checkpoint, allow_pickle=allow_pickle, **kwargs)
         self.out_indices = [int(i) for i in out_indices]
         self.final_norm = bool(final_norm)
+        if self.frozen:
+            self.net.requires_grad_(False)
+            self.net.eval()
         if not self.final_norm:
             for n, p in self.net.named_parameters():
                 if self.net.layer_id(n) == self.net.num_layers + 1:
@@ -90,9 +104,16 @@ class FourmEvalViT(BaseModule):
     def init_weights(self) -> None:  # weights come from build_backbone; never re-initialise
         pass
 
+    def train(self, mode: bool = True) -> "FourmEvalViT":
+        super().train(mode)
+        if self.frozen:
+            self.net.eval()  # a frozen backbone stays in eval mode
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         rows, cols = self.net.grid_size(x)
-        feats = self.net.get_intermediate_layers(x, self.out_indices, norm=self.final_norm)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            feats = self.net.get_intermediate_layers(x, self.out_indices, norm=self.final_norm)
         return tuple(t.transpose(1, 2).reshape(t.shape[0], -1, rows, cols).contiguous() for t in feats)
 
 

@@ -84,7 +84,7 @@ def build_pipelines(p: dict[str, Any]) -> tuple[list, list]:
 # --------------------------------------------------------------------- task
 class NyuDepth(DepthTask):
     name = "nyu-depth"
-    title = "NYUv2 monocular depth (ConvNeXt or DPT head, Eigen-crop metrics, mmseg)"
+    title = "NYUv2 monocular depth (ConvNeXt or DPT head, or DINOv2 linear probe; Eigen-crop metrics, mmseg)"
     data_kind = "nyu"
     mini_data = "fourm_eval.data.nyu_mini"
     reference_train_images = 795       # NYUv2 labelled set, Eigen split (transfer-protocols.md)

@@ -77,7 +77,9 @@ def test_set_is_checked_and_may_give_a_declared_key():
 def test_kit_and_task_keys_are_declared_in_their_places():
     ade, nyu = settings_of(get_task("ade20k-seg")), settings_of(get_task("nyu-depth"))
     assert ade["upernet.channels"].kind == "int" and ade["color_jitter"].kind == "section"    # kit, task
-    assert nyu["color_jitter.saturation"].kind == "range" and nyu["loss"].choices == ("silog", "berhu")
+    assert nyu["color_jitter.saturation"].kind == "range" and nyu["loss"].choices == ("silog", "berhu", "sigloss")
+    assert ade["mode"] is nyu["mode"] and ade["linear.layers"].choices == (1, 4)                # the dense kit's
+    assert "linear.n_bins" in nyu and "linear.n_bins" not in ade                              # the depth kit's
     assert ade["schedule.decay"].choices == ("step", "cosine", "poly")                      # the runner's
 
 

@@ -114,6 +114,7 @@ class DenseTask(Task):
 
         register_all_modules(init_default_scope=True)
         register_mmseg()
+        from . import linear_head  # noqa: F401 - DINOv2's linear heads into mmseg's MODELS
         _register_transforms()
         _register_metric()
         self.register_extra()
@@ -131,6 +132,8 @@ class DenseTask(Task):
     def footnote_head(self, c: dict[str, Any]) -> str:
         """The head in words (a kit adds its own heads)."""
         head = c.get("head", "?")
+        if head == "linear":
+            return linear_head_words(c)
         if head == "convnext":
             h = c.get("convnext") if isinstance(c.get("convnext"), dict) else {}
             return (f"ConvNeXt head (MultiMAE; decoder dim {h.get('decoder_dim', '?')}, {h.get('preds_per_patch', '?')} "
@@ -145,6 +148,8 @@ class DenseTask(Task):
         sch = c.get("schedule_resolved") or {}
         from fourm_eval.lora import describe, is_lora
         tuning = describe(c.get("finetune"))  # the run's own mode (no finetune section: full)
+        if frozen(c):
+            tuning = "linear probe (backbone frozen, in eval mode; only the head trains)"
         if c.get("model_size") == "xl" and self.xl_tuning_published and not is_lora(c):
             tuning += f" (4M-21 fine-tunes XL with {self.xl_tuning_published})"
         parts = [self.footnote_head(c), self.footnote_training(c),
@@ -218,6 +223,63 @@ CONVNEXT_SETTINGS = (
     S("convnext.final_norm", "bool", "the encoder's final norm on the last block's tokens before the head "
       "(ml-4m's FourMViT applies it; MultiMAE's MultiViT has none)"),
 )
+
+
+# the backbone's training mode: the key (and the meaning) of the classification kit's ``mode``, so a record's
+# ``config.mode`` says "linear" for every frozen-backbone probe (fourm_eval.results.finetune_mode reads it)
+MODE_SETTING = S("mode", "str", "finetune: the backbone trains (in full, or its LoRA adapters); linear: the backbone "
+                 "is frozen and in eval mode (no gradient, no optimiser state, every weight unchanged), only the head "
+                 "trains (a linear probe)", default="finetune", choices=("finetune", "linear"))
+
+# DINOv2's linear heads (tasks/kits/linear_head.py): the tokens of one block, or of several concatenated, a
+# BatchNorm (segmentation) and a 1x1 convolution; the depth kit adds its bins (tasks/kits/depth.py)
+LINEAR_SETTINGS = (
+    S("linear", "section", "DINOv2's linear head (tasks/kits/linear_head.py; needed with head linear)", default=None,
+      null=True, per_size=False),
+    S("linear.layers", "int", "1: the last block's tokens (DINOv2 'linear'); 4: four blocks' tokens concatenated "
+      "(DINOv2 'ms' / 'linear4')", choices=(1, 4)),
+    S("linear.blocks", "list", "with layers 4: the four blocks (0-based) whose tokens are concatenated (null: the "
+      "last four)", default=None, null=True, item="int", length=4),
+    S("linear.final_norm", "bool", "the encoder's final norm on each block's tokens before the head"),
+    S("linear.batch_norm", "bool", "a BatchNorm (affine; SyncBN with several processes) on the concatenated "
+      "features before the 1x1 convolution"),
+    S("linear.global_token", "bool", "concatenate to each block's tokens a global token, broadcast over the grid "
+      "(DINOv2: the CLS token; 4M has none: the mean of the block's patch tokens, a recorded deviation)",
+      default=False),
+)
+
+
+def linear_blocks(p: dict[str, Any], num_layers: int) -> list[int]:
+    """The 0-based blocks a linear head reads: the last one, or the four of ``linear.blocks`` (default: the last
+    four); a named error for blocks the backbone does not have."""
+    sec = head_section(p, "linear")
+    n, k = int(num_layers), int(sec["layers"])
+    if k == 1:
+        return [n - 1]
+    blocks = sec.get("blocks")
+    blocks = list(range(n - 4, n)) if blocks is None else [int(b) for b in blocks]
+    if len(blocks) != 4 or blocks != sorted(set(blocks)) or not all(0 <= b < n for b in blocks):
+        raise ConfigError(f"linear.blocks = {blocks}: four increasing block indices of the backbone's {n} blocks "
+                          f"(0..{n - 1})")
+    return blocks
+
+
+def frozen(p: dict[str, Any]) -> bool:
+    """The profile's ``mode: linear``: the backbone frozen (FourmEvalViT's ``frozen``)."""
+    return p.get("mode", "finetune") == "linear"
+
+
+def linear_head_words(c: dict[str, Any]) -> str:
+    """DINOv2's linear head in a footnote (``c``: the record's config)."""
+    h = c.get("linear") if isinstance(c.get("linear"), dict) else {}
+    layers = h.get("layers", "?")
+    what = ("the last block's tokens" if layers == 1 else
+            f"the tokens of blocks {h.get('blocks') or 'the last four'} concatenated")
+    extra = ([" + a global token (mean of patch tokens, in place of DINOv2's CLS)"] if h.get("global_token") else [])
+    norm = {True: " after the encoder's final norm", False: " without the encoder's final norm"}.get(
+        h.get("final_norm"), "")
+    return (f"DINOv2 linear head ({layers} block(s): {what}{norm}{''.join(extra)}, "
+            + ("BatchNorm + " if h.get("batch_norm") else "") + "1x1 convolution)")
 
 
 # the kit's colour augmentation: FourmColorJitter (+ FourmToGray) as the profile section ``color_jitter``,
@@ -474,5 +536,6 @@ def _register_metric() -> None:
     mm_register(METRICS, "FourmDenseMetric")(FourmDenseMetric)
 
 
-__all__ = ["COLOR_SETTINGS", "CONVNEXT_SETTINGS", "DenseTask", "TEST_META_KEYS", "batch_norm", "color_transforms", "color_words", "head_section", "px",
+__all__ = ["COLOR_SETTINGS", "CONVNEXT_SETTINGS", "DenseTask", "LINEAR_SETTINGS", "MODE_SETTING", "frozen",
+           "linear_blocks", "linear_head_words", "TEST_META_KEYS", "batch_norm", "color_transforms", "color_words", "head_section", "px",
            "quarter_blocks", "score_folder", "single_pass_geometry"]

@@ -12,6 +12,11 @@ Heads: ``convnext``: MultiMAE's ConvNeXt adapter on the last block's tokens
 reassemble and fusion blocks on the last block of each quarter of the encoder, mmseg's
 ``DPTHead`` with 1 output channel, without batch norm (DPT's depth heads use none).
 
+``linear`` (DINOv2's linear probe, with ``mode: linear``): ``tasks/kits/linear_head.py``: the last block's
+tokens (or four blocks'), each with a global token (the mean of its patch tokens, in place of DINOv2's CLS),
+upsampled x4, a 1x1 convolution to ``linear.n_bins`` bins uniform in [min_depth, max_depth]; the depth is the
+mean of the bins under the normalised weights; loss ``sigloss`` (DINOv2's) with an optional gradient loss.
+
 Losses: ``silog``: the scale-invariant log loss sqrt(mean d^2 - 0.5 (mean d)^2), d = log g -
 log p, per image, averaged over the batch (mmseg's ``silog_loss``); ``berhu`` (MultiMAE's): the
 reversed Huber loss with threshold c = ``berhu_threshold`` x the batch's largest absolute error,
@@ -30,11 +35,12 @@ from fourm_eval.errors import ConfigError
 
 from ..base import Metric, RunContext
 from ..schema import S
-from .dense import CONVNEXT_SETTINGS, DenseTask, head_section, quarter_blocks
+from .dense import (CONVNEXT_SETTINGS, LINEAR_SETTINGS, MODE_SETTING, DenseTask, batch_norm, frozen, head_section,
+                    linear_blocks, quarter_blocks)
 
-HEADS = ("convnext", "dpt")
+HEADS = ("convnext", "dpt", "linear")
 DEPTH_TESTS = ("eigen", "center-crop")
-LOSSES = ("silog", "berhu")
+LOSSES = ("silog", "berhu", "sigloss")  # sigloss: DINOv2's, with head linear (tasks/kits/linear_head.py)
 PATCH = 16  # every backbone here has 16-pixel patches; test inputs are padded to a multiple of it
 
 
@@ -43,7 +49,12 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: 
     head = p["head"]
     if head not in HEADS:
         raise ConfigError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
-    if head == "convnext":
+    if head == "linear":  # DINOv2's linear depth head on the last block or four blocks (tasks/kits/linear_head.py)
+        if not num_layers:
+            raise ConfigError("the linear head needs the backbone's number of blocks")
+        out_indices = linear_blocks(p, num_layers)
+        final_norm = bool(head_section(p, "linear")["final_norm"])
+    elif head == "convnext":
         out_indices = [-1]  # the last block, with or without the encoder's final norm (recorded)
         final_norm = bool(head_section(p, "convnext")["final_norm"])
     else:
@@ -51,15 +62,31 @@ def build_model_cfg(p: dict[str, Any], backbone_cfg: dict[str, Any], embed_dim: 
             raise ConfigError("the dpt head needs the backbone's number of blocks")
         out_indices = quarter_blocks(num_layers)  # DPT: the last block of each quarter
         final_norm = False  # MultiMAE's DPT adapter reads the blocks without a norm
+    if p["loss"] == "sigloss" and head != "linear":
+        raise ConfigError("loss sigloss (DINOv2's) goes with head linear; the convnext and dpt heads take silog or "
+                          "berhu")
+    if head == "linear":
+        c = head_section(p, "linear")
+        decode_head = dict(type="FourmLinearDepthHead", in_channels=embed_dim, num_blocks=len(out_indices),
+                           batch_norm=bool(c["batch_norm"]), global_token=bool(c.get("global_token", False)),
+                           upsample=int(c["upsample"]), n_bins=int(c["n_bins"]), min_depth=float(c["min_depth"]),
+                           max_depth=float(c["max_depth"]), norm_strategy=str(c["norm_strategy"]), loss=p["loss"],
+                           berhu_threshold=float(p.get("berhu_threshold", 0.2)),
+                           grad_loss_weight=float(p.get("grad_loss_weight", 0.0)),
+                           sigloss_warmup_iters=int(p.get("sigloss_warmup_iters", 100)), norm_cfg=batch_norm())
+    else:
+        decode_head = dict(type="FourmDepthHead", head=head, in_channels=embed_dim, loss=p["loss"],
+                           berhu_threshold=float(p.get("berhu_threshold", 0.2)), **{head: dict(head_section(p, head))})
+    backbone = dict(type="FourmEvalViT", out_indices=out_indices, final_norm=final_norm, **backbone_cfg)
+    if frozen(p):  # mode: linear (absent otherwise: the configs of earlier runs unchanged)
+        backbone["frozen"] = True
     return dict(
         type="DepthEstimator",
         data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
                                bgr_to_rgb=True, pad_val=0, seg_pad_val=0, size_divisor=PATCH,
                                test_cfg=dict(size_divisor=PATCH)),  # 0 after normalisation, as everywhere here
-        backbone=dict(type="FourmEvalViT", out_indices=out_indices, final_norm=final_norm, **backbone_cfg),
-        decode_head=dict(type="FourmDepthHead", head=head, in_channels=embed_dim, loss=p["loss"],
-                         berhu_threshold=float(p.get("berhu_threshold", 0.2)),
-                         **{head: dict(head_section(p, head))}),
+        backbone=backbone,
+        decode_head=decode_head,
         test_cfg=dict(mode="whole"),
     )
 
@@ -91,13 +118,27 @@ class DepthTask(DenseTask):
     settings = (
         S("image_size", "int", "training crop and test short side (square crops)", unit="px"),
         S("head", "str", "depth head", choices=HEADS),
+        MODE_SETTING,
         *CONVNEXT_SETTINGS,
+        *LINEAR_SETTINGS,
+        S("linear.upsample", "int", "linear head: the features bilinearly upsampled by this factor before the 1x1 "
+          "convolution (DINOv2: 4)", default=1),
+        S("linear.n_bins", "int", "linear head: depth bins (the 1x1 convolution's outputs)"),
+        S("linear.min_depth", "float", "linear head: the first bin's depth", unit="m"),
+        S("linear.max_depth", "float", "linear head: the last bin's depth (bins uniform in between: DINOv2's 'UD')",
+          unit="m"),
+        S("linear.norm_strategy", "str", "linear head: logits -> bin weights (linear: relu + 0.1, normalised, "
+          "AdaBins'; softmax; sigmoid, normalised)", choices=("linear", "softmax", "sigmoid")),
         S("dpt", "section", "the DPT head (mmseg's DPTHead, no batch norm; needed with head dpt)", default=None,
           null=True, per_size=False),
         S("dpt.channels", "int", "fusion channels"),
         S("dpt.post_process_channels", "list", "reassemble channels of the four levels", item="int", length=4),
         S("loss", "str", "training loss", choices=LOSSES),
         S("berhu_threshold", "float", "berHu: c = this x the batch's largest absolute error", default=0.2),
+        S("sigloss_warmup_iters", "int", "sigloss: the first this many iterations use sqrt(0.15 mean(g)^2) only "
+          "(DINOv2's warm_up, warm_iter)", default=100, unit="iter"),
+        S("grad_loss_weight", "float", "sigloss: weight of the gradient loss added to it (DINOv2's GradientLoss, "
+          "per image; 0: none)", default=0.0),
         S("test_procedure", "str", "eigen: short side to image_size, predicted at the full size, Eigen crop, per-image "
           "mean (BTS / mmseg); center-crop: short side to image_size, the centre square, scored there on "
           "nearest-resized depth, pixels pooled per batch of score_batch_size (MultiMAE)", choices=DEPTH_TESTS),
@@ -117,6 +158,13 @@ class DepthTask(DenseTask):
         if c.get("head") == "dpt":
             h = c.get("dpt") if isinstance(c.get("dpt"), dict) else {}
             head = f"DPT head ({h.get('channels', '?')} channels) over four blocks"
+        elif c.get("head") == "linear":
+            h = c.get("linear") if isinstance(c.get("linear"), dict) else {}
+            grad = float(c.get("grad_loss_weight") or 0.0)
+            return (f"{super().footnote_head(c)}: depth as the mean of {h.get('n_bins', '?')} uniform bins in "
+                    f"[{h.get('min_depth', '?')}, {h.get('max_depth', '?')}] m ({h.get('norm_strategy', '?')} "
+                    f"weights), features upsampled x{h.get('upsample', '?')}; {c.get('loss', '?')} loss"
+                    + (f" + {grad} x gradient loss" if grad else ""))
         else:
             head = super().footnote_head(c)
         return f"{head}, softplus output in metres, {c.get('loss', '?')} loss"
@@ -126,7 +174,7 @@ class DepthTask(DenseTask):
         from . import depth_head  # noqa: F401 - FourmDepthHead into mmseg's MODELS
 
     def model_cfg(self, ctx: RunContext) -> dict:
-        n_layers = ctx.num_layers if ctx.profile["head"] == "dpt" else None  # DPT's blocks depend on the depth
+        n_layers = ctx.num_layers if ctx.profile["head"] in ("dpt", "linear") else None  # their blocks depend on it
         return build_model_cfg(ctx.profile, dict(ctx.backbone_cfg), ctx.embed_dim, n_layers)
 
     # predictions and metric: 16-bit PNGs of millimetres, scored as stored

@@ -65,10 +65,10 @@ class FourmDepthHead(BaseModule):
     def __init__(self, head: str, in_channels: int, loss: str = "silog", berhu_threshold: float = 0.2,
                  convnext: dict | None = None, dpt: dict | None = None, init_cfg: Any = None):
         super().__init__(init_cfg=init_cfg)
-        if head not in HEADS:
-            raise ConfigError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
-        if loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+        if head not in HEADS or head == "linear":  # linear: FourmLinearDepthHead (tasks/kits/linear_head.py)
+            raise ConfigError(f"FourmDepthHead is the convnext or dpt head, not {head!r}")
+        if loss not in LOSSES or loss == "sigloss":  # sigloss: DINOv2's, only with its linear head
+            raise ConfigError(f"loss must be silog or berhu with head {head}, not {loss!r}")
         self.kind, self.loss_kind, self.berhu_threshold = head, loss, float(berhu_threshold)
         self.align_corners, self.num_classes, self.out_channels = False, 1, 1
         if head == "convnext":

@@ -18,9 +18,10 @@ from fourm_eval.errors import ConfigError
 
 from ..base import Metric, RunContext
 from ..schema import S, size_hw
-from .dense import CONVNEXT_SETTINGS, DenseTask, batch_norm, head_section, quarter_blocks
+from .dense import (CONVNEXT_SETTINGS, LINEAR_SETTINGS, MODE_SETTING, DenseTask, batch_norm, frozen, head_section,
+                    linear_blocks, quarter_blocks)
 
-SEG_HEADS = ("convnext", "upernet")
+SEG_HEADS = ("convnext", "upernet", "linear")
 TEST_PROCEDURES = ("slide", "single")
 
 
@@ -34,7 +35,8 @@ def _square(size: Any, what: str) -> int:
 
 class SegmentationTask(DenseTask):
     """Semantic segmentation over ``num_classes`` classes, scored by mIoU / mAcc / aAcc (mmseg's
-    counting). Profile keys it reads: ``head`` (convnext | upernet) and its section, ``image_size``,
+    counting). Profile keys it reads: ``head`` (convnext | upernet | linear) and its section, ``mode`` (linear:
+    the backbone frozen), ``image_size``,
     ``slide_stride``, ``test_pad_divisor``. Label files are 8-bit PNGs; with ``reduce_zero_label``
     (ADE20K) 0 is ignored and class k is stored as k + 1, else class k is stored as k and 255 is
     ignored. Predictions are stored the same way."""
@@ -63,7 +65,9 @@ class SegmentationTask(DenseTask):
     map_bits = 8
     settings = (
         S("head", "str", "decode head", choices=SEG_HEADS),
+        MODE_SETTING,
         *CONVNEXT_SETTINGS,
+        *LINEAR_SETTINGS,
         S("upernet", "section", "UperNet + auxiliary FCN head (needed with head upernet)", default=None, null=True,
           per_size=False),
         S("upernet.blocks", "list", "the four blocks (0-based) the neck reads (null: the last of each quarter)",
@@ -116,7 +120,14 @@ class SegmentationTask(DenseTask):
                 {k: s[k] for k in ("per_class_iou", "classes_in_miou", "classes_in_macc")})
 
     def backbone_options(self, p: dict[str, Any], backbone: str, info: dict[str, Any]) -> dict[str, Any]:
+        opts = self._backbone_blocks(p, info)
+        return {**opts, "frozen": True} if frozen(p) else opts  # mode: linear (absent otherwise: records unchanged)
+
+    def _backbone_blocks(self, p: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
         head = p.get("head")
+        if head == "linear":  # DINOv2: the last block, or four blocks, each through the final norm (recorded)
+            return {"out_indices": linear_blocks(p, int(info["num_layers"])),
+                    "final_norm": bool(head_section(p, "linear")["final_norm"])}
         if head == "convnext":  # the last block, with or without the encoder's final norm (recorded)
             return {"out_indices": [info["num_layers"] - 1],
                     "final_norm": bool(head_section(p, "convnext")["final_norm"])}
@@ -153,7 +164,13 @@ class SegmentationTask(DenseTask):
                                    std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0, seg_pad_val=255,
                                    size=(h, w), test_cfg=dict(size_divisor=int(p.get("test_pad_divisor") or 16))),
             backbone=dict(type="FourmEvalViT", **backbone_cfg), train_cfg=dict(), test_cfg=test_cfg)
-        if p["head"] == "convnext":
+        if p["head"] == "linear":  # DINOv2's BNHead: BatchNorm + 1x1 conv on the block(s), no auxiliary head
+            c = head_section(p, "linear")
+            model["decode_head"] = dict(type="FourmLinearSegHead", in_channels=embed_dim, num_classes=k,
+                                        num_blocks=len(backbone_cfg["out_indices"]), batch_norm=bool(c["batch_norm"]),
+                                        global_token=bool(c.get("global_token", False)), norm_cfg=batch_norm(),
+                                        dropout_ratio=0.0, align_corners=False, loss_decode=ce(1.0))
+        elif p["head"] == "convnext":
             c = head_section(p, "convnext")
             model["decode_head"] = dict(type="FourmConvNeXtHead", in_channels=embed_dim, in_index=0, num_classes=k,
                                         decoder_dim=int(c["decoder_dim"]), preds_per_patch=int(c["preds_per_patch"]),
