@@ -713,8 +713,11 @@ def report(dirs: list[Path] = typer.Argument(..., help="Run directories (searche
     """Paper-style report: Table 1 layout, published numbers, plots, overfitting analyses."""
     from .report import write_report
 
+    from .trajectory import find_trajectories
+
     records, bad = _load(dirs)
-    paths = write_report(records, out, bad=bad, pretrain_logs=list(pretrain_log))
+    trajectories = find_trajectories(dirs)
+    paths = write_report(records, out, bad=bad, pretrain_logs=list(pretrain_log), trajectories=trajectories)
     print(f"report of {len(records)} run(s): {paths['html']}  (open in a browser; also {paths['md'].name}, "
           f"{paths['tex'].name} in {out})")
 
@@ -773,6 +776,66 @@ def analyze_finetune(dirs: list[Path] = typer.Argument(..., help="Run directorie
                       f"{a['peak'] * 100:.1f}", f"{a['final'] * 100:.1f}", f"{a['gap_points']:.1f}",
                       "-" if s is None else f"{s:.2e}", "yes" if a["overfitting"] else "no")
     console.print(t)
+
+
+def _natural(p: Path) -> list:
+    import re
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+
+@analyze_app.command("trajectory")
+@friendly
+def analyze_trajectory(ckpts: list[Path] = typer.Argument(..., help="Checkpoints saved along a pre-training run "
+                                                                   "(e.g. checkpoint-*.safetensors), any order."),
+                       probe: list[str] = typer.Option(["in1k-cls:knn-smoke"], "--probe",
+                                                       help="TASK:PROFILE of a probe run on each checkpoint "
+                                                            "(repeatable), e.g. in1k-cls:knn or in1k-cls:linear-grid."),
+                       out: Path = typer.Option(..., "--out", help="Folder for trajectory.json / .csv / .png and the "
+                                                                   "probe runs (rerunning skips finished ones)."),
+                       tokens: Optional[str] = typer.Option(None, "--tokens", help="Tokens seen per checkpoint, "
+                                                                                 "comma-separated, in the order "
+                                                                                 "given (else read from each file)."),
+                       pretrain_log: Optional[Path] = typer.Option(None, "--pretrain-log", help="The run's log.txt: "
+                                                                   "its held-out loss onset beside the peaks."),
+                       data_root: list[str] = typer.Option([], "--data-root", help="TASK=ROOT for a probe's data "
+                                                                                   "(default: the mini set)."),
+                       seed: int = typer.Option(0, help="Seed of the probe runs."),
+                       allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled checkpoints "
+                                                                                       "(ml-4m's .pth).")) -> None:
+    """Transfer along pre-training: each probe on each checkpoint, its score against tokens seen per model,
+    the checkpoint where it peaked, and (with --pretrain-log) the held-out loss onset beside it."""
+    from .console import RunConsole
+    from .trajectory import METHOD, parse_probe, run_trajectory
+
+    order = sorted(ckpts, key=_natural)
+    roots = {}
+    for item in data_root:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--data-root {item!r}: write TASK=ROOT")
+        roots[k] = v
+    toks = [float(t) for t in tokens.split(",")] if tokens else None
+    res = run_trajectory(order if toks is None else list(ckpts), [parse_probe(p) for p in probe], out, tokens=toks,
+                         pretrain_log=pretrain_log, seed=seed, data_roots=roots, allow_pickle=allow_pickle,
+                         say=lambda line: console.print(line, highlight=False, markup=False),
+                         console=RunConsole())
+    console.print(METHOD, highlight=False)
+    t = Table(title=f"transfer along pre-training ({len(res['points'])} probe runs)")
+    for col in ("model", "probe", "checkpoint", "tokens seen", "score"):
+        t.add_column(col)
+    for p in sorted(res["points"], key=lambda p: (p["model"], p["probe"], p["order"])):
+        t.add_row(p["model"], p["probe"], Path(p["checkpoint"]).name,
+                  "-" if p["tokens_seen"] is None else f"{p['tokens_seen']:.4g}",
+                  f"{p['metric']} {p['value'] * 100:.1f}" if isinstance(p["value"], (int, float)) else "-")
+    console.print(t)
+    for k in res["peaks"]:
+        console.print(f"{k['model']} / {k['probe']}: peak at {Path(k['peak_checkpoint']).name} "
+                      f"({k['peak_value'] * 100:.1f}), last {k['last_value'] * 100:.1f}, drop {k['drop_points']:.1f} "
+                      f"point(s): {'peaked early' if k['peaked_early'] else 'no early peak'}", highlight=False)
+    if res.get("pretrain_onset"):
+        o = res["pretrain_onset"]
+        console.print(f"held-out loss onset ({o['log']}): {o['earliest']} ({o['x']}, {o['modality']})", highlight=False)
+    console.print(f"wrote {out / 'trajectory.json'}, trajectory.csv, trajectory.png", highlight=False)
 
 
 @analyze_app.command("pretrain")

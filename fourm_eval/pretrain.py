@@ -179,11 +179,15 @@ def build_scenes(r: Recipe, progress: Callable[[int, int], None] | None = None
 
 
 def train(r: Recipe, log: Callable[[str], None] = lambda m: print(m, flush=True),
-          stop_after: int | None = None) -> tuple[TinyFourM, dict[str, Any]]:
+          stop_after: int | None = None, save_every: int | None = None,
+          on_checkpoint: Callable[[TinyFourM, int, int], None] | None = None) -> tuple[TinyFourM, dict[str, Any]]:
     """Train the tiny 4M; returns the model and a summary (losses, accuracies, time).
 
     ``stop_after=N`` stops after logged step N of the same schedule (the learning rate still follows
-    ``r.steps``): a re-run checks the start of the shipped training log in a fraction of the time."""
+    ``r.steps``): a re-run checks the start of the shipped training log in a fraction of the time.
+    ``save_every=N``: ``on_checkpoint(model, steps_done, tokens_seen)`` after every N steps (the
+    trajectory of transfer along pre-training, ``fourm-eval analyze trajectory``); it does not touch
+    the random streams, so the final weights are the same with or without it."""
     torch.set_num_threads(r.threads)
     torch.manual_seed(r.seed)
     started = time.time()
@@ -198,6 +202,7 @@ def train(r: Recipe, log: Callable[[str], None] = lambda m: print(m, flush=True)
     g = torch.Generator().manual_seed(r.seed + 1)
     n_tokens = (r.image_size // 16) ** 2
     history = []
+    tokens_seen = 0  # RGB tokens the encoder was given, summed over steps
     sem_key, dep_key = _key("tok_semseg@224"), _key("tok_depth@224")
     for step in range(r.steps):
         for group in opt.param_groups:
@@ -223,6 +228,11 @@ def train(r: Recipe, log: Callable[[str], None] = lambda m: print(m, flush=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        tokens_seen += r.batch_size * n_vis
+        if save_every and on_checkpoint is not None and (step + 1) % save_every == 0:
+            model.eval()
+            on_checkpoint(model, step + 1, tokens_seen)
+            model.train()
         if step % 50 == 0 or step == r.steps - 1:
             with torch.no_grad():
                 acc_s = (out[sem_key].argmax(-1) == s).float().mean().item()
@@ -339,8 +349,11 @@ def metadata(r: Recipe) -> dict[str, str]:
     return {k: str(v) for k, v in cfg.items()}
 
 
-def write_checkpoint(model: TinyFourM, r: Recipe, summary: dict[str, Any], out: Path) -> Path:
-    """Write ``out`` (safetensors) and ``out.with_suffix('.json')`` (the recipe and training log)."""
+def write_checkpoint(model: TinyFourM, r: Recipe, summary: dict[str, Any], out: Path,
+                     progress: dict[str, int] | None = None) -> Path:
+    """Write ``out`` (safetensors) and ``out.with_suffix('.json')`` (the recipe and training log).
+    ``progress`` ({"step": N, "tokens_seen": T}) goes into the header metadata of a checkpoint saved
+    along the training (the shipped file has none)."""
     from safetensors.torch import save_file
 
     from .checkpoints import sha256_file
@@ -348,7 +361,10 @@ def write_checkpoint(model: TinyFourM, r: Recipe, summary: dict[str, Any], out: 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    save_file(fourm_state_dict(model), str(tmp), metadata=metadata(r))
+    meta = metadata(r)
+    if progress:
+        meta.update({k: str(int(v)) for k, v in progress.items()})
+    save_file(fourm_state_dict(model), str(tmp), metadata=meta)
     tmp.replace(out)
     what = "tiny 4M pre-trained by fourm-eval for smoke runs (not a released 4M model)"
     if summary.get("stopped_after") is not None:
@@ -383,11 +399,21 @@ def shipped_checkpoint() -> Path:
     return Path(__file__).resolve().parent / "assets" / "fourm-tiny-pretrained.safetensors"
 
 
-def main(out: str | os.PathLike[str] | None = None, stop_after: int | None = None, **overrides: Any) -> Path:
+def main(out: str | os.PathLike[str] | None = None, stop_after: int | None = None, save_every: int | None = None,
+         save_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> Path:
     r = Recipe(**overrides)
     if stop_after is not None and out is None:
         raise SystemExit("--stop-after writes a partial model: give --out (the shipped file is never replaced by one)")
-    model, summary = train(r, stop_after=stop_after)
+    if save_every and not save_dir:
+        raise SystemExit("--save-every needs --save-dir (the folder of checkpoint-<step>.safetensors)")
+
+    def save(model: TinyFourM, step: int, tokens: int) -> None:
+        path = write_checkpoint(model, r, {"step": step, "tokens_seen": tokens},
+                                Path(save_dir) / f"checkpoint-{step}.safetensors",
+                                progress={"step": step, "tokens_seen": tokens})
+        print(f"saved {path} (step {step}, {tokens} tokens seen)", flush=True)
+
+    model, summary = train(r, stop_after=stop_after, save_every=save_every, on_checkpoint=save)
     path = write_checkpoint(model, r, summary, Path(out) if out else shipped_checkpoint())
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {summary['seconds']:.0f} s")
     return path

@@ -13,6 +13,8 @@ the unit of the published numbers.
 
 from __future__ import annotations
 
+import json
+
 import base64
 import functools
 import html
@@ -368,7 +370,8 @@ def _tex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
 
 
 def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple[str, str]] | None = None,
-                 pretrain_logs: list[str | Path] | None = None) -> dict[str, Path]:
+                 pretrain_logs: list[str | Path] | None = None,
+                 trajectories: list[str | Path] | None = None) -> dict[str, Path]:
     import pandas as pd
 
     out = Path(out)
@@ -382,6 +385,12 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
     ft = [(rec, analysis.finetune_analysis(rec)) for rec in records]
     pre = [(str(p), analysis.pretrain_analysis(analysis.parse_pretrain_log(p))) for p in (pretrain_logs or [])]
     plots = make_plots(records, table, paper)
+    traj = []  # `analyze trajectory` outputs: transfer along pre-training
+    for i, tpath in enumerate(trajectories or []):
+        from .trajectory import figure_png
+        tres = json.loads(Path(tpath).read_text())
+        plots[f"trajectory_{i}"] = figure_png(tres)
+        traj.append((str(tpath), tres, f"trajectory_{i}"))
     for name, data in plots.items():
         (out / "figures" / f"{name}.png").write_bytes(data)
 
@@ -418,7 +427,8 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
                   "Sources: " + "; ".join(sources)),
             ("table", (hdr, rows, f"Published scores (points) under the {protocol} protocol, per model, size "
                                   "and pre-training data; not measured by this suite."))]))
-    sections.append(("Figures", [("img", (name, f"figures/{name}.png")) for name in plots if name != "scaling"]))
+    sections.append(("Figures", [("img", (name, f"figures/{name}.png")) for name in plots
+                                 if name != "scaling" and not name.startswith("trajectory_")]))
     # scaling
     sc_rows = [scaling_row(r) for r in scaling_rows]
     de_rows = [[d["task"], d["metric"]] + [f"{d[s]:+.1f}" if s in d else "–" for s in ("B", "L", "XL")]
@@ -462,6 +472,22 @@ def write_report(records: list[dict[str, Any]], out: str | Path, bad: list[tuple
                                     "Per target modality: where the held-out loss starts to rise while the "
                                     "training loss still falls.")))
         sections.append(("Overfitting analysis: pre-training", items))
+    if traj:
+        items = [("p", "Method: " + traj[0][1]["method"])]
+        for path, tres, fig in traj:
+            rows = [[k["model"], k["probe"], k["metric"], Path(k["peak_checkpoint"]).name,
+                     "–" if k["peak_tokens_seen"] is None else f"{k['peak_tokens_seen']:.3g}",
+                     f"{k['peak_value'] * 100:.1f}", f"{k['last_value'] * 100:.1f}", f"{k['drop_points']:.1f}",
+                     "yes" if k["peaked_early"] else "no", str(k["n_checkpoints"])] for k in tres["peaks"]]
+            onset = tres.get("pretrain_onset") or {}
+            items.append(("p", f"`{path}`" + (f"; held-out loss onset of the pre-training log: {onset['earliest']:g} "
+                                               f"({onset['x']}, {onset['modality']})" if onset.get("earliest") is not None
+                                               else "")))
+            items.append(("table", (["model", "probe", "metric", "peak checkpoint", "peak tokens seen", "peak",
+                                     "last", "drop (points)", "peaked early", "checkpoints"], rows,
+                                    "Per model and probe: the checkpoint where the probe peaked, against the last.")))
+            items.append(("img", (fig, f"figures/{fig}.png")))
+        sections.append(("Overfitting analysis: transfer along pre-training", items))
     notes = _footnotes(records)
     if bad:
         notes += [f"skipped {p}: {why}" for p, why in bad]
