@@ -6,6 +6,7 @@ import importlib
 import importlib.metadata as md
 import platform
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,16 @@ def run_checks() -> Report:
             ops = Check("mmcv ops", False, f"compiled ops missing ({type(e).__name__}); mmcv was installed "
                         "without MMCV_WITH_OPS (e.g. the 'mmcv-lite' build)", SETUP_FIX + " to build mmcv with ops")
     r.checks.append(ops)
+    if ops.ok and torch_c.ok:  # they load; do they run, on every device this machine has?
+        import torch
+        devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        dev_checks = [device_ops_check(d) for d in devices]
+        r.checks += dev_checks
+        r.info["mmcv_build"] = installed_build_key()
+        if not all(c.ok for c in dev_checks):
+            ops.ok = False
+            ops.detail += "; but not on " + ", ".join(c.name.removeprefix("mmcv ops on ") for c in dev_checks if not c.ok)
+            ops.fix = next(c.fix for c in dev_checks if not c.ok)
     by = {c.name: c.ok for c in r.checks}
     from .tasks import all_tasks
 
@@ -97,3 +108,60 @@ def run_checks() -> Report:
         missing = [d for d in deps if not by.get(d, False)]
         r.tasks[task] = (not missing, missing)
     return r
+
+
+def installed_build_key() -> str | None:
+    """The key of the mmcv build the setup installed in this environment (fourm_eval/wheelkey.py), if known."""
+    try:
+        return (Path(sys.prefix) / ".mmcv-build-key").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def device_ops_check(device: str) -> Check:
+    """Run mmcv's compiled ``nms`` and ``roi_align`` on a small input on ``device`` and compare them with
+    torchvision's (an independent implementation) on the CPU; a failure names the op, the device and the fix."""
+    import torch
+    from mmcv import ops as mmcv_ops
+    from torchvision import ops as tv_ops
+
+    name = f"mmcv ops on {device}"
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [20.0, 20.0, 30.0, 30.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    feat = torch.arange(2 * 6 * 6, dtype=torch.float32).view(1, 2, 6, 6)
+    rois = torch.tensor([[0.0, 0.5, 0.5, 4.5, 3.5]])
+    built = installed_build_key() or "unknown build"
+    if device.startswith("cuda"):
+        cap = torch.cuda.get_device_capability(torch.device(device))
+        fix = (f"this mmcv ({built}) has no kernels for {torch.cuda.get_device_name(torch.device(device))} (sm_{cap[0]}{cap[1]}): "
+               f"rerun `make setup` on a GPU node, or with TORCH_CUDA_ARCH_LIST including '{cap[0]}.{cap[1]}' and a CUDA "
+               f"{torch.version.cuda} toolkit loaded (README 'Installing on a cluster')")
+    else:
+        fix = f"this mmcv ({built}) lacks working CPU ops: {SETUP_FIX}"
+    step = "nms"
+    try:
+        _, keep = mmcv_ops.nms(boxes.to(device), scores.to(device), 0.5)
+        want = tv_ops.nms(boxes, scores, 0.5)
+        if keep.cpu().tolist() != want.tolist():
+            return Check(name, False, f"nms kept {keep.cpu().tolist()}, torchvision {want.tolist()}", fix)
+        step = "roi_align"
+        got = mmcv_ops.roi_align(feat.to(device), rois.to(device), (2, 2), 1.0, 2, "avg", True).cpu()
+        ref = tv_ops.roi_align(feat, rois, (2, 2), 1.0, 2, True)
+        if not torch.allclose(got, ref, atol=1e-4):
+            return Check(name, False, f"roi_align differs from torchvision's by {(got - ref).abs().max():.3g}", fix)
+    except Exception as e:  # noqa: BLE001 - what the op raised is the detail
+        return Check(name, False, f"{step} fails: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                     fix)
+    return Check(name, True, "nms and roi_align run and agree with torchvision")
+
+
+def require_device_ops(task_name: str, device: str) -> None:
+    """Before a run builds its model on ``device``: a named error when mmcv's compiled ops do not run there
+    (CPU-only ops on a GPU run, a missing architecture), instead of a failure at the first iteration."""
+    from .errors import ConfigError
+
+    c = device_ops_check(device)
+    if not c.ok:
+        raise ConfigError(f"{task_name} needs mmcv's compiled ops on {device}, and they do not run there: {c.detail}. "
+                          f"Fix: {c.fix}")
+

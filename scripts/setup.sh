@@ -6,12 +6,21 @@
 # Environment knobs:
 #   VENV                   where the environment goes (default .venv)
 #   PYTHON                 interpreter to build it from (default python3.11)
-#   FOURM_EVAL_WHEELHOUSE  folder with a prebuilt mmcv-2.1.0 wheel for this
-#                          torch (an air-gapped cluster's cache); optional
-#   FOURM_EVAL_CACHE       where a locally built mmcv wheel is kept so the
-#                          15-minute build happens once per machine
-#                          (default ~/.cache/fourm-eval)
+#   FOURM_EVAL_WHEELHOUSE  folder of prebuilt mmcv-2.1.0 wheels (a cluster's shared
+#                          wheelhouse): WHEELHOUSE/<key>/mmcv-*.whl, key as below;
+#                          a flat WHEELHOUSE/mmcv-*.whl is used for CPU-only ops only
+#   FOURM_EVAL_CACHE       where a locally built mmcv wheel is kept, under its key,
+#                          so each build happens once (default ~/.cache/fourm-eval)
+#   TORCH_CUDA_ARCH_LIST   GPU architectures for mmcv's CUDA kernels (default: the
+#                          visible GPUs'; needed on a login node without GPUs)
+#   CUDA_HOME              the CUDA toolkit (default: nvcc on PATH); its major version
+#                          must be torch's CUDA's
 #   MAX_JOBS               parallel compile jobs for mmcv (default: nproc)
+#
+# The mmcv wheel's key (fourm_eval/wheelkey.py) holds everything that makes a build
+# incompatible: torch version, CUDA version or cpu, the architecture list, the Python
+# ABI, e.g. torch-2.14.1/cu12.8-sm80+sm90/cp311; a cached wheel is reused on an exact
+# match only.
 #
 # Idempotent: every step checks whether it is already done.
 set -euo pipefail
@@ -26,7 +35,7 @@ TORCHVISION_VERSION=$(sed -n 's/^torchvision==//p' requirements/stack.txt)
 MMCV_VERSION=$(sed -n 's/^mmcv==//p' requirements/stack.txt)
 MMDET_VERSION=$(sed -n 's/^mmdet==//p' requirements/stack.txt)
 MMSEG_VERSION=$(sed -n 's/^mmsegmentation==//p' requirements/stack.txt)
-MMCV_CACHE="$CACHE_ROOT/wheels/torch-$TORCH_VERSION"
+MMCV_CACHE="$CACHE_ROOT/wheels"
 
 # Quiet by default: one line per step with its time; the full output of pip, apt and the
 # compiler goes to a log file under the cache, whose path is printed when a step fails.
@@ -68,7 +77,14 @@ then
     "${PIP[@]}" install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 
+# what mmcv build this machine needs (CPU-only, or CUDA x.y for sm_..), and its cache key
+plan_out=$("$PY" fourm_eval/wheelkey.py plan 2>"$LOG.plan") || { cat "$LOG.plan" >&2; die "cannot plan the mmcv build (above)"; }
+eval "$plan_out"
+cat "$LOG.plan" >&2; rm -f "$LOG.plan"
+echo "mmcv build for this machine: $MMCV_WORDS (key $MMCV_KEY)"
+
 mmcv_ok() {
+  [ "$(cat "$VENV/.mmcv-build-key" 2>/dev/null)" = "$MMCV_KEY" ] || return 1
   has <<PYEOF
 import mmcv
 assert mmcv.__version__ == "$MMCV_VERSION", mmcv.__version__
@@ -103,7 +119,8 @@ build_mmcv() {
   local src="$build/mmcv-$MMCV_VERSION"
   # torch >= 2.14 headers need C++20; mmcv 2.1.0 hard-codes C++17.
   sed -i 's/-std=c++17/-std=c++20/g' "$src/setup.py"
-  PATH="$benv/bin:$PATH" MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+  # shellcheck disable=SC2086  # MMCV_BUILD_ENV: KEY=VALUE words from wheelkey.py
+  env PATH="$benv/bin:$PATH" $MMCV_BUILD_ENV MAX_JOBS=${MAX_JOBS:-$(nproc)} \
     "$benv/bin/python" -m pip --disable-pip-version-check wheel --no-deps --no-build-isolation \
     -w "$build/dist" "$src"
 }
@@ -112,23 +129,27 @@ if ! mmcv_ok; then
   wheel=""
   for dir in "$WHEELHOUSE" "$MMCV_CACHE"; do
     [ -n "$dir" ] && [ -d "$dir" ] || continue
-    cand=$(ls "$dir"/mmcv-"$MMCV_VERSION"-cp311-cp311-linux_x86_64.whl 2>/dev/null | head -n1 || true)
+    cand=$("$PY" fourm_eval/wheelkey.py pick "$dir" "mmcv-$MMCV_VERSION-*.whl" 2>/dev/null || true)
     if [ -n "$cand" ]; then wheel=$cand; break; fi
   done
   if [ -n "$wheel" ]; then
     install_mmcv_wheel "$wheel"
-    mmcv_ok || die "the mmcv wheel $wheel does not load its compiled ops with torch $TORCH_VERSION; remove it (or unset FOURM_EVAL_WHEELHOUSE) to build from source"
+    echo "$MMCV_KEY" > "$VENV/.mmcv-build-key"
+    mmcv_ok || die "the mmcv wheel $wheel (for $MMCV_KEY) does not load its compiled ops with torch $TORCH_VERSION; remove it (or unset FOURM_EVAL_WHEELHOUSE) to build from source"
   else
     build=$(mktemp -d)
     trap 'rm -rf "$build"' EXIT
-    mkdir -p "$MMCV_CACHE"
-    run_step "building mmcv $MMCV_VERSION with compiled ops in a throw-away build environment (11-16 min on 2 cores; once, cached in $MMCV_CACHE)" \
+    keyed="$MMCV_CACHE/$MMCV_KEY"
+    mkdir -p "$keyed"
+    run_step "building mmcv $MMCV_VERSION with $MMCV_WORDS in a throw-away build environment (CPU-only: 11-16 min on 2 cores; once per key, cached in $keyed)" \
       build_mmcv "$build"
     built=$(ls "$build"/dist/mmcv-"$MMCV_VERSION"-*.whl)
-    # write the cache atomically so an interrupted build never leaves a broken wheel
-    cp "$built" "$MMCV_CACHE/.partial.whl" && mv "$MMCV_CACHE/.partial.whl" "$MMCV_CACHE/$(basename "$built")"
-    install_mmcv_wheel "$MMCV_CACHE/$(basename "$built")"
-    mmcv_ok || die "mmcv $MMCV_VERSION was built but its ops do not load; see the build log above"
+    # write the cache atomically so an interrupted build never leaves a broken wheel; BUILD.json names its key
+    cp "$built" "$keyed/.partial.whl" && mv "$keyed/.partial.whl" "$keyed/$(basename "$built")"
+    "$PY" fourm_eval/wheelkey.py label "$keyed" >/dev/null
+    install_mmcv_wheel "$keyed/$(basename "$built")"
+    echo "$MMCV_KEY" > "$VENV/.mmcv-build-key"
+    mmcv_ok || die "mmcv $MMCV_VERSION was built ($MMCV_WORDS) but its ops do not load; see the build log above"
   fi
 fi
 

@@ -471,6 +471,9 @@ def _run(task: Task, *, backbone: str, checkpoint: str | None, data_root: str | 
         return run_probe(task, p, data, wd, name=name, ckpt_path=ckpt_path, sha=sha, info=info, seed=seed,
                          warns=warns, console=console, started=started, hub_record=hub_record,
                          allow_pickle=allow_pickle, num_heads=num_heads), wd.path
+    if "mmcv ops" in task.requires and torch.cuda.is_available():  # before the model is built: do they run here?
+        from fourm_eval.doctor import require_device_ops
+        require_device_ops(task.name, f"cuda:{torch.cuda.current_device()}")
     allow_mmengine_checkpoint_types()
     from mmengine.config import Config
     from mmengine.runner import Runner
