@@ -274,12 +274,7 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, log: Log
             seen_ranges.append(headers.get("Range", ""))
         with open(part, mode) as f, _progress_bar(total, offset, part.with_suffix("").name, show) as bar:
             try:
-                while True:
-                    chunk = resp.read(CHUNK)
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    bar.update(len(chunk))
+                _pump(resp.read, f.write, bar)
             except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
                 f.flush()
                 raise _Broken(f"connection lost at byte {f.tell():,} ({type(e).__name__})") from None
@@ -320,13 +315,18 @@ def file_digest(path: Path, algorithm: str = "sha256", show: bool = False) -> st
     """Hex digest of a file, read in 1 MiB blocks (with a progress bar when ``show``)."""
     h = hashlib.new(algorithm)
     with open(path, "rb") as f, _progress_bar(path.stat().st_size, 0, f"verify {path.name}", show) as bar:
-        while True:
-            block = f.read(CHUNK)
-            if not block:
-                break
-            h.update(block)
-            bar.update(len(block))
+        _pump(f.read, h.update, bar)
     return h.hexdigest()
+
+
+def _pump(read: Callable[[int], bytes], write: Callable[[bytes], Any], bar: Any) -> None:
+    """Blocks of CHUNK bytes from ``read`` to ``write`` until the source ends, counted on ``bar``."""
+    while True:
+        block = read(CHUNK)
+        if not block:
+            return
+        write(block)
+        bar.update(len(block))
 
 
 def _reject(path: Path, download_dir: Path, name: str) -> Path:
