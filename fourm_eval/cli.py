@@ -787,9 +787,10 @@ def _natural(p: Path) -> list:
 @friendly
 def analyze_trajectory(ckpts: list[Path] = typer.Argument(..., help="Checkpoints saved along a pre-training run "
                                                                    "(e.g. checkpoint-*.safetensors), any order."),
-                       probe: list[str] = typer.Option(["in1k-cls:knn-smoke"], "--probe",
+                       probe: list[str] = typer.Option(..., "--probe",
                                                        help="TASK:PROFILE of a probe run on each checkpoint "
-                                                            "(repeatable), e.g. in1k-cls:knn or in1k-cls:linear-grid."),
+                                                            "(repeatable): a classification task's knn or "
+                                                            "linear-grid profile (or their -smoke)."),
                        out: Path = typer.Option(..., "--out", help="Folder for trajectory.json / .csv / .png and the "
                                                                    "probe runs (rerunning skips finished ones)."),
                        tokens: Optional[str] = typer.Option(None, "--tokens", help="Tokens seen per checkpoint, "
