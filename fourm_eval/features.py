@@ -159,8 +159,7 @@ def extract(bb: torch.nn.Module, dataset: Any, *, key_parts: dict[str, Any], cac
         say(f"{desc}: resuming the extraction after {first} complete shard(s) of {n_shards}")
     bb.eval()
     started = time.time()
-    show = progress if progress is not None else None
-    bar = tqdm(total=n, initial=min(n, first * shard_size), desc=desc, unit="img", disable=show is False,
+    bar = tqdm(total=n, initial=min(n, first * shard_size), desc=desc, unit="img", disable=progress is False,
                dynamic_ncols=True, mininterval=1.0)
     try:
         for s in range(first, n_shards):

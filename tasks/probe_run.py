@@ -27,8 +27,7 @@ def is_probe(p: dict[str, Any]) -> bool:
     return p.get("mode") in PROBE_MODES
 
 
-def _poolings(p: dict[str, Any], has_cls: bool) -> list[str]:
-    pools = (p.get("probe") or {}).get("poolings", "auto")
+def _poolings(pools: str | list[str], has_cls: bool) -> list[str]:
     if pools == "auto":  # DINOv2: class tokens, with and without the mean patch token; 4M has no class token
         return ["cls", "cls+mean"] if has_cls else ["mean"]
     return [str(x) for x in pools]
@@ -48,8 +47,9 @@ def _frozen_backbone(name: str, ckpt_path: str | None, seed: int, allow_pickle: 
     return bb.eval().requires_grad_(False)
 
 
-def _has_cls(bb: torch.nn.Module) -> bool:
-    return bool(getattr(bb, "num_prefix_tokens", 0)) and hasattr(bb, "vit")
+def _weights_id(sha: str | None, name: str, seed: int) -> str:
+    """The feature cache's name for the weights: the checkpoint's sha256, or the random init and its seed."""
+    return sha if sha else f"random-init:{name}:seed{seed}"
 
 
 def split_features(bb: torch.nn.Module, p: dict[str, Any], data: Any, *, name: str, weights: str, blocks: list[int],
@@ -76,9 +76,6 @@ def split_features(bb: torch.nn.Module, p: dict[str, Any], data: Any, *, name: s
 def run_probe(task: Any, p: dict[str, Any], data: Any, wd: Any, *, name: str, ckpt_path: str | None, sha: str | None,
               info: dict[str, Any], seed: int, warns: list[str], console: Any, started: float,
               hub_record: dict[str, Any] | None, allow_pickle: bool, num_heads: int | None) -> dict[str, Any]:
-    import numpy as np  # noqa: F401 - lazily: the task scan imports this module, and must not import torch
-    import torch  # noqa: F401
-
     from fourm_eval.probes import knn_predict, linear_grid, topk_rows
     from fourm_eval.results import device_description
 
@@ -91,11 +88,10 @@ def run_probe(task: Any, p: dict[str, Any], data: Any, wd: Any, *, name: str, ck
     mode = p["mode"]
     classes = data.private["classes"]
     bb = _frozen_backbone(name, ckpt_path, seed, allow_pickle, num_heads)
-    has_cls = _has_cls(bb)
-    n_last = [int(n) for n in pr.get("n_last_blocks", [1])] if mode == "linear-grid" else [1]
+    n_last = [int(n) for n in pr["n_last_blocks"]] if mode == "linear-grid" else [1]
     if max(n_last) > bb.num_layers:
         raise ConfigError(f"probe.n_last_blocks {n_last}: the encoder has {bb.num_layers} blocks")
-    weights = sha if sha else f"random-init:{name}:seed{seed}"
+    weights = _weights_id(sha, name, seed)
     console.header([
         ("task", f"{task.name}: {task.title}"),
         ("backbone", f"{name}, {info['params'] / 1e6:.1f}M params, frozen, "
@@ -111,37 +107,36 @@ def run_probe(task: Any, p: dict[str, Any], data: Any, wd: Any, *, name: str, ck
                                shard_size=int(pr["shard_size"]), batch_size=int(pr["batch_size_extract"]),
                                say=console.line)
         tr, va = feats["train"], feats["val"]
+        has_cls = tr.cls is not None  # the encoder gave class tokens (DeiT III, MAE; 4M has none)
         n_cls = len(classes)
         deviations = ["training-split features use the evaluation transform (cached, no augmentation)"]
         if not has_cls:
             deviations.append("the encoder has no class token: the mean patch token of the last block stands in "
                               "for it (kNN), pooling 'mean' of the last n blocks (linear grid)")
         if mode == "knn":
-            ks = [int(k) for k in pr.get("ks", [10, 20, 100, 200])]
+            ks = [int(k) for k in pr["ks"]]
             too_many = [k for k in ks if k > len(tr.files)]
             if too_many:
                 raise ConfigError(f"probe.ks {too_many}: more neighbours than the {len(tr.files)} training images")
             pool = "cls" if has_cls else "mean"
             votes = knn_predict(tr.pooled(pool, 1), tr.labels, va.pooled(pool, 1), n_cls, ks=ks,
-                                temperature=float(pr.get("temperature", 0.07)))
+                                temperature=float(pr["temperature"]))
             per_k = {k: topk_accuracy([r[1] for r in topk_rows(va.files, v)], va.labels.tolist()) for k, v in votes.items()}
-            report_k = int(pr.get("report_k", 20))
+            report_k = int(pr["report_k"])
             if report_k not in votes:
                 raise ConfigError(f"probe.report_k {report_k} is not one of probe.ks {ks}")
             probs = votes[report_k]
             probe = {"mode": "knn", "features": pool + " token of the last block, L2-normalised",
-                     "temperature": float(pr.get("temperature", 0.07)), "reported_k": report_k,
+                     "temperature": float(pr["temperature"]), "reported_k": report_k,
                      "k": {str(k): {kk: round(vv, 6) for kk, vv in m.items()} for k, m in per_k.items()}}
             for k, m in per_k.items():
                 console.line(f"kNN k={k}: top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f}")
         else:
-            pools = _poolings(p, has_cls)
+            pools = _poolings(pr["poolings"], has_cls)
             inputs = {(n, pl): (tr.pooled(pl, n), va.pooled(pl, n)) for n in n_last for pl in pools}
-            lrs = [float(x) for x in pr.get("lrs")]
-            epochs = int(pr.get("epochs", 10))
-            heads, best, sched = linear_grid(inputs, tr.labels, n_cls, lrs=lrs, epochs=epochs,
-                                             batch_size=int(pr.get("batch_size", 128)),
-                                             holdout=float(pr.get("holdout", 0.1)), seed=seed,
+            heads, best, sched = linear_grid(inputs, tr.labels, n_cls, lrs=[float(x) for x in pr["lrs"]],
+                                             epochs=int(pr["epochs"]), batch_size=int(pr["batch_size"]),
+                                             holdout=float(pr["holdout"]), seed=seed,
                                              val_labels=va.labels, log=console.line)
             probs = best.val_probs
             probe = {"mode": "linear-grid", "heads": len(heads), "chosen": best.entry(),
@@ -219,7 +214,7 @@ def extract_command(task_name: str, *, backbone: str, checkpoint: str | None, da
     lists = cache_dir() / "features" / "lists" / hashlib.sha256(f"{task.name}|{root}|{p['profile']}".encode()).hexdigest()[:16]
     data = checked_data(task, Path(root), p, skip_bad_images=False, out_dir=lists, console=console)
     bb = _frozen_backbone(name, ckpt_path, seed, False, None)
-    weights = cached_sha256(ckpt_path) if ckpt_path else f"random-init:{name}:seed{seed}"
+    weights = _weights_id(cached_sha256(ckpt_path) if ckpt_path else None, name, seed)
     feats = split_features(bb, p, data, name=name, weights=weights, blocks=blocks, say=console.line, splits=splits)
     for split, f in feats.items():
         shape = tuple(f.mean.shape)
