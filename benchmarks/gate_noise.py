@@ -59,7 +59,7 @@ def perturbed_copy(src: Path, out: Path, seed: int, rel: float = 2.0 ** -23) -> 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", default="nyu-depth,in1k-cls,ade20k-seg,coco-det")
+    ap.add_argument("--tasks", default=None, help="comma list (default: every registered task)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--copies", type=int, default=3, help="perturbed copies of the checkpoint per seed")
     ap.add_argument("--scale", type=float, default=2.0 ** -23,
@@ -76,7 +76,9 @@ def main() -> int:
     exe = [sys.executable, "-m", "fourm_eval.cli"]
     out: dict = {}
     noise_file = args.out / "noise.json"
-    for task in args.tasks.split(","):
+    from fourm_eval.tasks import all_tasks
+
+    for task in (args.tasks.split(",") if args.tasks else sorted(all_tasks())):
         t = get_task(task)
         for seed in (int(s) for s in args.seeds.split(",")):
             variants = ([("reference", src)] if args.reference else []) + [

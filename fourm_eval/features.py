@@ -9,7 +9,10 @@ expensive part, so it is done once per (weights, data, transform, blocks) and ke
 
 The key is the sha256 of: the checkpoint's sha256 (or the random init and its seed), the dataset's
 fingerprint (each listed file's path, size and mtime, and its label), the transform, the blocks, and
-whether patch tokens are kept. Anything else is a new key, so a stale cache cannot be read.
+whether patch tokens are kept, and the encoder's *function*: a digest of its output on a fixed input
+(:func:`encoder_fingerprint`), so features cached before a change to the model code (a loader fixed
+or broken: a position table, a config value read another way) are not read back as the new code's.
+Anything else is a new key, so a stale cache cannot be read.
 
 Per image and per requested block (0-based; negative counts from the end), after the encoder's final
 norm (as DINOv2's ``get_intermediate_layers(..., norm=True)``):
@@ -52,6 +55,19 @@ def dataset_fingerprint(root: Path, samples: Sequence[tuple[str, int]]) -> str:
 
 def feature_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def encoder_fingerprint(bb: torch.nn.Module, device: str | torch.device = "cpu") -> str:
+    """sha256 (16 hex) of the encoder's last-block tokens, rounded to 3 decimals, on a fixed seeded input
+    of 4 x 6 patches (not square: a swapped axis changes it). The same weights under other model code
+    give another digest; on one machine the same code gives the same digest (the rounding absorbs
+    reordered sums; a rare value on a rounding edge only costs a re-extraction)."""
+    p = int(getattr(bb, "patch_size", 16))
+    x = torch.randn(1, 3, 4 * p, 6 * p, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = _block_outputs(bb, x.to(device), [int(bb.num_layers) - 1], True)["patch"]
+    q = torch.round(out.float().cpu() * 1000).to(torch.int64)
+    return hashlib.sha256(q.numpy().tobytes()).hexdigest()[:16]
 
 
 @dataclass
@@ -139,7 +155,9 @@ def extract(bb: torch.nn.Module, dataset: Any, *, key_parts: dict[str, Any], cac
 
     n_layers = int(bb.num_layers)
     blocks = block_indices(blocks, n_layers)
-    parts = {**key_parts, "blocks": blocks, "patch": bool(patch), "format": FORMAT}
+    bb.eval()
+    parts = {**key_parts, "blocks": blocks, "patch": bool(patch), "format": FORMAT,
+             "encoder_function": encoder_fingerprint(bb, device)}
     key = feature_key(parts)
     path = Path(cache_root) / key
     done = read_cache(path)

@@ -55,12 +55,12 @@ class Recipe:
     num_heads: int = 4
     decoder_depth: int = 2
     image_size: int = 128
-    n_scenes: int = 2048
-    steps: int = 300
+    n_scenes: int = 8192
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 1.5e-3
     weight_decay: float = 0.05
-    warmup: int = 100
+    warmup: int = 200
     min_visible: float = 0.25
     threads: int = 2
 
@@ -128,9 +128,13 @@ class TinyFourM(nn.Module):
         for p in [self.mask_token, *self.dec_mod_emb.values()]:
             nn.init.trunc_normal_(p, std=0.02)
 
-    def forward(self, images: torch.Tensor, visible: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, visible: torch.Tensor, own_query_pos: bool = False
+                ) -> dict[str, torch.Tensor]:
         """``images`` (B, 3, H, W) normalised; ``visible`` (B, n) indices of the RGB tokens the encoder
-        sees. Returns logits per output domain, (B, N, vocab) over all N patch positions."""
+        sees. Returns logits per output domain, (B, N, vocab) over all N patch positions.
+        ``own_query_pos``: the decoder's queries take the sin-cos table from :func:`sincos_2d` itself
+        instead of the encoder's ``pos_embed`` (the same values for a correct encoder; a readout of an
+        encoder under test must not share its position table)."""
         enc = self.encoder
         t, (rows, cols) = enc.embed(images)                    # tokens + pos + mod emb
         emb = enc.pos_embed(rows, cols, t.device, t.dtype) + enc.mod_emb
@@ -140,7 +144,8 @@ class TinyFourM(nn.Module):
             x = blk(x, (rows, cols), 0)
         x = enc.encoder_norm(x)
         context = self.decoder_proj_context(x) + torch.gather(emb.expand(t.shape[0], -1, -1), 1, idx)
-        pos = enc.pos_embed(rows, cols, t.device, t.dtype)
+        pos = (sincos_2d(rows, cols, t.shape[-1]).to(t.device, t.dtype) if own_query_pos
+               else enc.pos_embed(rows, cols, t.device, t.dtype))
         B, N = t.shape[0], rows * cols
         keys = list(self.to_logits.keys())
         q = torch.cat([self.mask_token + pos + self.dec_mod_emb[k] for k in keys], dim=0)  # (M, N, D)
@@ -322,6 +327,45 @@ def load_model(path: str | Path, r: Recipe | None = None) -> TinyFourM:
         own[f"dec_mod_emb.{k}"] = sd[f"decoder_embeddings.{dom}.mod_emb"]
     model.load_state_dict(own, strict=True)
     return model.eval()
+
+
+SEMSEG_DOMAIN = "tok_semseg@224"
+
+
+def decoder_readout(path: str | Path, encoder: FourMBackbone) -> tuple[TinyFourM | None, str]:
+    """The decoder of the tiny-4M file ``path`` put on top of ``encoder`` (an encoder under test, loaded
+    by the suite's own loader), to read out the semantic tokens the pre-training taught it, with no
+    training. Returns (model, note); model is None, and the note says why, when the file has no
+    decoder of this form (a released 4M's decoder reads tokenizer tokens, not these)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None, f"{path.name}: not a safetensors file, no decoder read out"
+    with safe_open(str(path), framework="pt") as f:
+        meta, keys = f.metadata() or {}, set(f.keys())
+        logits_key = f"decoder_embeddings.{SEMSEG_DOMAIN}.to_logits.weight"
+        if logits_key not in keys or "decoder_depth" not in meta:
+            return None, f"{path.name}: no {SEMSEG_DOMAIN} decoder (only the tiny 4M's files have one)"
+        heads = {k.split(".")[1]: f.get_slice(k).get_shape()[0] for k in keys
+                 if k.startswith("decoder_embeddings.") and k.endswith(".to_logits.weight")}
+    if heads != OUT_DOMAINS:
+        return None, (f"{path.name}: its decoder predicts {heads}, not the tiny 4M's {OUT_DOMAINS} "
+                      "(domain: vocabulary size)")
+    cfg = encoder.cfg
+    r = Recipe(dim=cfg.dim, depth=cfg.depth, num_heads=cfg.num_heads, decoder_depth=int(meta["decoder_depth"]))
+    model = load_model(path, r)
+    model.encoder = encoder
+    return model.eval(), f"{path.name}: its own {SEMSEG_DOMAIN} decoder, over the encoder as loaded"
+
+
+@torch.no_grad()
+def semantic_readout(model: TinyFourM, images: torch.Tensor) -> torch.Tensor:
+    """(B, N) semantic token the decoder predicts at every patch of ``images`` (normalised), every RGB
+    token visible, the queries' positions from the decoder's own table (see ``TinyFourM.forward``)."""
+    rows, cols = model.encoder.grid_size(images)
+    visible = torch.arange(rows * cols, device=images.device).expand(images.shape[0], -1)
+    return model(images, visible, own_query_pos=True)[_key(SEMSEG_DOMAIN)].argmax(-1)
 
 
 @torch.no_grad()

@@ -100,11 +100,13 @@ def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def linear_grid(inputs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor,
                 num_classes: int, *, lrs: Sequence[float] = LINEAR_LRS, epochs: int = 10, batch_size: int = 128,
                 holdout: float = 0.1, seed: int = 0, val_labels: torch.Tensor | None = None,
-                log: Any = None) -> tuple[list[Head], Head, dict[str, Any]]:
+                log: Any = None, split: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[list[Head], Head, dict[str, Any]]:
     """Train every (lr x input) head together; ``inputs`` maps (n_last, pooling) -> (train features,
     val features). Returns the heads (held-out and validation top-1 each), the chosen head (its
-    validation probabilities kept) and the schedule used."""
-    fit_idx, held_idx = holdout_split(labels, holdout, seed)
+    validation probabilities kept) and the schedule used. ``split``: (fit, held-out) row indices of
+    the training features, when the hold-out is not per row (e.g. whole images of patch rows)."""
+    fit_idx, held_idx = split if split is not None else holdout_split(labels, holdout, seed)
     if len(held_idx) == 0:
         raise ValueError("the held-out part of the training split is empty (every class has one image)")
     g = torch.Generator().manual_seed(int(seed))

@@ -5,7 +5,7 @@
 
 The objective, data and determinism are described in fourm_eval/pretrain.py; the
 recipe is ``fourm_eval.pretrain.Recipe`` (every field can be overridden here, e.g.
-``--steps 300``; the shipped file uses the defaults). A few minutes on 2 CPU cores.
+``--steps 300``; the shipped file uses the defaults). About 25 minutes on 2 CPU cores.
 ``--stop-after 50 --out X`` re-runs the schedule's first 51 steps only (a partial model), to
 compare with the start of the card's training log. ``--save-every 100 --save-dir D`` also keeps
 ``D/checkpoint-<step>.safetensors`` along the way (step and tokens seen in the header metadata), for

@@ -76,6 +76,7 @@ class Task(ABC):
     prediction_format: ClassVar[str]     # one line: what the saved predictions are
     mm_scope: ClassVar[str]        # the OpenMMLab default scope of its runner ("mmdet", "mmseg")
     settings: ClassVar[tuple] = () # its profile keys beyond the runner's (``tasks.schema.Setting``; kit's included)
+    probe_only: ClassVar[bool] = False   # a frozen-feature probe (tasks/probe_run.py): no mmengine model, no training
     base_scaled_lr: ClassVar[bool] = False  # its protocols write blr (per 256 images); a bare lr is an error
 
     mini_data: ClassVar[str]       # module of its built-in mini dataset: make(out, seed=...) and default()

@@ -20,7 +20,7 @@ from typing import Any
 
 from fourm_eval.errors import ConfigError
 
-PROBE_MODES = ("knn", "linear-grid")
+PROBE_MODES = ("knn", "linear-grid", "patch-linear")
 
 
 def is_probe(p: dict[str, Any]) -> bool:
@@ -86,6 +86,10 @@ def run_probe(task: Any, p: dict[str, Any], data: Any, wd: Any, *, name: str, ck
     pr = {k.split(".", 1)[1]: st.default for k, st in settings_of(task).items() if k.startswith("probe.")}
     pr.update(p.get("probe") or {})  # the profile's values over the schema's defaults
     mode = p["mode"]
+    if mode == "patch-linear":
+        return run_patch_probe(task, p, pr, data, wd, name=name, ckpt_path=ckpt_path, sha=sha, info=info, seed=seed,
+                               warns=warns, console=console, started=started, hub_record=hub_record,
+                               allow_pickle=allow_pickle, num_heads=num_heads)
     classes = data.private["classes"]
     bb = _frozen_backbone(name, ckpt_path, seed, allow_pickle, num_heads)
     n_last = [int(n) for n in pr["n_last_blocks"]] if mode == "linear-grid" else [1]
@@ -157,6 +161,156 @@ def run_probe(task: Any, p: dict[str, Any], data: Any, wd: Any, *, name: str, ck
     return _write_probe_record(task, p, data, wd, metrics=metrics, probe=probe, name=name, ckpt_path=ckpt_path,
                                sha=sha, info=info, seed=seed, warns=warns, console=console, started=started,
                                hub_record=hub_record, invocations=invocations)
+
+
+class _Scenes:
+    """Scene images (relative paths under ``root``) as encoder inputs: RGB, resized to ``size`` when they
+    are not, normalised with ImageNet's mean and std (the tiny 4M's pre-training input)."""
+
+    def __init__(self, root: Any, rels: list[str], size: int):
+        self.root, self.rels, self.size = root, rels, int(size)
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        with Image.open(self.root / self.rels[i]) as im:
+            im = im.convert("RGB")
+            if im.size != (self.size, self.size):
+                im = im.resize((self.size, self.size), Image.BICUBIC)
+            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+        return {"inputs": (x - mean) / std, "label": 0, "file": self.rels[i]}
+
+
+def run_patch_probe(task: Any, p: dict[str, Any], pr: dict[str, Any], data: Any, wd: Any, *, name: str,
+                    ckpt_path: str | None, sha: str | None, info: dict[str, Any], seed: int, warns: list[str],
+                    console: Any, started: float, hub_record: dict[str, Any] | None, allow_pickle: bool,
+                    num_heads: int | None) -> dict[str, Any]:
+    """The per-patch probe of a probe-only dense task (``task.truth`` gives each scene's patch classes)."""
+    import numpy as np  # noqa: F401 - lazily: the task scan imports this module, and must not import torch
+    import torch  # noqa: F401
+
+    from fourm_eval.features import cache_root, dataset_fingerprint, extract
+    from fourm_eval.probes import linear_grid
+    from fourm_eval.results import device_description
+
+    from .runs import Invocations
+
+    bb = _frozen_backbone(name, ckpt_path, seed, allow_pickle, num_heads)
+    n_last = [int(n) for n in pr["n_last_blocks"]]
+    if max(n_last) > bb.num_layers:
+        raise ConfigError(f"probe.n_last_blocks {n_last}: the encoder has {bb.num_layers} blocks")
+    size = int(p["image_size"])
+    weights = _weights_id(sha, name, seed)
+    console.header([
+        ("task", f"{task.name}: {task.title}"),
+        ("backbone", f"{name}, {info['params'] / 1e6:.1f}M params, frozen, "
+                     + (f"{ckpt_path} (sha256 {sha[:12]})" if ckpt_path else f"random init (seed {seed})")),
+        ("data", f"{data.root}: {data.n_train} training / {data.n_val} validation scenes"),
+        ("profile", f"{p['profile']} ({p['profile_file']}), seed {seed}: {p['mode']} on cached patch features"),
+        ("device", device_description()),
+        ("work dir", str(wd.path)),
+    ])
+    invocations = Invocations(wd, 0, started)
+    listing = data.private["listing"]
+    classes = data.private["classes"]
+    try:
+        feats, truth = {}, {}
+        for split in ("train", "val"):
+            rels = [im for im, _ in listing[split]]
+            ds = _Scenes(data.root, rels, size)
+            parts = {"weights": weights, "backbone": name,
+                     "dataset": dataset_fingerprint(data.root, [(r, 0) for r in rels]),
+                     "transform": {"size": size, "resize": "bicubic", "normalise": "imagenet"}}
+            feats[split] = extract(bb, ds, key_parts=parts, cache_root=cache_root(), blocks=list(range(-max(n_last), 0)),
+                                   patch=True, shard_size=int(pr["shard_size"]), batch_size=int(pr["batch_size_extract"]),
+                                   desc=f"{split} features", say=console.line)
+            truth[split] = task.truth(data.root, listing[split])
+        tr, va = feats["train"], feats["val"]
+        n_tok = tr.patch.shape[2]
+        grid = next(iter(truth["val"].values())).shape
+        if grid[0] * grid[1] != n_tok:
+            raise ConfigError(f"the encoder gives {n_tok} patch tokens per scene at {size} px, the annotations "
+                              f"{grid[0]}x{grid[1]} patches: encode at the scenes' own size")
+
+        def tokens(fs: Any, n: int) -> torch.Tensor:  # (images x tokens, n x D), blocks concatenated per token
+            x = fs.patch[:, -n:].permute(0, 2, 1, 3)
+            return x.reshape(x.shape[0] * x.shape[1], -1).float()
+
+        def token_labels(fs: Any, t: dict) -> torch.Tensor:
+            return torch.from_numpy(np.stack([t[f].ravel() for f in fs.files])).reshape(-1)
+
+        y_tr, y_va = token_labels(tr, truth["train"]), token_labels(va, truth["val"])
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(tr.files), generator=g)
+        n_held = max(1, int(round(float(pr["holdout"]) * len(tr.files))))
+        held_img, fit_img = order[:n_held], order[n_held:]
+        rows = lambda imgs: (imgs[:, None] * n_tok + torch.arange(n_tok)).reshape(-1).sort().values  # noqa: E731
+        inputs = {(n, "tokens"): (tokens(tr, n), tokens(va, n)) for n in n_last}
+        heads, best, sched = linear_grid(inputs, y_tr, len(classes), lrs=[float(x) for x in pr["lrs"]],
+                                         epochs=int(pr["epochs"]), batch_size=int(pr["batch_size"]),
+                                         holdout=float(pr["holdout"]), seed=seed, val_labels=y_va, log=console.line,
+                                         split=(rows(fit_img), rows(held_img)))
+        sched.update(heldout_images=int(n_held), fit_images=int(len(fit_img)), unit="patch tokens",
+                     heldout_tokens=int(n_held * n_tok))
+        pred = best.val_probs.argmax(1).reshape(len(va.files), *grid).numpy()
+        pred_rows = [(f, pred[i]) for i, f in enumerate(va.files)]
+        task.write_predictions(wd.path / "predictions", pred_rows)
+        readout_note = _decoder_readout(task, bb, info, ckpt_path, data.root, va.files, size, grid,
+                                        wd.path / "predictions", console)
+        metrics = task.evaluate(wd.path / "predictions", data.root)
+        console.line(f"patch grid: {len(heads)} heads; chosen on held-out training scenes: {best.name} (held-out "
+                     f"accuracy {best.heldout_top1:.4f}); validation patch_acc {metrics['patch_acc']:.4f}")
+        if "decoder_acc" in metrics:
+            console.line(f"the checkpoint's own decoder over the frozen encoder: decoder_acc {metrics['decoder_acc']:.4f}")
+        probe = {"mode": "patch-linear", "heads": len(heads), "chosen": best.entry(),
+                 "chosen_on": f"held-out {n_held} of {len(tr.files)} training scenes (never validation)",
+                 "schedule": sched, "grid": [h.entry() for h in heads],
+                 "features": "patch tokens after the final norm, last n blocks concatenated per token",
+                 "decoder_readout": readout_note,
+                 "feature_cache": {s: {"key": f.key, "path": str(f.path), "from_cache": f.from_cache,
+                                       "extract_s": round(f.seconds, 2)} for s, f in feats.items()}}
+    except BaseException as e:
+        invocations.finish(f"error ({type(e).__name__}: {str(e)[:200]})", 0)
+        raise
+    return _write_probe_record(task, p, data, wd, metrics=metrics, probe=probe, name=name, ckpt_path=ckpt_path,
+                               sha=sha, info=info, seed=seed, warns=warns, console=console, started=started,
+                               hub_record=hub_record, invocations=invocations)
+
+
+def _decoder_readout(task: Any, bb: Any, info: dict[str, Any], ckpt_path: str | None, root: Any, files: list[str],
+                     size: int, grid: tuple[int, int], pred_dir: Any, console: Any) -> str:
+    """The checkpoint's own pre-trained decoder reading the frozen encoder (as the suite loaded it): its
+    semantic token at every validation patch, written beside the probe's predictions. No training: a
+    change in the encoder's function that the probe's re-fitted head absorbs still moves this. Returns
+    the record's note (what was read out, or why nothing was)."""
+    import torch
+
+    from fourm_eval.pretrain import decoder_readout, semantic_readout
+
+    if not ckpt_path:
+        note = "random init: no pre-trained decoder to read out"
+    elif info.get("family") != "4m":
+        note = f"{info.get('family')} backbone: no 4M decoder to read out"
+    else:
+        model, note = decoder_readout(ckpt_path, bb)
+        if model is not None:
+            ds = _Scenes(root, files, size)
+            rows = []
+            for lo in range(0, len(ds), 32):
+                x = torch.stack([ds[i]["inputs"] for i in range(lo, min(len(ds), lo + 32))])
+                rows.append(semantic_readout(model, x))
+            pred = torch.cat(rows).reshape(len(files), *grid).numpy()
+            task.write_predictions(pred_dir, [(f, pred[i]) for i, f in enumerate(files)], decoder=True)
+            return note
+    console.line(f"decoder readout: none ({note})")
+    return note
 
 
 def _write_probe_record(task: Any, p: dict[str, Any], data: Any, wd: Any, *, metrics: dict[str, float],

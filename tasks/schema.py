@@ -242,7 +242,8 @@ def validate(p: dict[str, Any], task: Any, source: str) -> None:
                 raise ConfigError(f"{source}: {key}{where} = {x!r}; expected {s.describe_type()}")
             if s.choices and x is not None and x not in s.choices:
                 raise ConfigError(f"{source}: {key} = {x!r}; one of {', '.join(map(str, s.choices))}")
-    check_lr(p, task, source)
+    if not getattr(task, "probe_only", False):  # a probe-only task trains no encoder: no learning rate of one
+        check_lr(p, task, source)
     for key, s in decl.items():
         if s.default is REQUIRED and key not in seen:
             parent = key.rsplit(".", 1)[0] if "." in key else None

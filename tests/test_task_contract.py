@@ -83,6 +83,14 @@ def test_model_builds_and_record_holds_main_metrics(task, tmp_path):
     p = load_profile(task.name, "smoke")
     data = task.check_data(root, p, skip_bad_images=False, out_dir=tmp_path / "data", log=lambda _: None)
     assert data.n_train > 0 and data.n_val > 0 and data.record
+    if task.probe_only:  # a frozen-feature probe: no model to build, no training (tasks/probe_run.py)
+        from fourm_eval.errors import ConfigError
+        from fourm_eval.tasks.probe_run import is_probe
+        assert is_probe(p)
+        with pytest.raises(ConfigError, match="frozen-feature probe"):
+            task.runner_parts(None)
+        assert task.footnote({"task": task.name, "profile": "smoke", "config": p})
+        return
     task.register_mm()
     parts = task.runner_parts(run_context_for(task, p, data, tmp_path / "pred"))
     assert {"model", "train_dataset", "val_dataset", "val_evaluator"} <= set(parts)

@@ -56,7 +56,7 @@ def test_default_backbone_of_a_run_is_the_shipped_file():
 
 def test_rerunning_the_script_reproduces_the_shipped_training_log(tmp_path):
     """The script re-creates the shipped file's training, checked on the schedule's first 51 steps
-    (``--stop-after 50``: the same recipe and schedule, stopped early; all 300 take 3-4 minutes). On
+    (``--stop-after 50``: the same recipe and schedule, stopped early; all 3,000 take about 25 minutes). On
     the CPU type and torch build the file was made with (recorded in its card) the log is the card's
     to the digit; elsewhere float reductions round differently (measured on an AMD EPYC against the
     card's Intel build: the same to the digit up to step 100, then 1e-4 apart), so there the
@@ -67,7 +67,7 @@ def test_rerunning_the_script_reproduces_the_shipped_training_log(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     new_card = json.loads(out.with_suffix(".json").read_text())
     assert new_card["recipe"] == CARD["recipe"] and new_card["training"]["stopped_after"] == 50
-    assert new_card["what"].startswith("PARTIAL (stopped after step 50 of 300)")
+    assert new_card["what"].startswith(f"PARTIAL (stopped after step 50 of {CARD['recipe']['steps']})")
     ours = new_card["training"]["history"]
     shipped = [h for h in CARD["training"]["history"] if h["step"] <= 50]
     assert [h["step"] for h in ours] == [h["step"] for h in shipped] == [0, 50]
