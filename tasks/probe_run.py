@@ -14,9 +14,10 @@ images instead, which a cache cannot (recorded in the record's ``probe.deviation
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from fourm_eval.errors import ConfigError
 
@@ -45,6 +46,38 @@ def _frozen_backbone(name: str, ckpt_path: str | None, seed: int, allow_pickle: 
         kw["num_heads"] = int(num_heads)
     bb = build_backbone(name, checkpoint=ckpt_path, **kw)
     return bb.eval().requires_grad_(False)
+
+
+def _header(console: Any, task: Any, p: dict[str, Any], data: Any, wd: Any, *, name: str, info: dict[str, Any],
+            ckpt_path: str | None, sha: str | None, seed: int, items: str, features: str) -> None:
+    """The run's header lines (task, frozen backbone, data, profile, device, work dir)."""
+    from fourm_eval.results import device_description
+
+    console.header([
+        ("task", f"{task.name}: {task.title}"),
+        ("backbone", f"{name}, {info['params'] / 1e6:.1f}M params, frozen, "
+                     + (f"{ckpt_path} (sha256 {sha[:12]})" if ckpt_path else f"random init (seed {seed})")),
+        ("data", f"{data.root}: {data.n_train} training / {data.n_val} validation {items}"),
+        ("profile", f"{p['profile']} ({p['profile_file']}), seed {seed}: {p['mode']} on {features}"),
+        ("device", device_description()),
+        ("work dir", str(wd.path)),
+    ])
+
+
+@contextlib.contextmanager
+def _failure_noted(invocations: Any) -> Iterator[None]:
+    """An error inside ends the run's invocation entry with it (then propagates)."""
+    try:
+        yield
+    except BaseException as e:
+        invocations.finish(f"error ({type(e).__name__}: {str(e)[:200]})", 0)
+        raise
+
+
+def _cache_record(feats: dict[str, Any]) -> dict[str, Any]:
+    """Per split: the feature cache's key and folder, whether it was read back, the extraction time."""
+    return {s: {"key": f.key, "path": str(f.path), "from_cache": f.from_cache, "extract_s": round(f.seconds, 2)}
+            for s, f in feats.items()}
 
 
 def _weights_id(sha: str | None, name: str, seed: int) -> str:
@@ -77,7 +110,6 @@ def run_probe(task: Any, p: dict[str, Any], data: Any, wd: Any, *, name: str, ck
               info: dict[str, Any], seed: int, warns: list[str], console: Any, started: float,
               hub_record: dict[str, Any] | None, allow_pickle: bool, num_heads: int | None) -> dict[str, Any]:
     from fourm_eval.probes import knn_predict, linear_grid, topk_rows
-    from fourm_eval.results import device_description
 
     from .kits.classification import PRED_FILE, topk_accuracy, write_predictions_csv
     from .runs import Invocations
@@ -96,17 +128,10 @@ def run_probe(task: Any, p: dict[str, Any], data: Any, wd: Any, *, name: str, ck
     if max(n_last) > bb.num_layers:
         raise ConfigError(f"probe.n_last_blocks {n_last}: the encoder has {bb.num_layers} blocks")
     weights = _weights_id(sha, name, seed)
-    console.header([
-        ("task", f"{task.name}: {task.title}"),
-        ("backbone", f"{name}, {info['params'] / 1e6:.1f}M params, frozen, "
-                     + (f"{ckpt_path} (sha256 {sha[:12]})" if ckpt_path else f"random init (seed {seed})")),
-        ("data", f"{data.root}: {data.n_train} training / {data.n_val} validation images"),
-        ("profile", f"{p['profile']} ({p['profile_file']}), seed {seed}: {mode} on cached features"),
-        ("device", device_description()),
-        ("work dir", str(wd.path)),
-    ])
+    _header(console, task, p, data, wd, name=name, info=info, ckpt_path=ckpt_path, sha=sha, seed=seed,
+            items="images", features="cached features")
     invocations = Invocations(wd, 0, started)
-    try:
+    with _failure_noted(invocations):
         feats = split_features(bb, p, data, name=name, weights=weights, blocks=list(range(-max(n_last), 0)),
                                shard_size=int(pr["shard_size"]), batch_size=int(pr["batch_size_extract"]),
                                say=console.line)
@@ -149,15 +174,11 @@ def run_probe(task: Any, p: dict[str, Any], data: Any, wd: Any, *, name: str, ck
             console.line(f"linear grid: {len(heads)} heads; chosen on held-out training images: {best.name} "
                          f"(held-out top-1 {best.heldout_top1:.4f}); its validation top-1 {best.val_top1:.4f}")
         probe["deviations"] = deviations
-        probe["feature_cache"] = {s: {"key": f.key, "path": str(f.path), "from_cache": f.from_cache,
-                                      "extract_s": round(f.seconds, 2)} for s, f in feats.items()}
+        probe["feature_cache"] = _cache_record(feats)
         rows = topk_rows(va.files, probs)
         pred_dir = wd.path / "predictions"
         write_predictions_csv(pred_dir / PRED_FILE, rows)
         metrics = topk_accuracy([r[1] for r in rows], va.labels.tolist())
-    except BaseException as e:
-        invocations.finish(f"error ({type(e).__name__}: {str(e)[:200]})", 0)
-        raise
     return _write_probe_record(task, p, data, wd, metrics=metrics, probe=probe, name=name, ckpt_path=ckpt_path,
                                sha=sha, info=info, seed=seed, warns=warns, console=console, started=started,
                                hub_record=hub_record, invocations=invocations)
@@ -198,7 +219,6 @@ def run_patch_probe(task: Any, p: dict[str, Any], pr: dict[str, Any], data: Any,
 
     from fourm_eval.features import cache_root, dataset_fingerprint, extract
     from fourm_eval.probes import linear_grid
-    from fourm_eval.results import device_description
 
     from .runs import Invocations
 
@@ -208,19 +228,12 @@ def run_patch_probe(task: Any, p: dict[str, Any], pr: dict[str, Any], data: Any,
         raise ConfigError(f"probe.n_last_blocks {n_last}: the encoder has {bb.num_layers} blocks")
     size = int(p["image_size"])
     weights = _weights_id(sha, name, seed)
-    console.header([
-        ("task", f"{task.name}: {task.title}"),
-        ("backbone", f"{name}, {info['params'] / 1e6:.1f}M params, frozen, "
-                     + (f"{ckpt_path} (sha256 {sha[:12]})" if ckpt_path else f"random init (seed {seed})")),
-        ("data", f"{data.root}: {data.n_train} training / {data.n_val} validation scenes"),
-        ("profile", f"{p['profile']} ({p['profile_file']}), seed {seed}: {p['mode']} on cached patch features"),
-        ("device", device_description()),
-        ("work dir", str(wd.path)),
-    ])
+    _header(console, task, p, data, wd, name=name, info=info, ckpt_path=ckpt_path, sha=sha, seed=seed,
+            items="scenes", features="cached patch features")
     invocations = Invocations(wd, 0, started)
     listing = data.private["listing"]
     classes = data.private["classes"]
-    try:
+    with _failure_noted(invocations):
         feats, truth = {}, {}
         for split in ("train", "val"):
             rels = [im for im, _ in listing[split]]
@@ -274,11 +287,7 @@ def run_patch_probe(task: Any, p: dict[str, Any], pr: dict[str, Any], data: Any,
                  "schedule": sched, "grid": [h.entry() for h in heads],
                  "features": "patch tokens after the final norm, last n blocks concatenated per token",
                  "decoder_readout": readout_note,
-                 "feature_cache": {s: {"key": f.key, "path": str(f.path), "from_cache": f.from_cache,
-                                       "extract_s": round(f.seconds, 2)} for s, f in feats.items()}}
-    except BaseException as e:
-        invocations.finish(f"error ({type(e).__name__}: {str(e)[:200]})", 0)
-        raise
+                 "feature_cache": _cache_record(feats)}
     return _write_probe_record(task, p, data, wd, metrics=metrics, probe=probe, name=name, ckpt_path=ckpt_path,
                                sha=sha, info=info, seed=seed, warns=warns, console=console, started=started,
                                hub_record=hub_record, invocations=invocations)

@@ -97,37 +97,24 @@ def write_predictions(path: Path, rows: list[tuple[str, np.ndarray]]) -> None:
 
 
 def read_predictions(path: Path, num_classes: int) -> dict[str, np.ndarray]:
-    if path.is_dir():
-        path = path / PRED_FILE
-    if not path.is_file():
-        raise PredictionsError(f"{path}: predictions file not found (expected a CSV with the header "
-                               f"{','.join(CSV_HEADER)}, or a run's predictions folder holding {PRED_FILE})")
+    from .kits.prediction_csv import csv_rows
+
     out: dict[str, np.ndarray] = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header] != CSV_HEADER:
-            raise PredictionsError(f"{path}: the first line must be the header {','.join(CSV_HEADER)}, got {header}")
-        for n, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            where = f"{path}, line {n}"
-            if len(row) != 3:
-                raise PredictionsError(f"{where}: expected 3 fields (file, grid, classes), got {len(row)}")
-            try:
-                r, c = (int(x) for x in row[1].lower().split("x"))
-                cls = np.array([int(x) for x in row[2].split()], dtype=np.int64)
-            except ValueError:
-                raise PredictionsError(f"{where}: grid must be ROWSxCOLS and classes space-separated integers") from None
-            if cls.size != r * c:
-                raise PredictionsError(f"{where}: {cls.size} classes for a {r}x{c} grid")
-            if cls.size and (cls.min() < 0 or cls.max() >= num_classes):
-                raise PredictionsError(f"{where}: a class outside 0..{num_classes - 1}")
-            if row[0] in out:
-                raise PredictionsError(f"{where}: {row[0]!r} appears twice")
-            out[row[0]] = cls.reshape(r, c)
+    for where, row in csv_rows(path, CSV_HEADER, PRED_FILE):
+        try:
+            r, c = (int(x) for x in row[1].lower().split("x"))
+            cls = np.array([int(x) for x in row[2].split()], dtype=np.int64)
+        except ValueError:
+            raise PredictionsError(f"{where}: grid must be ROWSxCOLS and classes space-separated integers") from None
+        if cls.size != r * c:
+            raise PredictionsError(f"{where}: {cls.size} classes for a {r}x{c} grid")
+        if cls.size and (cls.min() < 0 or cls.max() >= num_classes):
+            raise PredictionsError(f"{where}: a class outside 0..{num_classes - 1}")
+        if row[0] in out:
+            raise PredictionsError(f"{where}: {row[0]!r} appears twice")
+        out[row[0]] = cls.reshape(r, c)
     if not out:
-        raise PredictionsError(f"{path}: no prediction rows")
+        raise PredictionsError(f"{path / PRED_FILE if path.is_dir() else path}: no prediction rows")
     return out
 
 

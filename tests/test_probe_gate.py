@@ -6,9 +6,11 @@ Each case copies the installed package (fourm_eval with its tasks, baselines and
 folder, edits one line of the copy's model code, and runs the gate's own commands with the copy first on
 PYTHONPATH: `fourm-eval run scene-probe --profile smoke --seed 0` (the CI cell) and `fourm-eval regress`.
 The breaks are the loader bugs a transfer smoke does not notice (its heads learn the mini tasks from any
-tokens): the position table transposed, and a checkpoint read with the wrong config (the head count taken
-as dim / 64, 2 for the tiny 4M's 4: the tensors' shapes are the same). An unedited copy passes: the
-copying is not what fails. The checkpoint is the shipped file (same bytes, same sha256, same cell), and each run has its own
+tokens): the position table transposed; a checkpoint read with the wrong config (the head count taken as
+dim / 64, 2 for the tiny 4M's 4: the tensors' shapes are the same), which the record shows, so the run is
+another cell and regress names the setting; and the attention splitting into half the configured heads,
+which no record shows and the decoder readout catches. An unedited copy passes: the copying is not what
+fails. The checkpoint is the shipped file (same bytes, same sha256, same cell), and each run has its own
 feature cache."""
 
 import json
@@ -39,7 +41,13 @@ BREAKS = {
         ".reshape(1, rows * cols, -1).to(device=device, dtype=dtype)"),
     "head count read wrong (dim / 64 for the header's)": (
         FOURM, 'kw[i] = int(kw[i])', 'kw[i] = int(kw[i]) if i != "num_heads" else int(kw["dim"]) // 64'),
+    "attention splits into half the configured heads": (
+        FOURM, "self.num_heads = cfg.num_heads\n        self.qkv = nn.Linear",
+        "self.num_heads = cfg.num_heads // 2\n        self.qkv = nn.Linear"),
 }
+# a config value read wrong is recorded (backbone.architecture): the run is another cell, and regress names
+# the setting that differs (exit 2, unusable input); a bug below the config shows in the numbers (exit 1)
+RECORDED = {"head count read wrong (dim / 64 for the header's)": "backbone.architecture.num_heads: 4 -> 2"}
 
 
 def broken_copy(dest: Path, edit: tuple[str, str, str] | None) -> Path:
@@ -86,6 +94,9 @@ def test_the_gate_fails_on_a_broken_loader(case, tmp_path):
     print(case, gate.stdout)
     if BREAKS[case] is None:
         assert gate.returncode == 0 and "0 regression(s)" in gate.stdout, gate.stdout + gate.stderr
+    elif case in RECORDED:
+        assert gate.returncode == 2 and RECORDED[case] in gate.stderr, gate.stdout + gate.stderr
     else:
         assert gate.returncode == 1, gate.stdout + gate.stderr
-        assert "REGRESSION scene-probe/" in gate.stdout
+        assert any(line.startswith("REGRESSION scene-probe/") and " decoder_acc " in line
+                   for line in gate.stdout.splitlines()), gate.stdout

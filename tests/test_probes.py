@@ -98,7 +98,7 @@ class _Images(torch.utils.data.Dataset):
 def test_feature_cache_matches_the_encoder_resumes_and_reads_back(tmp_path):
     """The cached fp16 features equal the encoder's own mean tokens after the final norm; a run killed
     after two of three shards resumes after them and gives the same cache; a second call with the same
-    key opens no image; another transform is another key."""
+    key opens no image; another transform, or the same weights computing another function, is another key."""
     from fourm_eval.backbones import build_backbone
     from fourm_eval.fixtures import default_tiny_checkpoint
 
@@ -125,6 +125,16 @@ def test_feature_cache_matches_the_encoder_resumes_and_reads_back(tmp_path):
     assert cached.from_cache and torch.equal(cached.mean, full.mean)
     other = extract(bb, ds, **{**kw, "key_parts": {**parts, "transform": {"size": 96}}})
     assert other.key != full.key
+    # the same weights under other model code (the position table transposed, as a loader bug would):
+    # another key, extracted anew, never the features the intact encoder left in the cache
+    table = bb.pos_embed
+
+    def transposed(rows, cols, device, dtype):
+        return table(rows, cols, device, dtype).reshape(1, rows, cols, -1).transpose(1, 2).reshape(1, rows * cols, -1)
+
+    bb.pos_embed = transposed
+    moved = extract(bb, ds, **kw)
+    assert moved.key != full.key and not moved.from_cache and not torch.equal(moved.mean, full.mean)
     assert read_cache(tmp_path / "cache" / "nope") is None
 
 

@@ -64,51 +64,38 @@ def write_predictions_csv(path: Path, rows: list[tuple[str, list[int], list[floa
 
 def read_predictions_csv(path: Path, num_classes: int) -> dict[str, list[int]]:
     """file -> ranked class indices; every malformed line is a named error."""
-    if path.is_dir():
-        path = path / PRED_FILE
-    if not path.is_file():
-        raise PredictionsError(f"{path}: predictions file not found (expected a CSV with the header "
-                               f"{','.join(CSV_HEADER)}, or a run's predictions folder holding {PRED_FILE})")
+    from .prediction_csv import csv_rows
+
     out: dict[str, list[int]] = {}
     need = min(TOPK, num_classes)
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header] != CSV_HEADER:
-            raise PredictionsError(f"{path}: the first line must be the header {','.join(CSV_HEADER)}, got {header}")
-        for line_no, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            where = f"{path}, line {line_no}"
-            if len(row) != 3:
-                raise PredictionsError(f"{where}: expected 3 fields (file, top5, scores), got {len(row)}")
-            file, top, scores = row[0].strip(), row[1].split(), row[2].split()
-            try:
-                idx = [int(t) for t in top]
-            except ValueError:
-                raise PredictionsError(f"{where}: top5 must be space-separated class indices, got {row[1]!r}") \
-                    from None
-            if len(idx) < need:
-                raise PredictionsError(f"{where}: {len(idx)} class indices; top-5 needs {need}")
-            if len(set(idx)) != len(idx):
-                raise PredictionsError(f"{where}: a class index repeats in {row[1]!r}")
-            bad = [i for i in idx if not 0 <= i < num_classes]
-            if bad:
-                raise PredictionsError(f"{where}: class index {bad[0]} out of range 0..{num_classes - 1} "
-                                       "(index = the class's position in the task's class list)")
-            try:
-                probs = [float(s) for s in scores]
-            except ValueError:
-                raise PredictionsError(f"{where}: scores must be space-separated numbers, got {row[2]!r}") from None
-            if len(probs) != len(idx):
-                raise PredictionsError(f"{where}: {len(probs)} scores for {len(idx)} class indices")
-            if any(not math.isfinite(p) for p in probs):
-                raise PredictionsError(f"{where}: a score is not finite ({row[2]!r})")
-            if file in out:
-                raise PredictionsError(f"{where}: {file!r} appears twice")
-            out[file] = idx
+    for where, row in csv_rows(path, CSV_HEADER, PRED_FILE):
+        file, top, scores = row[0].strip(), row[1].split(), row[2].split()
+        try:
+            idx = [int(t) for t in top]
+        except ValueError:
+            raise PredictionsError(f"{where}: top5 must be space-separated class indices, got {row[1]!r}") \
+                from None
+        if len(idx) < need:
+            raise PredictionsError(f"{where}: {len(idx)} class indices; top-5 needs {need}")
+        if len(set(idx)) != len(idx):
+            raise PredictionsError(f"{where}: a class index repeats in {row[1]!r}")
+        bad = [i for i in idx if not 0 <= i < num_classes]
+        if bad:
+            raise PredictionsError(f"{where}: class index {bad[0]} out of range 0..{num_classes - 1} "
+                                   "(index = the class's position in the task's class list)")
+        try:
+            probs = [float(s) for s in scores]
+        except ValueError:
+            raise PredictionsError(f"{where}: scores must be space-separated numbers, got {row[2]!r}") from None
+        if len(probs) != len(idx):
+            raise PredictionsError(f"{where}: {len(probs)} scores for {len(idx)} class indices")
+        if any(not math.isfinite(p) for p in probs):
+            raise PredictionsError(f"{where}: a score is not finite ({row[2]!r})")
+        if file in out:
+            raise PredictionsError(f"{where}: {file!r} appears twice")
+        out[file] = idx
     if not out:
-        raise PredictionsError(f"{path}: no prediction rows")
+        raise PredictionsError(f"{path / PRED_FILE if path.is_dir() else path}: no prediction rows")
     return out
 
 
