@@ -200,7 +200,18 @@ def run_bench(tasks: list[str], backbones: list[str], profile: str = "smoke", it
     """Every (task, backbone): a record each, each measured in a fresh process when ``fresh_process``."""
     from .tasks import all_tasks
 
-    names = list(all_tasks()) if tasks == ["all"] else tasks
+    registry = all_tasks()
+    probes = [n for n, t in registry.items() if getattr(t, "probe_only", False)]
+    if tasks == ["all"]:
+        names = [n for n in registry if n not in probes]
+        if probes:
+            log(f"not measured: {', '.join(probes)} (frozen-feature probes: no training iteration to time)")
+    else:
+        asked = [n for n in tasks if n in probes]
+        if asked:
+            raise ConfigError(f"bench task measures training iterations; {', '.join(asked)} is a frozen-feature "
+                              "probe with none (time its run instead: `fourm-eval run TASK` prints its seconds)")
+        names = tasks
     out = []
     for t in names:
         for bb in backbones:
